@@ -1,0 +1,69 @@
+"""Shared plumbing of the command-line entry points: one clear line per error.
+
+A user never sees a raw traceback for bad input: configuration and data
+errors print ``error: ...`` and exit 2; a diverged run exits 3; anything
+unexpected prints one line too and exits 1. Set ATTENTION_JAX_DEBUG=1 to get
+the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from attention_jax.config_utils import ConfigError, env_flag
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA programs across runs (cuts start-up of repeated runs).
+
+    The cache lives in $ATTENTION_JAX_CACHE_DIR, else ~/.cache/attention_jax/xla;
+    ATTENTION_JAX_CACHE_DIR=off disables it.
+    """
+    import os
+    from pathlib import Path
+
+    import jax
+
+    where = os.environ.get("ATTENTION_JAX_CACHE_DIR", str(Path.home() / ".cache" / "attention_jax" / "xla"))
+    if where.lower() in ("off", "0", "none", ""):
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    def wrapped(argv: list[str] | None = None) -> int:
+        from attention_jax.train import TrainingDiverged
+
+        enable_compilation_cache()
+        if env_flag("ATTENTION_JAX_DEBUG"):
+            return main(argv) or 0
+        try:
+            return main(argv) or 0
+        except (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
+            print(f"error: {type(e).__name__}: {e} (set ATTENTION_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 1
+
+    return wrapped
