@@ -93,9 +93,7 @@ def attention_weights(q: Array, k: Array, *, scale: float, mask: Array | None = 
     return masked_softmax(attention_logits(q, k, scale=scale), mask)
 
 
-def dot_product_attention(
-    q: Array, k: Array, v: Array, *, scale: float, mask: Array | None = None
-) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None = None) -> Array:
     """Weighted average of values: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv)."""
     w = attention_weights(q, k, scale=scale, mask=mask).astype(v.dtype)
     return jnp.einsum("...ts,...sd->...td", w, v)

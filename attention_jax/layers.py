@@ -145,9 +145,7 @@ class Head(nn.Module):
 def _xla_attention(q, k, v, *, scale, causal, implementation):
     """jax.nn.dot_product_attention on head-major (B, H, T, D) arrays."""
     t = lambda a: jnp.swapaxes(a, -3, -2)  # (B, H, T, D) <-> (B, T, H, D)  # noqa: E731
-    out = jax.nn.dot_product_attention(
-        t(q), t(k), t(v), scale=scale, is_causal=causal, implementation=implementation
-    )
+    out = jax.nn.dot_product_attention(t(q), t(k), t(v), scale=scale, is_causal=causal, implementation=implementation)
     return t(out)
 
 
@@ -193,9 +191,7 @@ class MultiHeadAttention(nn.Module):
             w = nn.Dropout(self.dropout_rate)(w, deterministic=deterministic)
             out = jnp.einsum("bhts,bhsd->bhtd", w.astype(v.dtype), v)  # (B, H, T, D)
         elif self.attention_impl in ("xla", "cudnn"):
-            out = _xla_attention(
-                q, k, v, scale=scale, causal=self.causal, implementation=self.attention_impl
-            )
+            out = _xla_attention(q, k, v, scale=scale, causal=self.causal, implementation=self.attention_impl)
         elif self.attention_impl == "blockwise":
             if not self.causal:
                 raise ValueError("attention_impl='blockwise' supports causal attention only")
@@ -203,9 +199,7 @@ class MultiHeadAttention(nn.Module):
 
             out = blockwise_causal_attention(q, k, v, scale=scale)
         else:
-            raise ValueError(
-                f"unknown attention_impl {self.attention_impl!r}: valid choices are {ATTENTION_IMPLS}"
-            )
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}: valid choices are {ATTENTION_IMPLS}")
         w_out = self.param("proj_kernel", self.out_init, (H, D, self.out_features or C), jnp.float32)
         b_out = self.param("proj_bias", nn.initializers.zeros, (self.out_features or C,), jnp.float32)
         y = jnp.einsum("bhtd,hdc->btc", out, w_out.astype(self.dtype)) + b_out.astype(self.dtype)

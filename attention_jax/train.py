@@ -159,8 +159,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    for key in ("batch_size", "eval_interval", "eval_iters", "checkpoint_every", "steps_per_call", "num_seeds",
-                "log_interval"):
+    for key in (
+        "batch_size",
+        "eval_interval",
+        "eval_iters",
+        "checkpoint_every",
+        "steps_per_call",
+        "num_seeds",
+        "log_interval",
+    ):
         need(is_int(_get(config, key)) and _get(config, key) > 0, key, "must be a positive integer")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
         need(is_int(_get(config, key)) and _get(config, key) >= 0, key, "must be a non-negative integer")
@@ -276,9 +283,7 @@ class Trainer:
         return jax.lax.with_sharding_constraint(x, batch_sharding), jax.lax.with_sharding_constraint(y, batch_sharding)
 
     def _loss(self, params, x, y, dropout_key, deterministic):
-        logits = self.model.apply(
-            {"params": params}, x, deterministic=deterministic, rngs={"dropout": dropout_key}
-        )
+        logits = self.model.apply({"params": params}, x, deterministic=deterministic, rngs={"dropout": dropout_key})
         return cross_entropy(logits, y)
 
     def _train_step_one(self, state: TrainState, seed_key: Array) -> tuple[TrainState, dict]:
@@ -487,8 +492,7 @@ def train(
                     diverged[i] = first_step + int(bad[0]) + 1
             if all(d is not None for d in diverged):
                 raise TrainingDiverged(
-                    f"loss became NaN/Inf at step {min(diverged)}; stopped. "
-                    f"{manager.describe_latest()} (left intact)"
+                    f"loss became NaN/Inf at step {min(diverged)}; stopped. {manager.describe_latest()} (left intact)"
                 )
             if step % config.log_interval == 0 or step == config.max_iters:
                 tok_s = tokens_since / max(time_since, 1e-9)
@@ -574,7 +578,9 @@ def _write_sample(trainer: Trainer, state: TrainState, workdir: Path) -> list[st
     if n <= 0:
         return [""] * trainer.num_seeds
     texts = []
-    prompt = jnp.asarray(trainer.tokenizer.encode("\n" if "\n" in trainer.tokenizer.chars else trainer.tokenizer.chars[0]))
+    prompt = jnp.asarray(
+        trainer.tokenizer.encode("\n" if "\n" in trainer.tokenizer.chars else trainer.tokenizer.chars[0])
+    )
     for i in range(trainer.num_seeds):
         params = jax.tree_util.tree_map(lambda a: a[i], state.params)
         key = jax.random.fold_in(trainer.seed_keys[i], _SAMPLE)

@@ -1,7 +1,7 @@
 """Sample text from a trained run.
 
-    python -m experiments.sample --workdir DIR [--prompt TEXT] [--max_new_tokens N]
-        [--temperature T] [--top_k K] [--seed S] [--checkpoint latest|best]
+python -m experiments.sample --workdir DIR [--prompt TEXT] [--max_new_tokens N]
+    [--temperature T] [--top_k K] [--seed S] [--checkpoint latest|best]
 """
 
 from __future__ import annotations
