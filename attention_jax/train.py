@@ -293,7 +293,7 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def _eval_one(self, params: Any, seed_key: Array, data: Array) -> Array:
         eval_key = jax.random.fold_in(seed_key, _EVAL)
