@@ -181,9 +181,9 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, D)
         q, k = _prepare_qk(q, k, qk_norm=self.qk_norm, pos_encoding=self.pos_encoding)
         scale = attention.resolve_scale(self.scale, D)
-        use_dropout = self.dropout_rate > 0.0 and not deterministic
-        if self.attention_impl == "dense" or use_dropout:
-            # Attention-weight dropout needs the weights, so it takes the dense path.
+        if self.attention_impl == "dense":
+            # Only this path materializes the weights, so only it records them and
+            # applies dropout to them; the fused paths drop out residual branches only.
             T = x.shape[-2]
             mask = attention.causal_mask(T) if self.causal else None
             w = attention.attention_weights(q, k, scale=scale, mask=mask)  # (B, H, T, T)

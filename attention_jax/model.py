@@ -39,7 +39,9 @@ class ModelConfig:
     qk_norm: bool = False  # LayerNorm on q and k before q·kᵀ
     dropout: float = 0.0  # on attention weights, residual branches
     dtype: str = "float32"  # compute dtype; params always float32
-    attention_impl: str = "dense"  # "dense" | "xla" | "cudnn" | "blockwise"
+    # "dense" (hand-written; records weights, attention dropout) | "xla" | "cudnn" |
+    # "blockwise" (fused or flash-style; no attention-weight dropout, no recorded weights)
+    attention_impl: str = "dense"
 
     def __post_init__(self):
         def positive_int(name):
