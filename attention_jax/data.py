@@ -164,6 +164,8 @@ def get_batch(key: Array, data: Array, batch_size: int, block_size: int) -> tupl
     Pure and jit-able (batch_size and block_size static); the same key gives
     the same batch.
     """
+    if data.shape[0] <= block_size:
+        raise ValueError(f"data has {data.shape[0]} tokens; get_batch needs more than block_size={block_size}")
     starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)  # (B,)
     crop = lambda s: jax.lax.dynamic_slice_in_dim(data, s, block_size + 1)  # noqa: E731
     chunks = jax.vmap(crop)(starts)  # (B, T + 1)

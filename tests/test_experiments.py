@@ -153,6 +153,8 @@ MULTI_DEVICE_SCRIPT = """
 import json, sys
 import jax
 from attention_jax import train
+from attention_jax.cli import enable_compilation_cache
+enable_compilation_cache()
 from attention_jax.config_utils import apply_overrides, load_config
 config = load_config("configs/shakespeare_char.py:smoke")
 apply_overrides(config, {"batch_size": 8, "max_iters": 12, "eval_interval": 6, "log_interval": 3,

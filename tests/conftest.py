@@ -1,0 +1,125 @@
+"""Shared test setup: no network, small helpers as fixtures.
+
+float64 is never switched on globally: independent references are computed in
+numpy float64 instead. ``jax_numpy_rank_promotion="raise"`` (equinox-style) is
+not set: the library broadcasts (C,) biases and (T, C) position tables against
+(B, T, C) by rank promotion on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def _share_compilation_cache() -> None:
+    """One persistent XLA cache for this session and the subprocesses it starts.
+
+    Many tests compile the same tiny programs (in-process and in subprocesses
+    running the entry points); the cache makes the second compile a lookup.
+    Honours an ATTENTION_JAX_CACHE_DIR that is already set (CI sets one).
+    """
+    where = os.environ.setdefault("ATTENTION_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="attention_jax_xla_"))
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_share_compilation_cache()
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any test that reaches for the network fails loudly (tests that fake a download re-patch it)."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tests must not touch the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def influence_matrix(jacobian: jax.Array) -> np.ndarray:
+    """(T, T) matrix M[i, j] = sum |d out[0, i, :] / d in[0, j, :]|.
+
+    ``jacobian`` is a jacrev of an output (1, T, *) by an input (1, T, *).
+    """
+    jac = np.asarray(jacobian)
+    T = jac.shape[1]
+    assert jac.ndim == 6 and jac.shape[0] == jac.shape[3] == 1 and jac.shape[4] == T, jac.shape
+    return np.abs(jac[0]).sum(axis=(1, 4))[:, 0, :]  # (T, T)
+
+
+def assert_causal_influence(m: np.ndarray) -> None:
+    """Exactly zero influence from the future, nonzero influence from every visible position.
+
+    The second half makes the check fail for a flipped (upper-triangular) or
+    missing-diagonal mask, not only for a missing one.
+    """
+    T = m.shape[0]
+    future = np.triu(np.ones((T, T), bool), k=1)
+    assert np.all(m[future] == 0.0), f"output depends on future inputs:\n{m}"
+    assert np.all(m[~future] > 0.0), f"output ignores some visible inputs:\n{m}"
+
+
+@pytest.fixture(scope="session")
+def causal_check():
+    """Returns a function: jacobian (1, T, *, 1, T, *) -> asserts causal influence pattern."""
+    return lambda jac: assert_causal_influence(influence_matrix(jac))
+
+
+@pytest.fixture(scope="session")
+def influence():
+    return influence_matrix
+
+
+def fake_init_params(module, *args, std: float = 0.02, seed: int = 0, **kwargs):
+    """Parameters with ``module``'s structure, drawn with numpy.
+
+    LayerNorm scales are 1 + N(0, std^2), every other leaf N(0, std^2).
+    ``jax.eval_shape`` gives the structure without running the initializers,
+    and numpy draws the values, so no threefry program is compiled per
+    parameter shape (that compile dominates a CPU test suite). With std 0.02
+    this is GPT-style init; with a larger std it is a generic point in
+    parameter space, with O(1) logits, where an order effect cannot hide
+    under float noise. Properties that must hold for all parameters are
+    checked there.
+    """
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs)).get("params", {})
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        noise = rng.normal(0.0, std, s.shape)
+        is_ln_scale = getattr(path[-1], "key", None) == "scale"
+        return jnp.asarray(1.0 + noise if is_ln_scale else noise, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="session")
+def fake_init():
+    return fake_init_params
+
+
+@pytest.fixture
+def rng():
+    """A fresh, fixed-seed numpy generator (cheap inputs: no XLA compile per shape)."""
+    return np.random.default_rng(0)
+
+
+def randomize_params(params, key: jax.Array, std: float):
+    """Every leaf of an existing tree replaced by N(0, std^2) from ``key`` (see ``fake_init_params``)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    new = [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    return randomize_params
