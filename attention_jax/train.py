@@ -351,6 +351,32 @@ class Trainer:
 
         return jax.jit(evaluate)
 
+    def full_split_loss(self, params: Any, data: Array) -> Array:
+        """Mean loss over a whole split, as non-overlapping windows of block_size -> (K,).
+
+        Unlike the ``eval_iters`` random-crop estimate, this has no sampling
+        noise: every token of the split (but the first) is predicted exactly once.
+        """
+        T, B = self.mcfg.block_size, self.config.batch_size
+        n_windows = (data.shape[0] - 1) // T
+        n_chunks = -(-n_windows // B)
+        pad = n_chunks * B - n_windows
+        x = jnp.pad(data[: n_windows * T].reshape(n_windows, T), ((0, pad), (0, 0)))
+        y = jnp.pad(data[1 : n_windows * T + 1].reshape(n_windows, T), ((0, pad), (0, 0)))
+        weight = jnp.pad(jnp.ones((n_windows,), jnp.float32), (0, pad))
+        chunks = (x.reshape(n_chunks, B, T), y.reshape(n_chunks, B, T), weight.reshape(n_chunks, B))
+
+        def one_seed(params):
+            def chunk_loss(chunk):
+                xc, yc, wc = chunk
+                logits = self.model.apply({"params": params}, xc)
+                nll = optax.softmax_cross_entropy_with_integer_labels(logits, yc).mean(axis=-1)  # (B,)
+                return jnp.sum(nll * wc)
+
+            return jnp.sum(jax.lax.map(chunk_loss, chunks)) / n_windows
+
+        return jax.jit(self._over_seeds(one_seed, (0,)))(params)
+
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring checkpoints."""
         replicated = NamedSharding(self.mesh, P())
@@ -536,6 +562,7 @@ def train(
         "final_train_loss": [r["train_loss"] for r in last_rows],
         "final_val_loss": [r["val_loss"] for r in last_rows],
         "best_val_loss": best["val_loss"],
+        "full_val_loss": [float(v) for v in jax.device_get(trainer.full_split_loss(state.params, trainer.val_data))],
         "best_step": best["step"],
         "diverged_at": diverged,
         "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)) // trainer.num_seeds),
@@ -559,8 +586,9 @@ def _eval_line(step: int, rows: list[dict]) -> str:
 def _print_summary(summary: dict, prefix: str = "") -> None:
     fv = np.mean(summary["final_val_loss"])
     bv = np.mean(summary["best_val_loss"])
+    full = np.mean(summary["full_val_loss"])
     print(
-        f"{prefix}{summary['steps']} steps, final val loss {fv:.4f} (best {bv:.4f}), "
+        f"{prefix}{summary['steps']} steps, final val loss {fv:.4f} (best {bv:.4f}; whole val split {full:.4f}), "
         f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['train_seconds_this_session']:.1f} s training",
         file=sys.stderr,
     )

@@ -249,3 +249,19 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     run = load_run(tmp_path / "bad2")
     assert run.step == step - 1
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(run.params))
+
+
+def test_full_split_loss_equals_independent_computation():
+    text = small_text(3000)
+    trainer = train_lib.Trainer.from_config(tiny_config(batch_size=4), text=text)
+    state = trainer.init_state()
+    got = float(trainer.full_split_loss(state.params, trainer.val_data)[0])
+    params = jax.tree_util.tree_map(lambda a: a[0], state.params)
+    val = np.asarray(trainer.val_data)
+    T = trainer.mcfg.block_size
+    losses = []
+    for start in range(0, (len(val) - 1) // T * T, T):  # every complete window, one at a time
+        x, y = val[start : start + T], val[start + 1 : start + T + 1]
+        logits = trainer.model.apply({"params": params}, jnp.asarray(x)[None])[0]
+        losses.append(float(train_lib.cross_entropy(logits, jnp.asarray(y))))
+    assert got == pytest.approx(np.mean(losses), rel=1e-5)
