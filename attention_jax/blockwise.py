@@ -47,12 +47,13 @@ from jax import lax
 
 Array = jax.Array
 
-# Tile sizes. On a 2-core CPU, 512 x 512 tiles (1 MiB of float32 scores per
-# head) were the fastest of those measured by benchmarks/long_context.py: large
-# enough to amortize the loop and the matmul call overhead, small enough to
-# stay in cache. A sequence shorter than a tile is one tile (no padding).
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_K = 512
+# Tile sizes. On a 2-core CPU (benchmarks/long_context.py, T = 4096, 4 heads,
+# D = 64) 256 x 256 tiles were among the fastest for forward+backward: 512 and
+# up spill the (heads, 256, 256) float32 score tile (1 MiB at 4 heads) out of
+# cache in the backward pass, 128 pays more loop overhead in the forward pass.
+# A sequence shorter than a tile is one tile (no padding).
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 256
 
 
 def blockwise_causal_attention(
@@ -80,9 +81,7 @@ def blockwise_causal_attention(
     Dv = v.shape[-1]
     N = math.prod(lead)  # all leading (batch, head) axes flattened into one
     bq, bk = min(block_q, T), min(block_k, T)
-    out = _attention(
-        q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), bq, bk
-    )  # (N, T, Dv)
+    out = _attention(q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), bq, bk)  # (N, T, Dv)
     return out.reshape(*lead, T, Dv)
 
 
