@@ -10,7 +10,11 @@ Variants (the ``:ARG`` suffix):
   cpu     nanoGPT's CPU recipe: block 64, batch 12, 4 layers, 4 heads,
           n_embd 128, 2000 steps (decay over 2000), dropout 0, eval_iters 20.
           nanoGPT reports val loss ~1.88. Measured here: see README.md.
-  gpu     the full recipe with bfloat16 compute and several steps per call.
+  gpu     the full recipe with bfloat16 compute and 50 steps per call.
+          Measured on one H200 (benchmarks/gpu_check.py): 5000 steps in 43.1 s
+          of training time, best val loss 1.4635 (step 1750). The dense path
+          is kept: "cudnn" steps 19% faster but drops attention-weight dropout,
+          and on this small dataset that cost generalization (best 1.4861).
   smoke   a seconds-long run of the same code path.
 """
 
@@ -22,6 +26,7 @@ def get_config(arg=None):
     if arg in (None, "", "gpu"):
         if arg == "gpu":
             c.model.dtype = "bfloat16"  # params and optimizer state stay float32
+            c.model.attention_impl = "dense"  # keeps attention dropout; see the docstring
             c.steps_per_call = 50  # fewer host round trips; identical results
             c.log_interval = 50
     elif arg in ("cpu", "smoke"):
