@@ -1,0 +1,315 @@
+"""Statistics of attention: how peaked the softmax is, and how much gradient reaches q and k.
+
+Pure functions over arrays, shapes in the legend of :mod:`attention_jax`.
+``weights`` are softmax outputs (..., T, S) and ``mask`` the (T, S) boolean
+mask of visible edges (None = all visible). Every statistic is a mean over
+rows with at least two visible keys: a causal row of length 1 (the first
+token) has a single weight of 1 by construction and says nothing about the
+softmax, so it is excluded everywhere.
+
+The lecture's claim this measures: with unit-variance q and k, q·k has
+variance D, so without the 1/sqrt(D) scale the softmax sharpens towards
+one-hot as D grows, and each token attends to a single other token.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention_jax import attention
+
+Array = jax.Array
+
+
+def _row_lengths(shape: tuple[int, ...], mask: Array | None) -> Array:
+    """Visible keys per row: (T,) from a (T, S) mask (or S everywhere)."""
+    T, S = shape[-2:]
+    if mask is None:
+        return jnp.full((T,), S, jnp.float32)
+    return jnp.broadcast_to(mask, (T, S)).sum(-1).astype(jnp.float32)
+
+
+def _mean_over_rows(values: Array, lengths: Array) -> Array:
+    """Mean of per-row values (..., T) over rows whose length is > 1 (and over leading axes)."""
+    keep = jnp.broadcast_to(lengths > 1, values.shape)
+    return jnp.sum(jnp.where(keep, values, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def row_entropy(weights: Array, mask: Array | None = None) -> Array:
+    """Entropy of each row divided by log(row length): (..., T, S) -> (..., T) in [0, 1].
+
+    1 = uniform over the visible keys, 0 = one-hot. Rows of length 1 give 0/0
+    and are set to NaN (callers average over the other rows).
+    """
+    w = weights.astype(jnp.float32)
+    h = -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, w, 1.0)), 0.0), axis=-1)  # (..., T)
+    n = _row_lengths(w.shape, mask)
+    return jnp.where(n > 1, h / jnp.log(jnp.maximum(n, 2.0)), jnp.nan)
+
+
+def mean_entropy(weights: Array, mask: Array | None = None) -> Array:
+    """Mean normalized row entropy over rows of length > 1 and all leading axes: ()."""
+    n = _row_lengths(weights.shape, mask)
+    return _mean_over_rows(jnp.nan_to_num(row_entropy(weights, mask)), n)
+
+
+def mean_max_weight(weights: Array, mask: Array | None = None) -> Array:
+    """Mean over rows (length > 1) of the largest weight: () in [1/S, 1]."""
+    return _mean_over_rows(jnp.max(weights.astype(jnp.float32), axis=-1), _row_lengths(weights.shape, mask))
+
+
+def saturated_share(weights: Array, mask: Array | None = None, threshold: float = 0.99) -> Array:
+    """Share of rows (length > 1) whose largest weight exceeds ``threshold``: () in [0, 1]."""
+    peaked = (jnp.max(weights.astype(jnp.float32), axis=-1) > threshold).astype(jnp.float32)
+    return _mean_over_rows(peaked, _row_lengths(weights.shape, mask))
+
+
+def logit_variance(logits: Array, mask: Array | None = None) -> Array:
+    """Mean over rows (length > 1) of the variance of a row's visible logits: ().
+
+    The softmax only sees differences within a row, so this within-row
+    variance is what sets how peaked it is; for unit-Gaussian q, k it is
+    D * scale**2 (D unscaled, 1 with 1/sqrt(D), 1/D with muP).
+    """
+    x = logits.astype(jnp.float32)
+    T, S = x.shape[-2:]
+    m = jnp.ones((T, S), bool) if mask is None else jnp.broadcast_to(mask, (T, S))
+    n = m.sum(-1).astype(jnp.float32)  # (T,)
+    mean = jnp.sum(jnp.where(m, x, 0.0), -1) / jnp.maximum(n, 1)
+    var = jnp.sum(jnp.where(m, (x - mean[..., None]) ** 2, 0.0), -1) / jnp.maximum(n, 1)  # (..., T)
+    return _mean_over_rows(var, n)
+
+
+def weight_stats(weights: Array, mask: Array | None = None) -> dict[str, float]:
+    """Entropy, mean max weight and saturated share of (..., T, S) weights, as floats."""
+    return {
+        "entropy": float(mean_entropy(weights, mask)),
+        "max_weight": float(mean_max_weight(weights, mask)),
+        "saturated": float(saturated_share(weights, mask)),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Unit-Gaussian q and k: the lecture's setting
+# ---------------------------------------------------------------------------
+
+
+def normalize(x: Array, eps: float = 1e-5) -> Array:
+    """LayerNorm without learned parameters over the last axis (QK-norm at init)."""
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.var(x, -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def gaussian_qk_stats(
+    key: Array, *, head_size: int, scale: str | float, qk_norm: bool = False, B: int = 8, H: int = 4, T: int = 64
+) -> dict[str, float]:
+    """Attention statistics for q, k, v ~ N(0, 1) of shape (B, H, T, D), causal.
+
+    Gradients: the loss is sum(out * g) with g ~ N(0, 1) fixed, i.e. a random
+    upstream gradient of unit size per output entry; ``grad_q``/``grad_k`` are
+    the mean L2 norms of dL/dq_t, dL/dk_s per token (through the norm when
+    ``qk_norm``). A saturated softmax passes almost no gradient to q and k.
+    """
+    s = attention.resolve_scale(scale, head_size)
+    out = _gaussian_core(key, s, shape=(B, H, T, head_size), qk_norm=qk_norm)
+    return {k: float(v) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "qk_norm"))
+def _gaussian_core(key: Array, s: Array, *, shape: tuple[int, int, int, int], qk_norm: bool) -> dict[str, Array]:
+    kq, kk, kv, kg = jax.random.split(key, 4)
+    q, k, v, g = (jax.random.normal(x, shape) for x in (kq, kk, kv, kg))  # each (B, H, T, D)
+    mask = attention.causal_mask(shape[2])
+
+    def logits_fn(q, k):
+        if qk_norm:
+            q, k = normalize(q), normalize(k)
+        return attention.attention_logits(q, k, scale=s)
+
+    def loss(q, k):
+        w = attention.masked_softmax(logits_fn(q, k), mask)
+        return jnp.sum(jnp.einsum("bhts,bhsd->bhtd", w, v) * g)
+
+    logits = logits_fn(q, k)
+    w = attention.masked_softmax(logits, mask)
+    gq, gk = jax.grad(loss, argnums=(0, 1))(q, k)
+    return {
+        "logit_var": logit_variance(logits, mask),
+        "entropy": mean_entropy(w, mask),
+        "max_weight": mean_max_weight(w, mask),
+        "saturated": saturated_share(w, mask),
+        "grad_q": jnp.mean(jnp.linalg.norm(gq, axis=-1)),
+        "grad_k": jnp.mean(jnp.linalg.norm(gk, axis=-1)),
+    }
+
+
+# ---------------------------------------------------------------------------
+# A TransformerLM: weights per layer from its sown intermediates
+# ---------------------------------------------------------------------------
+
+
+def sown_attention_weights(model, params: Any, tokens: Array) -> list[Array]:
+    """The attention weights of every layer, [(B, H, T, T)] in layer order (dense path)."""
+    _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    inter = state["intermediates"]
+    blocks = sorted((k for k in inter if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+    return [inter[b]["attn"]["attention_weights"][0] for b in blocks]
+
+
+def layer_entropies(model, params: Any, tokens: Array) -> list[float]:
+    """Mean normalized causal row entropy of each layer on ``tokens`` (B, T)."""
+    T = tokens.shape[-1]
+    mask = attention.causal_mask(T)
+    return [float(mean_entropy(w, mask)) for w in sown_attention_weights(model, params, tokens)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _weights_and_grads(model, params, tokens, targets):
+    """Sown weights of every layer and the next-token loss's gradient, in one compiled call."""
+    import optax
+
+    def loss(p):
+        logits = model.apply({"params": p}, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    return sown_attention_weights(model, params, tokens), jax.grad(loss)(params)
+
+
+def model_qk_stats(model, params: Any, tokens: Array, targets: Array) -> dict[str, float]:
+    """Attention statistics of a TransformerLM on real tokens, averaged over layers.
+
+    Logits are read back from the weights: log w differs from the logits by a
+    per-row constant, so their within-row variance is the logits' (weights
+    that underflow to 0 are clipped at the float32 minimum, which understates
+    the variance of a fully saturated row). ``grad_q``/``grad_k`` are the
+    Frobenius norms of the next-token loss's gradient w.r.t. the query and key
+    projections (the ``[:, 0]`` and ``[:, 1]`` slices of ``qkv_kernel``),
+    averaged over layers: the gradient that reaches q and k.
+    """
+    T = tokens.shape[-1]
+    mask = attention.causal_mask(T)
+    weights, grads = _weights_and_grads(model, params, tokens, targets)
+    tiny = jnp.finfo(jnp.float32).tiny
+    per_layer = []
+    for w in weights:
+        row = weight_stats(w, mask)
+        row["logit_var"] = float(logit_variance(jnp.log(jnp.maximum(w, tiny)), mask))
+        per_layer.append(row)
+    blocks = sorted((k for k in grads if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+    gq = [float(jnp.linalg.norm(grads[b]["attn"]["qkv_kernel"][:, 0])) for b in blocks]
+    gk = [float(jnp.linalg.norm(grads[b]["attn"]["qkv_kernel"][:, 1])) for b in blocks]
+    out = {key: float(np.mean([r[key] for r in per_layer])) for key in per_layer[0]}
+    out.update(grad_q=float(np.mean(gq)), grad_k=float(np.mean(gk)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The grid of experiments.attention_stats: arms x head sizes, two settings
+# ---------------------------------------------------------------------------
+
+STAT_KEYS = ("logit_var", "entropy", "max_weight", "saturated", "grad_q", "grad_k")
+
+
+def parse_arm(label: str) -> tuple[str, bool]:
+    """``"sqrt+qknorm"`` -> ("sqrt", True); ``"none"`` -> ("none", False)."""
+    scale, _, extra = label.partition("+")
+    if extra not in ("", "qknorm"):
+        raise ValueError(f"arm {label!r}: expected SCALE or SCALE+qknorm, e.g. 'sqrt+qknorm'")
+    attention.resolve_scale(scale, 1)  # raises with the valid choices
+    return scale, extra == "qknorm"
+
+
+def arm_label(scale: str | float, qk_norm: bool) -> str:
+    return f"{scale}+qknorm" if qk_norm else str(scale)
+
+
+def gaussian_grid(arms, head_sizes, *, seeds: int, B: int, H: int, T: int) -> list[dict]:
+    """One row per (arm, D): every statistic of ``gaussian_qk_stats`` averaged over seeds."""
+    rows = []
+    for label in arms:
+        scale, qk_norm = parse_arm(label)
+        for D in head_sizes:
+            runs = [
+                gaussian_qk_stats(jax.random.key(s), head_size=D, scale=scale, qk_norm=qk_norm, B=B, H=H, T=T)
+                for s in range(seeds)
+            ]
+            rows.append({"setting": "gaussian", "arm": label, "head_size": D, **_mean_dicts(runs)})
+    return rows
+
+
+def model_grid(arms, head_sizes, *, tokens: Array, targets: Array, seeds: int, model_kwargs: dict) -> list[dict]:
+    """One row per (arm, D): ``model_qk_stats`` of freshly initialized TransformerLMs, mean over init seeds.
+
+    ``model_kwargs`` are ModelConfig fields; ``head_size``, ``attn_scale`` and
+    ``qk_norm`` come from the grid.
+    """
+    from attention_jax.model import ModelConfig, TransformerLM, init_params
+
+    rows = []
+    for label in arms:
+        scale, qk_norm = parse_arm(label)
+        for D in head_sizes:
+            model = TransformerLM(ModelConfig(**model_kwargs, head_size=D, attn_scale=scale, qk_norm=qk_norm))
+            runs = []
+            for s in range(seeds):
+                params = init_params(model, jax.random.key(s), model.config.block_size)
+                runs.append(model_qk_stats(model, params, tokens, targets))
+            rows.append({"setting": "model", "arm": label, "head_size": D, **_mean_dicts(runs)})
+    return rows
+
+
+def _mean_dicts(runs: list[dict]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table, one line per (setting, arm, D)."""
+    head = "| setting | arm | D | logit var | entropy | max weight | rows > 0.99 | grad q | grad k |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['arm']} | {r['head_size']} | {r['logit_var']:.3g} | {r['entropy']:.3f} | "
+            f"{r['max_weight']:.3f} | {r['saturated']:.1%} | {r['grad_q']:.3g} | {r['grad_k']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_grid(rows: list[dict], path, dpi: int = 90) -> None:
+    """One row of panels per setting, one panel per statistic, one line per arm, against D (log2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    keys = ("logit_var", "entropy", "max_weight", "saturated", "grad_q")
+    titles = {
+        "logit_var": "logit variance",
+        "entropy": "row entropy / log(len)",
+        "max_weight": "mean max weight",
+        "saturated": "rows with max > 0.99",
+        "grad_q": "grad norm at q",
+    }
+    fig, axes = plt.subplots(len(settings), len(keys), figsize=(3.2 * len(keys), 2.8 * len(settings)), squeeze=False)
+    for i, setting in enumerate(settings):
+        for j, key in enumerate(keys):
+            ax = axes[i][j]
+            for arm in dict.fromkeys(r["arm"] for r in rows):
+                pts = [(r["head_size"], r[key]) for r in rows if r["setting"] == setting and r["arm"] == arm]
+                ax.plot(*zip(*pts), marker="o", ms=3, label=arm)
+            ax.set_xscale("log", base=2)
+            if key in ("logit_var", "grad_q"):
+                ax.set_yscale("log")
+            ax.set_title(f"{setting}: {titles[key]}", fontsize=9)
+            ax.set_xlabel("head size D", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

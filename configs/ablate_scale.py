@@ -1,0 +1,130 @@
+"""Ablation: how the q·kᵀ scale interacts with head size (scaled vs unscaled heads).
+
+    python -m experiments.sweep --config configs/ablate_scale.py:cpu --workdir /tmp/sweeps/ablate_scale_cpu
+    python -m experiments.report --sweep /tmp/sweeps/ablate_scale_cpu
+
+Arms (``model.attn_scale`` x ``model.qk_norm``):
+  none        q·kᵀ unscaled (the lecture's "what if we forget the 1/sqrt(d)")
+  sqrt        q·kᵀ / sqrt(D) (Vaswani et al.)
+  mup         q·kᵀ / D (muP, Yang et al. 2022)
+  sqrt+qknorm LayerNorm on q and k, then / sqrt(D). QK-LayerNorm (Dehghani et al.
+              2023; Wortsman et al. 2023) is always paired with the 1/sqrt(D) scale
+              in the literature: after the norm q and k have unit variance per
+              channel, so 1/sqrt(D) makes the logit variance ~1 at any D, exactly
+              the lecture's premise. (qk_norm with scale "none" would saturate by
+              construction at large D: experiments.attention_stats with
+              --config.arms=none+qknorm shows it.)
+
+Head sizes D in {8, 16, 32, 64, 128}, crossed with the arms, in two designs:
+  (a) width fixed: n_embd stays, n_head = n_embd / D (more, smaller heads or
+      fewer, bigger ones; parameters are the same for every D);
+  (b) head count fixed: n_head stays and ``model.head_size = D`` independently of
+      n_embd (parameters of the attention grow with D). At D = n_embd / n_head
+      (32 in the cpu variant) both designs build the same model: a check.
+Plus a learning-rate axis at one head size (design (a), D = 32) for every arm, to
+see whether the best learning rate moves with the scaling rule. Each point trains
+``num_seeds = 3`` seeds in one vmapped program.
+
+Variants (the ``:ARG`` suffix):
+  (none)  for one accelerator: 4 layers, n_embd 256, block 128, batch 32,
+          2000 steps, bfloat16 compute, lr 1e-3 (axis 3e-4 ... 1e-2).
+  cpu     the whole sweep (48 points x 3 seeds) in under an hour on 2 CPU cores:
+          2 layers, n_embd 128, block 32, batch 8, 250 steps, lr 2e-3
+          (axis 5e-4, 2e-3, 8e-3). Measured: 44 min on 2 CPU cores shared
+          with other jobs; results and plots in docs/ablations.md.
+  smoke   seconds per point: for tests of the sweep machinery.
+"""
+
+from attention_jax.defaults import base_config, smoke
+from attention_jax.sweep import product, sweep, unique, zip_
+
+SCALE_ARMS = [  # (attn_scale, qk_norm)
+    ("none", False),
+    ("sqrt", False),
+    ("mup", False),
+    ("sqrt", True),
+]
+HEAD_SIZES = [8, 16, 32, 64, 128]
+LR_AXIS_HEAD_SIZE = 32
+FIXED_HEADS = 4  # n_head of design (b), where head_size is set independently of n_embd
+BASE_LR = {None: 1e-3, "cpu": 2e-3, "smoke": 1e-3}
+LEARNING_RATES = {  # the learning-rate axis besides the base learning rate (in the main grid already)
+    None: [3e-4, 3e-3, 1e-2],
+    "cpu": [5e-4, 8e-3],
+    "smoke": [3e-3],
+}
+VARIANTS = ("(none)", "cpu", "smoke")
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.num_seeds = 3  # seeds seed, seed+1, seed+2 in one vmapped program per point
+    c.distributed = False  # True: jax.distributed.initialize() first (a point spanning several hosts)
+    c.sample_tokens = 0  # no text sample at the end: the sweep reads metrics and checkpoints only
+    c.model.dropout = 0.0  # dropout would blur the comparison of the arms
+    if arg in (None, ""):
+        c.model.n_layer = 4
+        c.model.n_embd = 256
+        c.model.n_head = 8
+        c.model.block_size = 128
+        c.batch_size = 32
+        c.max_iters = 2000
+        c.lr_decay_iters = 2000
+        c.warmup_iters = 100
+        c.eval_interval = 100
+        c.eval_iters = 50
+        c.log_interval = 50
+        c.checkpoint_every = 500
+        c.model.dtype = "bfloat16"
+        c.steps_per_call = 50
+    elif arg == "cpu":
+        c.model.n_layer = 2
+        c.model.n_embd = 128  # the largest head size (128) still fits one head in design (a)
+        c.model.n_head = 4
+        c.model.block_size = 32
+        c.batch_size = 8
+        c.max_iters = 250
+        c.lr_decay_iters = 250
+        c.warmup_iters = 20
+        c.eval_interval = 25
+        c.eval_iters = 8  # the same fixed eval batches for every point (they depend on the seed only)
+        c.log_interval = 25
+        c.checkpoint_every = 125
+        c.steps_per_call = 1  # >1 compiles a second (single-step) program: ~15 s per point on this CPU
+    elif arg == "smoke":
+        smoke(c)
+        c.model.n_embd = 32
+        c.max_iters = 10
+        c.lr_decay_iters = 10
+        c.eval_interval = 5
+        c.checkpoint_every = 5
+        c.sample_tokens = 0
+    else:
+        raise ValueError(f"unknown variant {arg!r}; choose one of: {', '.join(VARIANTS)}")
+    c.learning_rate = BASE_LR[arg or None]
+    c.min_lr = c.learning_rate / 10
+    return c
+
+
+def _head_sizes(arg):
+    return [4, 8] if arg == "smoke" else HEAD_SIZES
+
+
+def get_sweep(arg=None):
+    """The points of the sweep: a list of override dicts (see attention_jax.sweep)."""
+    c = get_config(arg)
+    arms = [{"model.attn_scale": s, "model.qk_norm": q} for s, q in SCALE_ARMS]
+    if arg == "smoke":
+        arms = arms[:2]
+    sizes = _head_sizes(arg)
+    # (a) width fixed: n_head = n_embd / D.
+    design_a = [{"model.n_head": c.model.n_embd // d} for d in sizes]
+    # (b) head count fixed, head_size set on its own.
+    design_b = product(sweep("model.n_head", [2 if arg == "smoke" else FIXED_HEADS]), sweep("model.head_size", sizes))
+    lr_size = LR_AXIS_HEAD_SIZE if arg != "smoke" else sizes[0]
+    lrs = LEARNING_RATES[arg or None]
+    lr_axis = product(
+        [{"model.n_head": c.model.n_embd // lr_size}],
+        zip_(sweep("learning_rate", lrs), sweep("min_lr", [lr / 10 for lr in lrs])),  # same schedule shape
+    )
+    return unique(product(arms, design_a) + product(arms, design_b) + product(arms, lr_axis))
