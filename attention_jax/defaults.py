@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 250  # save the latest checkpoint every this many steps (and at the end)
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); same result, less dispatch
     c.sample_tokens = 500  # characters sampled into sample.txt at the end (0: none)
+    c.distributed = False  # True: jax.distributed.initialize() first (one run spanning several hosts)
 
     c.model = ml_collections.ConfigDict()
     c.model.type = "transformer"  # "transformer" or "bigram"

@@ -30,8 +30,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 class MetricsWriter:
     """Appends rows to metrics.jsonl, keeping only rows up to ``keep_up_to_step``."""
 
-    def __init__(self, path: str | os.PathLike, keep_up_to_step: int = -1):
+    def __init__(self, path: str | os.PathLike, keep_up_to_step: int = -1, enabled: bool = True):
         self.path = Path(path)
+        self._file = None
+        if not enabled:  # a non-writing process of a multi-host run
+            return
         kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= keep_up_to_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
@@ -39,12 +42,15 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write_many(self, rows: Iterable[dict]) -> None:
+        if self._file is None:
+            return
         for row in rows:
             self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def matmul_params(cfg) -> int:

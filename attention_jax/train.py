@@ -446,8 +446,12 @@ def train(
     resolved = to_dict(config)
     _check_same_config(workdir, resolved)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
-    trainer.tokenizer.save(workdir / "tokenizer.json")
+    # With several hosts (jax.distributed), every process runs this loop and takes
+    # part in checkpointing (orbax coordinates them); only process 0 writes files.
+    writer = jax.process_index() == 0
+    if writer:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        trainer.tokenizer.save(workdir / "tokenizer.json")
 
     manager = ckpt.Checkpoints(workdir)
     restored = manager.restore_latest(trainer.abstract_state())
@@ -463,9 +467,10 @@ def train(
         summary = json.loads(summary_file.read_text())
         _print_summary(summary, prefix="already finished: ")
         return summary
-    summary_file.unlink(missing_ok=True)
+    if writer:
+        summary_file.unlink(missing_ok=True)
 
-    metrics = MetricsWriter(workdir / "metrics.jsonl", keep_up_to_step=start if restored else -1)
+    metrics = MetricsWriter(workdir / "metrics.jsonl", keep_up_to_step=start if restored else -1, enabled=writer)
     schedule = learning_rate_schedule(config)
     t_compile = time.perf_counter()
     evaluate = trainer.compile_eval().lower(state.params).compile()
@@ -555,7 +560,7 @@ def train(
 
     if not last_rows:  # resumed exactly at the end: evaluate once more
         last_rows = run_eval(state, step)
-    samples = _write_sample(trainer, state, workdir)
+    samples = _write_sample(trainer, state, workdir, writer)
     summary = {
         "steps": step,
         "seeds": trainer.seeds,
@@ -572,7 +577,8 @@ def train(
         "tokens_per_s": round((step - start) * trainer.tokens_per_step / max(train_time, 1e-9), 1),
         "sample": samples[0][:200],
     }
-    summary_file.write_text(json.dumps(summary, indent=2))
+    if writer:
+        summary_file.write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
     return summary
 
@@ -600,7 +606,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def _write_sample(trainer: Trainer, state: TrainState, workdir: Path) -> list[str]:
+def _write_sample(trainer: Trainer, state: TrainState, workdir: Path, writer: bool = True) -> list[str]:
     """Sample text from each seed's final params into sample.txt."""
     n = trainer.config.sample_tokens
     if n <= 0:
@@ -614,6 +620,8 @@ def _write_sample(trainer: Trainer, state: TrainState, workdir: Path) -> list[st
         key = jax.random.fold_in(trainer.seed_keys[i], _SAMPLE)
         out = generate(trainer.model, params, prompt[None], n, key, temperature=1.0)
         texts.append(trainer.tokenizer.decode(out[0]))
+    if not writer:
+        return texts
     with open(workdir / "sample.txt", "w", encoding="utf-8") as f:
         for seed, text in zip(trainer.seeds, texts):
             f.write(f"=== seed {seed} ===\n{text}\n")
