@@ -112,6 +112,8 @@ def _torch_trainer(trainer, threads: int):
         return None, "torch is not installed (pip install torch): PyTorch comparison skipped"
     if trainer.config.model.type != "transformer":
         return None, f"no PyTorch reference for model.type={trainer.config.model.type!r}: comparison skipped"
+    if trainer.num_seeds != 1:  # the reference trains one seed; a K-seed step is not comparable
+        return None, f"num_seeds={trainer.num_seeds}: the PyTorch reference trains one seed, comparison skipped"
     torch.set_num_threads(threads)
     try:
         ref = torch_reference.TorchTrainer(trainer.config, trainer.mcfg, jax.device_get(trainer.train_data))

@@ -81,7 +81,7 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
             return main(argv) or 0
         try:
             return main(argv) or 0
-        except (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as e:
+        except (ConfigError, OSError, ValueError) as e:  # bad input: missing, unreadable or clashing paths
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except TrainingDiverged as e:

@@ -78,13 +78,23 @@ def _field_type(parent: ml_collections.ConfigDict, name: str) -> type | None:
     return None if field is None else type(field)
 
 
+def _nullable(parent: ml_collections.ConfigDict, name: str) -> bool:
+    """Fields declared as ``placeholder(type)`` (default None) accept None."""
+    return parent[name] is None or isinstance(parent._fields[name], config_dict.FieldReference)  # noqa: SLF001
+
+
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
-def _convert(key: str, value: Any, kind: type | None) -> Any:
-    """Parse a command-line string, or check a Python value, against a field's type."""
-    if isinstance(value, str) and value.lower() in ("none", "null") and kind is not str:
-        return None
+def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) -> Any:
+    """Parse a command-line string, or check a Python value, against a field's type.
+
+    ``None`` (or the text none/null) is accepted only by fields whose default is None.
+    """
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
+        if nullable:
+            return None
+        raise ConfigError(f"config key '{key}' expects {getattr(kind, '__name__', 'a value')}, got None")
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -128,7 +138,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         if name not in parent or isinstance(parent[name], ml_collections.ConfigDict):
             raise ConfigError(_unknown_key_message(key, valid))
         with parent.unlocked():
-            parent[name] = _convert(key, value, _field_type(parent, name))
+            parent[name] = _convert(key, value, _field_type(parent, name), nullable=_nullable(parent, name))
     return config
 
 

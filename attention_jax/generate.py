@@ -9,6 +9,7 @@ the current position (the lecture's ``idx[:, -block_size:]`` crop).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -76,8 +77,8 @@ def generate(
         raise ValueError(f"tokens must be (B, T) with T >= 1, got shape {tokens.shape}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if max_new_tokens == 0:

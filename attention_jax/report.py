@@ -249,6 +249,9 @@ def add_entropies(points: list[PointResult], text: str | None) -> None:
         if loaded is None:
             continue
         model, seed_params, tokenizer = loaded
+        mcfg = getattr(model, "config", None)
+        if mcfg is None or mcfg.attention_impl != "dense":  # bigram, or a fused path: no weights to read
+            continue
         if text is None:
             dataset = p.config["data"]["dataset"]
             if dataset not in texts:
@@ -271,6 +274,8 @@ def prompt_weights(p: PointResult, prompt: str):
     if loaded is None:
         return None
     model, seed_params, tokenizer = loaded
+    if getattr(getattr(model, "config", None), "attention_impl", None) != "dense":
+        return None  # bigram, or a fused attention path: no weights recorded
     prompt = "".join(c for c in prompt if c in tokenizer.chars)[: model.config.block_size]
     tokens = jnp.asarray(tokenizer.encode(prompt))[None]
     return prompt, [np.asarray(w[0]) for w in sown_attention_weights(model, seed_params[0], tokens)]

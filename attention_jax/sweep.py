@@ -223,6 +223,10 @@ def index_command(spec: str, index: int, sweep_dir: str | os.PathLike, python: s
 
 
 def _write_json(path: Path, payload: Any) -> None:
+    import jax
+
+    if jax.process_index() != 0:  # a point spanning several hosts: process 0 keeps the records
+        return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)  # atomic: readers never see half a file

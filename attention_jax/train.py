@@ -43,7 +43,7 @@ from attention_jax import checkpoint as ckpt
 from attention_jax import data as data_lib
 from attention_jax.config_utils import ConfigError, to_dict
 from attention_jax.generate import generate
-from attention_jax.metrics import MetricsWriter, flops_per_token
+from attention_jax.metrics import MetricsWriter, flops_per_token, read_jsonl
 from attention_jax.model import BigramLM, ModelConfig, TransformerLM
 
 Array = jax.Array
@@ -455,13 +455,18 @@ def train(
 
     manager = ckpt.Checkpoints(workdir)
     restored = manager.restore_latest(trainer.abstract_state())
+    best_state = None  # per seed, the state at that seed's best val loss so far
     if restored is not None:
         state, meta = restored
         start = int(state.step[0])
         best = meta["best"]
+        diverged = meta.get("diverged", [None] * trainer.num_seeds)
+        restored_best = manager.restore_best(trainer.abstract_state())
+        best_state = restored_best[0] if restored_best is not None else None
     else:
         state, start = trainer.init_state(), 0
         best = {"val_loss": [math.inf] * trainer.num_seeds, "step": [None] * trainer.num_seeds}
+        diverged = [None] * trainer.num_seeds
     summary_file = _summary_path(workdir)
     if start >= config.max_iters and summary_file.exists():
         summary = json.loads(summary_file.read_text())
@@ -479,7 +484,6 @@ def train(
     step_1 = trainer.compile_train(1).lower(state).compile() if K > 1 else step_k
     compile_s = time.perf_counter() - t_compile
     print(f"compiled in {compile_s:.1f} s; training from step {start} to {config.max_iters}", file=sys.stderr)
-    diverged = [None] * trainer.num_seeds
 
     def run_eval(state, step):
         losses = jax.device_get(evaluate(state.params))
@@ -545,21 +549,25 @@ def train(
                 bar.set_postfix(loss=f"{np.nanmean(losses[-1]):.4f}", tok_s=f"{tok_s:,.0f}")
             if step % config.eval_interval == 0 or step == config.max_iters:
                 last_rows = run_eval(state, step)
-                for i, row in enumerate(last_rows):
-                    if row["val_loss"] < best["val_loss"][i]:
-                        best["val_loss"][i], best["step"][i] = row["val_loss"], step
-                if any(s == step for s in best["step"]):
-                    manager.save_best(step, state, {"best": best})
+                improved = [row["val_loss"] < best["val_loss"][i] for i, row in enumerate(last_rows)]
+                if any(improved):
+                    for i, row in enumerate(last_rows):
+                        if improved[i]:
+                            best["val_loss"][i], best["step"][i] = row["val_loss"], step
+                    best_state = _merge_seeds(improved, state, best_state)
+                    manager.save_best(step, best_state, {"best": best})
                 bar.write(_eval_line(step, last_rows))
             if step % config.checkpoint_every == 0 or step == config.max_iters:
-                manager.save_latest(step, state, {"best": best})
+                manager.save_latest(step, state, {"best": best, "diverged": diverged})
     finally:
         bar.close()
         metrics.close()
         manager.close()
 
-    if not last_rows:  # resumed exactly at the end: evaluate once more
-        last_rows = run_eval(state, step)
+    if not last_rows:  # resumed at the end (killed before the summary): reuse the final evaluation
+        last_rows = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] == step and "val_loss" in r]
+        if len(last_rows) != trainer.num_seeds:
+            last_rows = run_eval(state, step)
     samples = _write_sample(trainer, state, workdir, writer)
     summary = {
         "steps": step,
@@ -581,6 +589,15 @@ def train(
         summary_file.write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
     return summary
+
+
+def _merge_seeds(take_new: list[bool], new: TrainState, old: TrainState | None) -> TrainState:
+    """Per seed, ``new`` where ``take_new`` else ``old``: each seed's best state, one tree."""
+    mask = jnp.asarray(take_new)
+    if old is None:
+        old = new
+    # jnp.where always makes new buffers, so the result survives the donation of ``new``.
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
 def _eval_line(step: int, rows: list[dict]) -> str:

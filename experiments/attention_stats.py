@@ -46,6 +46,14 @@ def main(argv=None):
     if not arms or any(d <= 0 for d in head_sizes):
         raise ValueError("arms must name at least one arm and head_sizes must be positive")
     g = config.gaussian
+    for key, value in (
+        ("seeds", config.seeds),
+        ("gaussian.batch_size", g.batch_size),
+        ("gaussian.n_head", g.n_head),
+        ("gaussian.seq_len", g.seq_len),
+    ):
+        if value < 1:
+            raise ValueError(f"{key}={value}: must be a positive integer")
     rows = stats.gaussian_grid(arms, head_sizes, seeds=config.seeds, B=g.batch_size, H=g.n_head, T=g.seq_len)
     if config.model.enabled:
         m = config.model

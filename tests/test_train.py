@@ -265,3 +265,56 @@ def test_full_split_loss_equals_independent_computation():
         logits = trainer.model.apply({"params": params}, jnp.asarray(x)[None])[0]
         losses.append(float(train_lib.cross_entropy(logits, jnp.asarray(y))))
     assert got == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_best_state_is_kept_per_seed():
+    new = train_lib.TrainState(step=jnp.array([4, 4]), params={"w": jnp.array([[1.0, 1.0], [2.0, 2.0]])}, opt_state=())
+    old = train_lib.TrainState(step=jnp.array([2, 2]), params={"w": jnp.array([[9.0, 9.0], [8.0, 8.0]])}, opt_state=())
+    merged = train_lib._merge_seeds([False, True], new, old)
+    np.testing.assert_array_equal(merged.step, [2, 4])  # seed 0 keeps its earlier best, seed 1 takes the new
+    np.testing.assert_array_equal(merged.params["w"], [[9.0, 9.0], [2.0, 2.0]])
+
+
+def test_killed_after_the_last_checkpoint_but_before_the_summary(tmp_path):
+    text = small_text()
+    config = tiny_config(max_iters=20, eval_interval=10, checkpoint_every=10, log_interval=5)
+    first = train_lib.train(config, tmp_path, text=text, progress=False)
+    rows_before = read_jsonl(tmp_path / "metrics.jsonl")
+    (tmp_path / "summary.json").unlink()  # as if killed while writing the sample
+    again = train_lib.train(config, tmp_path, text=text, progress=False)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == rows_before  # no evaluation written twice
+    assert again["final_val_loss"] == first["final_val_loss"]
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "data.train_fraction", "model.n_head"])
+def test_none_is_refused_where_the_default_is_not_none(key):
+    with pytest.raises(ConfigError, match=rf"'{key}' expects \w+, got None"):
+        apply_overrides(load_config(SMOKE), {key: "none"})
+    config = apply_overrides(load_config(SMOKE), {"model.head_size": "8"})
+    assert apply_overrides(config, {"model.head_size": "none"}).model.head_size is None
+
+
+SHIPPED = [
+    "configs/shakespeare_char.py",
+    "configs/shakespeare_char.py:cpu",
+    "configs/shakespeare_char.py:gpu",
+    "configs/lecture_gpt.py",
+    "configs/bigram.py",
+]
+
+
+@pytest.mark.parametrize("spec", SHIPPED)
+def test_shipped_configs_validate_against_tiny_shakespeare(spec):
+    """Reads $ATTENTION_JAX_DATA_DIR (CI points it at the real file); skips without it."""
+    import os
+
+    from attention_jax import data as data_lib
+
+    folder = os.environ.get("ATTENTION_JAX_DATA_DIR")
+    if not folder or not os.path.isfile(os.path.join(folder, "tinyshakespeare.txt")):
+        pytest.skip("tinyshakespeare.txt not in $ATTENTION_JAX_DATA_DIR")
+    raw = open(os.path.join(folder, "tinyshakespeare.txt"), "rb").read()
+    assert len(raw) == data_lib.TINYSHAKESPEARE_BYTES
+    trainer = train_lib.Trainer.from_config(load_config(spec))  # validation and data only: no compile
+    assert trainer.tokenizer.vocab_size == 65
+    assert trainer.train_data.shape[0] == int(0.9 * len(raw.decode("utf-8")))
