@@ -200,28 +200,15 @@ def load_params(workdir: str | os.PathLike, which: str = "latest"):
     """(model, [params of each seed], tokenizer) of a point's checkpoint, or None without one."""
     import jax
 
-    from attention_jax import checkpoint as ckpt
-    from attention_jax.config_utils import from_dict
-    from attention_jax.data import CharTokenizer
-    from attention_jax.train import abstract_train_state, build_model, make_optimizer, model_config
+    from attention_jax.sampling import load_state
 
-    workdir = Path(workdir)
-    if not (workdir / ("best" if which == "best" else "checkpoints")).is_dir():
+    if not (Path(workdir) / ("best" if which == "best" else "checkpoints")).is_dir():
         return None
-    config = from_dict(json.loads((workdir / "config.json").read_text()))
-    tokenizer = CharTokenizer.load(workdir / "tokenizer.json")
-    mcfg = model_config(config, tokenizer.vocab_size)
-    model = build_model(config, mcfg)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = abstract_train_state(model, make_optimizer(config), mcfg.block_size, config.num_seeds, sharding)
-    manager = ckpt.Checkpoints(workdir)
     try:
-        restored = (manager.restore_best if which == "best" else manager.restore_latest)(abstract)
-    finally:
-        manager.close()
-    if restored is None:
+        config, model, tokenizer, state = load_state(workdir, which)
+    except FileNotFoundError:
         return None
-    params = restored[0].params
+    params = state.params
     return model, [jax.tree_util.tree_map(lambda a: a[i], params) for i in range(config.num_seeds)], tokenizer
 
 

@@ -26,8 +26,8 @@ class Run:
     step: int
 
 
-def load_run(workdir: str | Path, which: str = "latest", seed_index: int = 0) -> Run:
-    """The model, params (of one seed) and tokenizer of a run's latest or best checkpoint."""
+def load_state(workdir: str | Path, which: str = "latest"):
+    """(config, model, tokenizer, state with a leading seed axis) of a run's latest or best checkpoint."""
     workdir = Path(workdir)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"no run in {workdir}: config.json is missing (train one with experiments.train)")
@@ -35,8 +35,6 @@ def load_run(workdir: str | Path, which: str = "latest", seed_index: int = 0) ->
     tokenizer = CharTokenizer.load(workdir / "tokenizer.json")
     mcfg = model_config(config, tokenizer.vocab_size)
     model = build_model(config, mcfg)
-    if not 0 <= seed_index < config.num_seeds:
-        raise ValueError(f"--model_seed must be in [0, {config.num_seeds}), got {seed_index}")
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = abstract_train_state(model, make_optimizer(config), mcfg.block_size, config.num_seeds, sharding)
     checkpoints = ckpt.Checkpoints(workdir)
@@ -46,7 +44,14 @@ def load_run(workdir: str | Path, which: str = "latest", seed_index: int = 0) ->
         checkpoints.close()
     if restored is None:
         raise FileNotFoundError(f"no {which} checkpoint in {workdir} yet")
-    state, _ = restored
+    return config, model, tokenizer, restored[0]
+
+
+def load_run(workdir: str | Path, which: str = "latest", seed_index: int = 0) -> Run:
+    """The model, params (of one seed) and tokenizer of a run's latest or best checkpoint."""
+    config, model, tokenizer, state = load_state(workdir, which)
+    if not 0 <= seed_index < config.num_seeds:
+        raise ValueError(f"--model_seed must be in [0, {config.num_seeds}), got {seed_index}")
     params = jax.tree_util.tree_map(lambda a: a[seed_index], state.params)
     return Run(model=model, params=params, tokenizer=tokenizer, step=int(state.step[seed_index]))
 
