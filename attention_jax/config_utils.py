@@ -27,25 +27,29 @@ class ConfigError(ValueError):
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Load ``path/to/config.py[:ARG]`` and return ``get_config(ARG)`` (locked)."""
+    config = call_config_function(spec, "get_config")
+    config.lock()
+    return config
+
+
+def call_config_function(spec: str, function: str, missing_hint: str = "") -> Any:
+    """``function(ARG)`` of the config file ``path.py[:ARG]``; every failure is one ConfigError line."""
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {path}")
-    module_name = "_attention_jax_config_" + file.stem
-    spec_ = importlib.util.spec_from_file_location(module_name, file)
-    module = importlib.util.module_from_spec(spec_)
+    module_spec = importlib.util.spec_from_file_location("_attention_jax_config_" + file.stem, file)
+    module = importlib.util.module_from_spec(module_spec)
     try:
-        spec_.loader.exec_module(module)
-    except Exception as e:  # a broken config file: say which and why, in one line
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken config file: say which and why, in one line
         raise ConfigError(f"could not load config file {path}: {type(e).__name__}: {e}") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config(arg)")
+    if not hasattr(module, function):
+        raise ConfigError(f"config file {path} defines no {function}(arg){missing_hint}")
     try:
-        config = module.get_config(arg or None)
+        return getattr(module, function)(arg or None)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
-    config.lock()
-    return config
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -18,7 +18,6 @@ array job or one cloud TPU VM per point takes its share.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attention_jax.config_utils import ConfigError, apply_overrides, load_config
+from attention_jax.config_utils import ConfigError, apply_overrides, call_config_function, load_config
 
 Overrides = dict[str, Any]
 POINT_FILE = "sweep_point.json"  # in each point's workdir: overrides and status
@@ -150,23 +149,7 @@ def select(points: Sequence[Point], spec: str | None) -> list[Point]:
 
 def load_sweep(spec: str) -> list[Point]:
     """The points of ``path/to/config.py[:ARG]``'s ``get_sweep(ARG)``."""
-    path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_attention_jax_sweep_" + file.stem, file)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - a broken config file: one line
-        raise ConfigError(f"could not load config file {path}: {type(e).__name__}: {e}") from None
-    if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"config file {path} defines no get_sweep(arg): it is not a sweep")
-    try:
-        overrides = module.get_sweep(arg or None)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return expand(overrides)
+    return expand(call_config_function(spec, "get_sweep", ": it is not a sweep"))
 
 
 def point_config(spec: str, point: Point, base_overrides: Overrides | None = None):

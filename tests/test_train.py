@@ -318,3 +318,20 @@ def test_shipped_configs_validate_against_tiny_shakespeare(spec):
     trainer = train_lib.Trainer.from_config(load_config(spec))  # validation and data only: no compile
     assert trainer.tokenizer.vocab_size == 65
     assert trainer.train_data.shape[0] == int(0.9 * len(raw.decode("utf-8")))
+
+
+def test_config_file_problems_are_one_line_errors(tmp_path):
+    from attention_jax.sweep import load_sweep
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg):\n    return undefined_name\nx = 1/0\n")
+    with pytest.raises(ConfigError, match=r"could not load config file .*broken\.py: ZeroDivisionError"):
+        load_config(str(broken))
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match=r"defines no get_config\(arg\)"):
+        load_config(str(empty))
+    with pytest.raises(ConfigError, match=r"defines no get_sweep\(arg\): it is not a sweep"):
+        load_sweep(SMOKE)
+    with pytest.raises(ConfigError, match=r"unknown variant 'tpu'"):
+        load_config("configs/shakespeare_char.py:tpu")
