@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.qk_norm = False  # LayerNorm on q and k before q·kᵀ
     c.model.dropout = 0.2  # dropout on attention weights and residual branches
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
+    c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
+    c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
     c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU) or "blockwise" (long T)
 
     c.data = ml_collections.ConfigDict()

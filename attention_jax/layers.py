@@ -168,6 +168,7 @@ class MultiHeadAttention(nn.Module):
     pos_encoding: str = "none"
     attention_impl: str = "dense"
     out_features: int | None = None
+    use_bias: bool = True  # bias of the output projection
     dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_init
     out_init: Initializer = default_init
@@ -201,8 +202,11 @@ class MultiHeadAttention(nn.Module):
         else:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}: valid choices are {ATTENTION_IMPLS}")
         w_out = self.param("proj_kernel", self.out_init, (H, D, self.out_features or C), jnp.float32)
-        b_out = self.param("proj_bias", nn.initializers.zeros, (self.out_features or C,), jnp.float32)
-        y = jnp.einsum("bhtd,hdc->btc", out, w_out.astype(self.dtype)) + b_out.astype(self.dtype)
+        y = jnp.einsum("bhtd,hdc->btc", out, w_out.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("proj_bias", nn.initializers.zeros, (self.out_features or C,), jnp.float32).astype(
+                self.dtype
+            )
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # (B, T, C)
 
 
@@ -214,15 +218,16 @@ class FeedForward(nn.Module):
 
     hidden: int
     dropout_rate: float = 0.0
+    use_bias: bool = True
     dtype: Dtype = jnp.float32
     out_init: Initializer = default_init
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         C = x.shape[-1]
-        h = nn.Dense(self.hidden, kernel_init=default_init, dtype=self.dtype, name="fc")(x)
+        h = nn.Dense(self.hidden, use_bias=self.use_bias, kernel_init=default_init, dtype=self.dtype, name="fc")(x)
         h = nn.gelu(h)
-        y = nn.Dense(C, kernel_init=self.out_init, dtype=self.dtype, name="proj")(h)
+        y = nn.Dense(C, use_bias=self.use_bias, kernel_init=self.out_init, dtype=self.dtype, name="proj")(h)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -243,7 +248,7 @@ class Block(nn.Module):
         # the stream's variance would grow ~linearly with depth at init. Scaling
         # the branch outputs by 1/sqrt(2*n_layer) keeps it O(1) (GPT-2).
         out_init = nn.initializers.normal(stddev=0.02 / (2 * max(cfg.n_layer, 1)) ** 0.5)
-        h = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_attn")(x)
+        h = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, name="ln_attn")(x)
         x = x + MultiHeadAttention(
             num_heads=cfg.n_head,
             head_size=cfg.head_size,
@@ -252,11 +257,17 @@ class Block(nn.Module):
             qk_norm=cfg.qk_norm,
             pos_encoding=cfg.pos_encoding,
             attention_impl=cfg.attention_impl,
+            use_bias=cfg.bias,
             dtype=dtype,
             out_init=out_init,
             name="attn",
         )(h, deterministic=deterministic)
-        h = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_mlp")(x)
+        h = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, name="ln_mlp")(x)
         return x + FeedForward(
-            hidden=4 * cfg.n_embd, dropout_rate=cfg.dropout, dtype=dtype, out_init=out_init, name="mlp"
+            hidden=4 * cfg.n_embd,
+            dropout_rate=cfg.dropout,
+            use_bias=cfg.bias,
+            dtype=dtype,
+            out_init=out_init,
+            name="mlp",
         )(h, deterministic=deterministic)

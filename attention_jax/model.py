@@ -42,6 +42,8 @@ class ModelConfig:
     # "dense" (hand-written; records weights, attention dropout) | "xla" | "cudnn" |
     # "blockwise" (fused or flash-style; no attention-weight dropout, no recorded weights)
     attention_impl: str = "dense"
+    bias: bool = True  # biases in LayerNorms, output projections, MLP and LM head (nanoGPT: False)
+    tie_embeddings: bool = False  # LM head = token embedding transposed (nanoGPT and GPT-2: True)
 
     def __post_init__(self):
         def positive_int(name):
@@ -72,6 +74,9 @@ class ModelConfig:
             )
         if self.pos_encoding == "rope" and self.head_size % 2:
             raise ValueError(f"ModelConfig.head_size must be even for rope, got {self.head_size}")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.qk_norm, bool):
             raise ValueError(f"ModelConfig.qk_norm must be True or False, got {self.qk_norm!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -105,13 +110,19 @@ class TransformerLM(nn.Module):
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         dtype = jnp.dtype(cfg.dtype)
-        x = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=default_init, name="token_embedding")(tokens)
+        embed = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=default_init, name="token_embedding")
+        x = embed(tokens)
         x = AddPositions(cfg.pos_encoding, cfg.block_size, name="positions")(x)  # (B, T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic).astype(dtype)
         for i in range(cfg.n_layer):
             x = Block(cfg, name=f"block_{i}")(x, deterministic=deterministic)
-        x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_final")(x)
-        logits = nn.Dense(cfg.vocab_size, kernel_init=default_init, dtype=dtype, name="lm_head")(x)
+        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, name="ln_final")(x)
+        if cfg.tie_embeddings:  # one (V, C) matrix reads tokens in and writes logits out
+            logits = embed.attend(x.astype(jnp.float32))
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=cfg.bias, kernel_init=default_init, dtype=dtype, name="lm_head")(
+                x
+            )
         return logits.astype(jnp.float32)  # (B, T, V)
 
 

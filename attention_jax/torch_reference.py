@@ -92,6 +92,8 @@ class GPT(nn.Module):
             "qk_norm": (mcfg.qk_norm, False),
             "dropout": (mcfg.dropout, 0.0),
             "dtype": (mcfg.dtype, "float32"),
+            "bias": (getattr(mcfg, "bias", True), True),
+            "tie_embeddings": (getattr(mcfg, "tie_embeddings", False), False),
         }
         for name, (got, want) in unsupported.items():
             if got != want:

@@ -91,6 +91,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
             dropout=m.dropout,
             dtype=m.dtype,
             attention_impl=m.attention_impl,
+            bias=m.bias,
+            tie_embeddings=m.tie_embeddings,
         )
     except ValueError as e:
         raise ConfigError(str(e).replace("ModelConfig.", "model.")) from None

@@ -319,3 +319,25 @@ def test_dropout_is_random_in_training_and_off_in_evaluation(fake_init):
     )
     np.testing.assert_array_equal(train_out(1), train_out(1))
     assert not np.allclose(train_out(1), train_out(2))
+
+
+def test_nanogpt_variant_parameter_count_and_tying():
+    """bias=False, tie_embeddings=True is nanoGPT's baby GPT: it reports 10.65M parameters
+    without the position table (get_num_params(non_embedding=True))."""
+    cfg = ModelConfig(vocab_size=65, block_size=256, n_embd=384, n_head=6, n_layer=6, bias=False, tie_embeddings=True)
+    shapes = jax.eval_shape(lambda: init_params(TransformerLM(cfg), jax.random.key(0), 8))
+    flat = jax.tree_util.tree_leaves_with_path(shapes)
+    assert not any("bias" in jax.tree_util.keystr(path) for path, _ in flat)
+    assert "lm_head" not in shapes
+    assert count_params(shapes) - 256 * 384 == 10_646_784
+
+    small = cfg.replace(block_size=8, n_embd=16, n_head=2, n_layer=1)
+    model = TransformerLM(small)
+    params = init_params(model, jax.random.key(1), 8)
+    tokens = jnp.arange(8)[None] % 65
+    logits = model.apply({"params": params}, tokens)
+    # Tied: the logits are the final hidden states times the embedding table transposed.
+    _, state = model.apply({"params": params}, tokens, capture_intermediates=True, mutable=["intermediates"])
+    hidden = state["intermediates"]["ln_final"]["__call__"][0]
+    want = np.asarray(hidden) @ np.asarray(params["token_embedding"]["embedding"]).T
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-5)
