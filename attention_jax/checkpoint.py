@@ -66,9 +66,6 @@ class Checkpoints:
     def restore_best(self, abstract_state: Any):
         return self._restore(self._best, abstract_state)
 
-    def latest_step(self) -> int | None:
-        return self._latest.latest_step()
-
     def describe_latest(self) -> str:
         step = self._latest.latest_step()
         if step is None:

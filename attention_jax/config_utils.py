@@ -32,6 +32,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
+def run_name(spec: str) -> str:
+    """A folder name for ``path/to/name.py[:ARG]``: ``name`` or ``name-ARG``."""
+    path, _, arg = spec.partition(":")
+    return Path(path).stem + (f"-{arg}" if arg else "")
+
+
 def call_config_function(spec: str, function: str, missing_hint: str = "") -> Any:
     """``function(ARG)`` of the config file ``path.py[:ARG]``; every failure is one ConfigError line."""
     path, _, arg = spec.partition(":")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attention_jax.config_utils import ConfigError, apply_overrides, call_config_function, load_config
+from attention_jax.config_utils import ConfigError, apply_overrides, call_config_function, load_config, run_name
 
 Overrides = dict[str, Any]
 POINT_FILE = "sweep_point.json"  # in each point's workdir: overrides and status
@@ -164,8 +164,7 @@ def point_config(spec: str, point: Point, base_overrides: Overrides | None = Non
 
 
 def default_sweep_dir(spec: str) -> str:
-    path, _, arg = spec.partition(":")
-    return str(Path("runs") / "sweeps" / (Path(path).stem + (f"-{arg}" if arg else "")))
+    return str(Path("runs") / "sweeps" / run_name(spec))
 
 
 # ---------------------------------------------------------------------------
@@ -191,13 +190,6 @@ def train_command(
         args.append(f"--config.{key}={text}")
     args += ["--workdir", str(Path(sweep_dir) / point.name), "--no-progress"]
     return shlex.join(args)
-
-
-def index_command(spec: str, index: int, sweep_dir: str | os.PathLike, python: str = "python") -> str:
-    """The command that runs point ``index`` through the sweep runner (records its status)."""
-    return shlex.join(
-        [python, "-m", "experiments.sweep", "--config", spec, "--index", str(index), "--workdir", str(sweep_dir)]
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -13,13 +13,11 @@ import sys
 from pathlib import Path
 
 from attention_jax import cli
-from attention_jax.config_utils import apply_overrides, load_config, parse_override_args
+from attention_jax.config_utils import apply_overrides, load_config, parse_override_args, run_name
 
 
 def default_workdir(spec: str) -> str:
-    path, _, arg = spec.partition(":")
-    name = Path(path).stem + (f"-{arg}" if arg else "")
-    return str(Path("runs") / name)
+    return str(Path("runs") / run_name(spec))
 
 
 @cli.main_wrapper

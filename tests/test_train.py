@@ -221,10 +221,11 @@ def test_different_config_in_same_workdir_is_refused(tmp_path):
         train_lib.train(tiny_config(max_iters=10, learning_rate=5e-3), tmp_path, text=text, progress=False)
 
 
-def test_steps_per_call_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("k", [5, 3])  # 3 does not divide log_interval=5: calls split into single steps
+def test_steps_per_call_gives_the_same_losses(tmp_path, k):
     text = small_text()
     one = train_lib.train(tiny_config(max_iters=20), tmp_path / "one", text=text, progress=False)
-    five = train_lib.train(tiny_config(max_iters=20, steps_per_call=5), tmp_path / "five", text=text, progress=False)
+    five = train_lib.train(tiny_config(max_iters=20, steps_per_call=k), tmp_path / "five", text=text, progress=False)
     np.testing.assert_allclose(five["final_val_loss"], one["final_val_loss"], rtol=1e-5)
     np.testing.assert_allclose(
         [v for _, v in losses_of(tmp_path / "five")[0]], [v for _, v in losses_of(tmp_path / "one")[0]], rtol=1e-5
