@@ -139,6 +139,23 @@ class GPT(nn.Module):
         return self
 
 
+@torch.no_grad()
+def full_split_loss(model: GPT, data, block_size: int, chunk: int = 256) -> float:
+    """Mean loss over a whole split (N,) in non-overlapping windows of block_size.
+
+    The PyTorch twin of :meth:`attention_jax.train.Trainer.full_split_loss`.
+    """
+    data = np.asarray(data, np.int64)
+    n = (len(data) - 1) // block_size
+    x = torch.from_numpy(data[: n * block_size].reshape(n, block_size))  # (N, T)
+    y = torch.from_numpy(data[1 : n * block_size + 1].reshape(n, block_size))
+    total = 0.0
+    for i in range(0, n, chunk):
+        logits = model(x[i : i + chunk])
+        total += F.cross_entropy(logits.flatten(0, 1), y[i : i + chunk].flatten(), reduction="sum").item()
+    return total / (n * block_size)
+
+
 def learning_rate(config, step: int) -> float:
     """nanoGPT's schedule, as :func:`attention_jax.train.learning_rate_schedule`."""
     lr, min_lr, warmup, decay = config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters

@@ -3,7 +3,8 @@
 - several optimizer steps per compiled call (a ``lax.scan``) give the losses of one step per call;
 - ``attention_impl="xla"`` (jax.nn.dot_product_attention) equals the hand-written dense path in a Block;
 - the eager PyTorch reference of :mod:`attention_jax.torch_reference`, given the JAX weights, gives the
-  same logits and loss, and the same losses over optimizer steps on the same batches (skipped without torch);
+  same logits and loss, the same whole-split loss, and the same losses over optimizer steps on the same
+  batches (skipped without torch);
 - the benchmark's side-by-side result and its hardware-peak estimate.
 """
 
@@ -122,6 +123,20 @@ def test_torch_reference_trains_like_jax_on_the_same_batches(trainer):
         x, y = trainer._batch(data_key, trainer.train_data)
         t_losses.append(ref.step(torch.from_numpy(np.asarray(x, np.int64)), torch.from_numpy(np.asarray(y, np.int64))))
     np.testing.assert_allclose(t_losses, losses, rtol=2e-4)
+
+
+def test_torch_reference_whole_split_loss_matches_jax(trainer):
+    """benchmarks/recipe_quality.py compares the two sides with these two functions: same weights, same number."""
+    pytest.importorskip("torch")
+    from attention_jax import torch_reference
+
+    params = jax_params(trainer)
+    stacked = jax.tree_util.tree_map(lambda a: a[None], params)  # (K=1, ...)
+    jax_loss = float(trainer.full_split_loss(stacked, trainer.val_data)[0])
+    model = torch_reference.GPT.from_config(trainer.mcfg).load_flax_params(params)
+    # A chunk that does not divide the window count exercises the ragged last chunk.
+    t_loss = torch_reference.full_split_loss(model, np.asarray(trainer.val_data), trainer.mcfg.block_size, chunk=7)
+    np.testing.assert_allclose(t_loss, jax_loss, rtol=1e-5)
 
 
 def test_torch_reference_refuses_what_it_does_not_implement():

@@ -1,0 +1,130 @@
+"""Final val loss of a training recipe over several seeds: JAX next to an independent PyTorch implementation.
+
+    python benchmarks/recipe_quality.py --config configs/shakespeare_char.py:cpu --seeds 8 --seed 2000
+    python benchmarks/recipe_quality.py --seeds 3 --side jax           # JAX only (no torch needed)
+
+A single run's val loss moves by about 0.005 from seed to seed, and the
+``eval_iters`` random-crop estimate adds about as much again, so one number
+cannot say whether a recipe reaches a target such as nanoGPT's 1.88. This
+script trains K seeds and reports each seed's loss over the *whole*
+validation split (every token predicted once, in windows of block_size, as
+:meth:`attention_jax.train.Trainer.full_split_loss`), their mean, standard
+deviation and standard error, and how many seeds are at or below --target.
+
+Side "jax": one :class:`attention_jax.train.Trainer` with num_seeds=K (the real
+train step, vmapped over seeds seed..seed+K-1). Side "torch": K runs of
+:class:`attention_jax.torch_reference.TorchTrainer` (eager PyTorch, written
+apart from the JAX code; torch's own RNG for init and batches). With both
+sides, Welch's t of the difference of means is printed too: |t| below about 2
+means the two implementations are not distinguishable at this K. The last
+line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from attention_jax import cli
+from attention_jax.config_utils import apply_overrides, load_config, parse_override_args
+from attention_jax.train import Trainer
+
+
+def _summary(losses: list[float], target: float) -> dict:
+    sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
+    return {
+        "full_val_loss": [round(x, 4) for x in losses],
+        "mean": round(statistics.fmean(losses), 4),
+        "sd": round(sd, 4),
+        "se": round(sd / math.sqrt(len(losses)), 4),
+        "at_or_below_target": sum(x <= target for x in losses),
+    }
+
+
+def run_jax(config, text: str, seeds: int, seed: int) -> tuple[list[float], float]:
+    c = apply_overrides(config.copy_and_resolve_references(), {"num_seeds": seeds, "seed": seed})
+    trainer = Trainer.from_config(c, text=text)
+    t0 = time.perf_counter()
+    state = trainer.init_state()
+    per_call = c.steps_per_call if c.max_iters % c.steps_per_call == 0 else 1
+    step = trainer.compile_train(per_call)
+    for _ in range(c.max_iters // per_call):
+        state, _ = step(state)
+    losses = jax.device_get(trainer.full_split_loss(state.params, trainer.val_data))
+    return [float(x) for x in losses], time.perf_counter() - t0
+
+
+def run_torch(config, text: str, seeds: int, seed: int) -> tuple[list[float], float]:
+    from attention_jax import data as data_lib
+    from attention_jax import torch_reference
+    from attention_jax.train import model_config
+
+    tokenizer, train, val = data_lib.prepare(text, config.data.train_fraction)
+    mcfg = model_config(config, tokenizer.vocab_size)
+    losses, t0 = [], time.perf_counter()
+    for i in range(seeds):
+        ref = torch_reference.TorchTrainer(config, mcfg, np.asarray(train), seed=seed + i)
+        for _ in range(config.max_iters):
+            ref.step()
+        losses.append(torch_reference.full_split_loss(ref.model, val, mcfg.block_size))
+        print(f"torch seed {seed + i}: whole val split {losses[-1]:.4f}", flush=True)
+    return losses, time.perf_counter() - t0
+
+
+@cli.main_wrapper
+def main(argv=None):
+    parser = cli.ArgumentParser(prog="benchmarks/recipe_quality.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/shakespeare_char.py:cpu")
+    parser.add_argument("--seeds", type=int, default=8, help="K")
+    parser.add_argument("--seed", type=int, default=2000, help="first seed")
+    parser.add_argument("--side", choices=("both", "jax", "torch"), default="both")
+    parser.add_argument("--target", type=float, default=1.88)
+    parser.add_argument("--json", help="also write the result here")
+    args, rest = parser.parse_known_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2 (a standard deviation needs two runs)")
+    config = load_config(args.config)
+    apply_overrides(config, parse_override_args(rest))
+    from attention_jax import data as data_lib
+
+    text = data_lib.load_text(config.data.dataset)
+    result = {"config": args.config, "steps": config.max_iters, "seeds": list(range(args.seed, args.seed + args.seeds))}
+    result["target"] = args.target
+    if args.side in ("both", "jax"):
+        losses, seconds = run_jax(config, text, args.seeds, args.seed)
+        result["jax"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
+    if args.side in ("both", "torch"):
+        import torch
+
+        result["torch_version"] = torch.__version__
+        losses, seconds = run_torch(config, text, args.seeds, args.seed)
+        result["torch"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
+    print(f"{'side':<6} {'mean':>7} {'sd':>7} {'se':>7} {'<= ' + str(args.target):>8}  per seed (whole val split)")
+    for side in ("jax", "torch"):
+        if side in result:
+            r = result[side]
+            per_seed = " ".join(f"{x:.4f}" for x in r["full_val_loss"])
+            below = f"{r['at_or_below_target']}/{args.seeds}"
+            print(f"{side:<6} {r['mean']:>7.4f} {r['sd']:>7.4f} {r['se']:>7.4f} {below:>8}  {per_seed}")
+    if "jax" in result and "torch" in result:
+        a, b = result["jax"]["full_val_loss"], result["torch"]["full_val_loss"]
+        diff = statistics.fmean(a) - statistics.fmean(b)
+        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        result["jax_minus_torch"] = round(diff, 4)
+        result["welch_t"] = round(diff / se, 2) if se > 0 else None
+        print(f"jax - torch = {diff:+.4f} (Welch t = {result['welch_t']})")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
