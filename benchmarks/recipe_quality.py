@@ -17,7 +17,8 @@ train step, vmapped over seeds seed..seed+K-1). Side "torch": K runs of
 apart from the JAX code; torch's own RNG for init and batches). With both
 sides, Welch's t of the difference of means is printed too: |t| below about 2
 means the two implementations are not distinguishable at this K. The last
-line is one JSON object with every figure.
+line is one JSON object with every figure; --plot draws the losses, and
+--from_json re-prints (and re-plots) a saved result without training.
 """
 
 from __future__ import annotations
@@ -77,6 +78,55 @@ def run_torch(config, text: str, seeds: int, seed: int) -> tuple[list[float], fl
     return losses, time.perf_counter() - t0
 
 
+def compare(result: dict) -> None:
+    """Add the JAX - torch difference of means and Welch's t to ``result`` (when it has both sides)."""
+    if "jax" in result and "torch" in result:
+        a, b = result["jax"]["full_val_loss"], result["torch"]["full_val_loss"]
+        diff = statistics.fmean(a) - statistics.fmean(b)
+        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        result["jax_minus_torch"] = round(diff, 4)
+        result["welch_t"] = round(diff / se, 2) if se > 0 else None
+
+
+def print_table(result: dict) -> None:
+    target = result["target"]
+    print(f"{'side':<6} {'mean':>7} {'sd':>7} {'se':>7} {'<= ' + str(target):>8}  per seed (whole val split)")
+    for side in ("jax", "torch"):
+        if side in result:
+            r = result[side]
+            per_seed = " ".join(f"{x:.4f}" for x in r["full_val_loss"])
+            below = f"{r['at_or_below_target']}/{len(r['full_val_loss'])}"
+            print(f"{side:<6} {r['mean']:>7.4f} {r['sd']:>7.4f} {r['se']:>7.4f} {below:>8}  {per_seed}")
+    if "welch_t" in result:
+        print(f"jax - torch = {result['jax_minus_torch']:+.4f} (Welch t = {result['welch_t']})")
+
+
+def plot(result: dict, path: str) -> None:
+    """One dot per seed and side, the mean with a +-2 se bar, and the target as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = [s for s in ("jax", "torch") if s in result]
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    for i, side in enumerate(sides):
+        r = result[side]
+        losses = r["full_val_loss"]
+        jitter = np.linspace(-0.12, 0.12, len(losses))
+        ax.scatter(i + jitter, losses, s=18, color=f"C{i}", alpha=0.8, label=f"{side}: {len(losses)} seeds")
+        ax.errorbar(i + 0.3, r["mean"], yerr=2 * r["se"], fmt="o", color="black", capsize=3)
+    ax.axhline(result["target"], ls="--", color="grey", lw=1, label=f"target {result['target']}")
+    ax.set_xticks(range(len(sides)), sides)
+    ax.set_xlim(-0.5, len(sides) - 0.3)
+    ax.set_ylabel("final val loss (whole split)")
+    ax.set_title(f"{result['config']}, {result['steps']} steps; black: mean ± 2 se", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 @cli.main_wrapper
 def main(argv=None):
     parser = cli.ArgumentParser(prog="benchmarks/recipe_quality.py", description=__doc__.split("\n")[0])
@@ -86,9 +136,27 @@ def main(argv=None):
     parser.add_argument("--side", choices=("both", "jax", "torch"), default="both")
     parser.add_argument("--target", type=float, default=1.88)
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--plot", help="also draw the per-seed losses into this image (.png)")
+    parser.add_argument("--from_json", help="train nothing: print (and --plot) a result written by --json")
     args, rest = parser.parse_known_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        result = measure(args, rest)
+    print_table(result)
+    if args.plot:
+        plot(result, args.plot)
+    print(json.dumps(result))
+    if args.json and not args.from_json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def measure(args, rest: list[str]) -> dict:
     if args.seeds < 2:
-        parser.error("--seeds must be at least 2 (a standard deviation needs two runs)")
+        raise ValueError("--seeds must be at least 2 (a standard deviation needs two runs)")
     config = load_config(args.config)
     apply_overrides(config, parse_override_args(rest))
     from attention_jax import data as data_lib
@@ -105,25 +173,8 @@ def main(argv=None):
         result["torch_version"] = torch.__version__
         losses, seconds = run_torch(config, text, args.seeds, args.seed)
         result["torch"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
-    print(f"{'side':<6} {'mean':>7} {'sd':>7} {'se':>7} {'<= ' + str(args.target):>8}  per seed (whole val split)")
-    for side in ("jax", "torch"):
-        if side in result:
-            r = result[side]
-            per_seed = " ".join(f"{x:.4f}" for x in r["full_val_loss"])
-            below = f"{r['at_or_below_target']}/{args.seeds}"
-            print(f"{side:<6} {r['mean']:>7.4f} {r['sd']:>7.4f} {r['se']:>7.4f} {below:>8}  {per_seed}")
-    if "jax" in result and "torch" in result:
-        a, b = result["jax"]["full_val_loss"], result["torch"]["full_val_loss"]
-        diff = statistics.fmean(a) - statistics.fmean(b)
-        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-        result["jax_minus_torch"] = round(diff, 4)
-        result["welch_t"] = round(diff / se, 2) if se > 0 else None
-        print(f"jax - torch = {diff:+.4f} (Welch t = {result['welch_t']})")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    compare(result)
+    return result
 
 
 if __name__ == "__main__":
