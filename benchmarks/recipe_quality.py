@@ -113,7 +113,7 @@ def plot(result: dict, path: str) -> None:
     for i, side in enumerate(sides):
         r = result[side]
         losses = r["full_val_loss"]
-        jitter = np.linspace(-0.12, 0.12, len(losses))
+        jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(losses))  # spread the dots, fixed per side
         ax.scatter(i + jitter, losses, s=18, color=f"C{i}", alpha=0.8, label=f"{side}: {len(losses)} seeds")
         ax.errorbar(i + 0.3, r["mean"], yerr=2 * r["se"], fmt="o", color="black", capsize=3)
     ax.axhline(result["target"], ls="--", color="grey", lw=1, label=f"target {result['target']}")
