@@ -65,8 +65,9 @@ def check_causality(report):
     from attention_jax import ModelConfig, TransformerLM
 
     for impl in ("dense", "cudnn"):
-        cfg = ModelConfig(vocab_size=65, block_size=64, n_embd=128, n_head=4, n_layer=2, dtype="bfloat16",
-                          attention_impl=impl)
+        cfg = ModelConfig(
+            vocab_size=65, block_size=64, n_embd=128, n_head=4, n_layer=2, dtype="bfloat16", attention_impl=impl
+        )
         model = TransformerLM(cfg)
         tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 65)
         try:

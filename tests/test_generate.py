@@ -40,10 +40,7 @@ def reference_step_logits(model, params, seq):
     seq (B, T0 + N) -> (N, B, V): entry n is what the model predicts for seq[:, T0 + n].
     """
     return np.stack(
-        [
-            np.asarray(_last_logits(model, params, seq[:, max(0, t - BLOCK) : t]))
-            for t in range(T0, seq.shape[1])
-        ]
+        [np.asarray(_last_logits(model, params, seq[:, max(0, t - BLOCK) : t])) for t in range(T0, seq.shape[1])]
     )
 
 
@@ -96,8 +93,7 @@ def test_top_k_samples_only_among_the_k_most_likely(lm, prompt):
         assert np.all((topk == sampled[..., None]).any(-1)), (topk, sampled)
     # and it is not just greedy: some sample is not the argmax
     assert any(
-        np.any(seq[:, T0:].T != reference_step_logits(model, params, jnp.asarray(seq)).argmax(-1))
-        for seq in outs
+        np.any(seq[:, T0:].T != reference_step_logits(model, params, jnp.asarray(seq)).argmax(-1)) for seq in outs
     )
 
 

@@ -122,8 +122,7 @@ def test_head_matches_pytorch_head():
     with torch.no_grad():
         expected = th(x).numpy()
     params = {
-        name: {"kernel": jnp.asarray(getattr(th, name).weight.detach().numpy().T)}
-        for name in ("key", "query", "value")
+        name: {"kernel": jnp.asarray(getattr(th, name).weight.detach().numpy().T)} for name in ("key", "query", "value")
     }
     out = Head(head_size, scale="none").apply({"params": params}, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
@@ -225,9 +224,7 @@ def test_block_is_identity_when_residual_branches_are_zero(fake_init):
     x = x_input()
     p = dict(fake_init(Block(cfg), x, std=0.3))
     zero = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
-    p["attn"] = dict(
-        p["attn"], proj_kernel=zero(p["attn"]["proj_kernel"]), proj_bias=zero(p["attn"]["proj_bias"])
-    )
+    p["attn"] = dict(p["attn"], proj_kernel=zero(p["attn"]["proj_kernel"]), proj_bias=zero(p["attn"]["proj_bias"]))
     p["mlp"] = dict(p["mlp"], proj=zero(p["mlp"]["proj"]))
     np.testing.assert_array_equal(np.asarray(Block(cfg).apply({"params": p}, x)), np.asarray(x))
 
@@ -280,6 +277,4 @@ def test_head_output_is_dot_product_attention_of_its_projections(fake_init):
     p = fake_init(head, x, std=0.3)
     q, k, v = (x @ p[n]["kernel"] for n in ("query", "key", "value"))
     ref = A.dot_product_attention(q, k, v, scale=1 / 8, mask=A.causal_mask(T))
-    np.testing.assert_allclose(
-        np.asarray(head.apply({"params": p}, x)), np.asarray(ref), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(np.asarray(head.apply({"params": p}, x)), np.asarray(ref), rtol=1e-5, atol=1e-6)
