@@ -3,9 +3,10 @@
     python benchmarks/recipe_quality.py --config configs/shakespeare_char.py:cpu --seeds 8 --seed 2000
     python benchmarks/recipe_quality.py --seeds 3 --side jax           # JAX only (no torch needed)
 
-A single run's val loss moves by about 0.005 from seed to seed, and the
-``eval_iters`` random-crop estimate adds about as much again, so one number
-cannot say whether a recipe reaches a target such as nanoGPT's 1.88. This
+A single run's val loss moves by about 0.008 (sd) from seed to seed on the cpu
+recipe, and the ``eval_iters`` random-crop estimate adds sampling noise on
+top, so one number cannot say whether a recipe reaches a target such as
+nanoGPT's 1.88. This
 script trains K seeds and reports each seed's loss over the *whole*
 validation split (every token predicted once, in windows of block_size, as
 :meth:`attention_jax.train.Trainer.full_split_loss`), their mean, standard
@@ -17,8 +18,10 @@ train step, vmapped over seeds seed..seed+K-1). Side "torch": K runs of
 apart from the JAX code; torch's own RNG for init and batches). With both
 sides, Welch's t of the difference of means is printed too: |t| below about 2
 means the two implementations are not distinguishable at this K. The last
-line is one JSON object with every figure; --plot draws the losses, and
---from_json re-prints (and re-plots) a saved result without training.
+line is one JSON object with every figure (losses to 6 decimals); --json
+writes it before --plot draws it. --from_json trains nothing: it reads one or
+more saved results of the same recipe, merges their seeds, and prints (and
+--json / --plot) the merged result.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from attention_jax.train import Trainer
 
 
 def _summary(losses: list[float], target: float) -> dict:
+    losses = [round(float(x), 6) for x in losses]  # the stored values; counts and stats use exactly these
     sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
     return {
-        "full_val_loss": [round(x, 4) for x in losses],
+        "full_val_loss": losses,
         "mean": round(statistics.fmean(losses), 4),
         "sd": round(sd, 4),
         "se": round(sd / math.sqrt(len(losses)), 4),
@@ -127,6 +131,27 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from several runs of the same recipe and target: seeds and per-seed losses concatenated."""
+    first = results[0]
+    for r in results[1:]:
+        for key in ("config", "steps", "target"):
+            if r.get(key) != first.get(key):
+                raise ValueError(f"cannot merge results with different {key}: {first.get(key)!r} and {r.get(key)!r}")
+    seeds = [s for r in results for s in r["seeds"]]
+    shared = sorted(s for s in set(seeds) if seeds.count(s) > 1)
+    if shared:
+        raise ValueError(f"cannot merge results that share seeds: {shared}")
+    merged = {key: first[key] for key in ("config", "steps", "target")} | {"seeds": seeds}
+    for side in ("jax", "torch"):
+        if all(side in r for r in results):
+            merged[side] = _summary([x for r in results for x in r[side]["full_val_loss"]], first["target"])
+    if len(results) > 1:
+        merged["merged_from"] = [r.get("source", r["seeds"]) for r in results]
+    compare(merged)
+    return merged
+
+
 @cli.main_wrapper
 def main(argv=None):
     parser = cli.ArgumentParser(prog="benchmarks/recipe_quality.py", description=__doc__.split("\n")[0])
@@ -137,39 +162,53 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=1.88)
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--plot", help="also draw the per-seed losses into this image (.png)")
-    parser.add_argument("--from_json", help="train nothing: print (and --plot) a result written by --json")
+    parser.add_argument("--from_json", nargs="+", help="train nothing: merge and print results written by --json")
     args, rest = parser.parse_known_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            result = json.load(f)
+        if rest:
+            raise ValueError(f"--from_json trains nothing; drop {' '.join(rest)}")
+        results = []
+        for path in args.from_json:
+            with open(path) as f:
+                results.append(json.load(f))
+        result = merge(results) if len(results) > 1 else results[0]
     else:
         result = measure(args, rest)
     print_table(result)
-    if args.plot:
-        plot(result, args.plot)
     print(json.dumps(result))
-    if args.json and not args.from_json:
+    if args.json:  # before plotting: a failing plot must not lose a long run's result
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.plot:
+        plot(result, args.plot)
     return 0
 
 
 def measure(args, rest: list[str]) -> dict:
     if args.seeds < 2:
         raise ValueError("--seeds must be at least 2 (a standard deviation needs two runs)")
+    overrides = parse_override_args(rest)
+    clash = sorted(k for k in overrides if k in ("seed", "num_seeds"))
+    if clash:
+        raise ValueError(f"set seeds with --seed and --seeds, not --config.{clash[0]}")
     config = load_config(args.config)
-    apply_overrides(config, parse_override_args(rest))
+    apply_overrides(config, overrides)
     from attention_jax import data as data_lib
 
     text = data_lib.load_text(config.data.dataset)
+    if args.side in ("both", "torch"):  # fail now, not after the JAX side has trained
+        import torch
+
+        from attention_jax import torch_reference
+        from attention_jax.train import model_config
+
+        torch_reference.GPT.from_config(model_config(config, data_lib.CharTokenizer.from_text(text).vocab_size))
     result = {"config": args.config, "steps": config.max_iters, "seeds": list(range(args.seed, args.seed + args.seeds))}
     result["target"] = args.target
     if args.side in ("both", "jax"):
         losses, seconds = run_jax(config, text, args.seeds, args.seed)
         result["jax"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
     if args.side in ("both", "torch"):
-        import torch
-
         result["torch_version"] = torch.__version__
         losses, seconds = run_torch(config, text, args.seeds, args.seed)
         result["torch"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
