@@ -52,9 +52,9 @@ def _summary(losses: list[float], target: float) -> dict:
     }
 
 
-def run_jax(config, text: str, seeds: int, seed: int) -> tuple[list[float], float]:
-    c = apply_overrides(config.copy_and_resolve_references(), {"num_seeds": seeds, "seed": seed})
-    trainer = Trainer.from_config(c, text=text)
+def run_jax(trainer: Trainer) -> tuple[list[float], float]:
+    """Train ``trainer``'s seeds (vmapped) for max_iters steps -> whole-split val loss per seed, seconds."""
+    c = trainer.config
     t0 = time.perf_counter()
     state = trainer.init_state()
     per_call = c.steps_per_call if c.max_iters % c.steps_per_call == 0 else 1
@@ -65,20 +65,18 @@ def run_jax(config, text: str, seeds: int, seed: int) -> tuple[list[float], floa
     return [float(x) for x in losses], time.perf_counter() - t0
 
 
-def run_torch(config, text: str, seeds: int, seed: int) -> tuple[list[float], float]:
-    from attention_jax import data as data_lib
+def run_torch(trainer: Trainer) -> tuple[list[float], float]:
+    """The same seeds, model, data and optimizer in eager PyTorch, one seed after another."""
     from attention_jax import torch_reference
-    from attention_jax.train import model_config
 
-    tokenizer, train, val = data_lib.prepare(text, config.data.train_fraction)
-    mcfg = model_config(config, tokenizer.vocab_size)
+    train, val = jax.device_get(trainer.train_data), jax.device_get(trainer.val_data)
     losses, t0 = [], time.perf_counter()
-    for i in range(seeds):
-        ref = torch_reference.TorchTrainer(config, mcfg, np.asarray(train), seed=seed + i)
-        for _ in range(config.max_iters):
+    for seed in trainer.seeds:
+        ref = torch_reference.TorchTrainer(trainer.config, trainer.mcfg, train, seed=seed)
+        for _ in range(trainer.config.max_iters):
             ref.step()
-        losses.append(torch_reference.full_split_loss(ref.model, val, mcfg.block_size))
-        print(f"torch seed {seed + i}: whole val split {losses[-1]:.4f}", flush=True)
+        losses.append(torch_reference.full_split_loss(ref.model, val, trainer.mcfg.block_size))
+        print(f"torch seed {seed}: whole val split {losses[-1]:.4f}", flush=True)
     return losses, time.perf_counter() - t0
 
 
@@ -192,25 +190,21 @@ def measure(args, rest: list[str]) -> dict:
     if clash:
         raise ValueError(f"set seeds with --seed and --seeds, not --config.{clash[0]}")
     config = load_config(args.config)
-    apply_overrides(config, overrides)
-    from attention_jax import data as data_lib
-
-    text = data_lib.load_text(config.data.dataset)
+    apply_overrides(config, {**overrides, "num_seeds": args.seeds, "seed": args.seed})
+    trainer = Trainer.from_config(config)  # validates the config, reads and splits the data once for both sides
     if args.side in ("both", "torch"):  # fail now, not after the JAX side has trained
         import torch
 
         from attention_jax import torch_reference
-        from attention_jax.train import model_config
 
-        torch_reference.GPT.from_config(model_config(config, data_lib.CharTokenizer.from_text(text).vocab_size))
-    result = {"config": args.config, "steps": config.max_iters, "seeds": list(range(args.seed, args.seed + args.seeds))}
-    result["target"] = args.target
+        torch_reference.GPT.from_config(trainer.mcfg)
+    result = {"config": args.config, "steps": config.max_iters, "seeds": trainer.seeds, "target": args.target}
     if args.side in ("both", "jax"):
-        losses, seconds = run_jax(config, text, args.seeds, args.seed)
+        losses, seconds = run_jax(trainer)
         result["jax"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
     if args.side in ("both", "torch"):
         result["torch_version"] = torch.__version__
-        losses, seconds = run_torch(config, text, args.seeds, args.seed)
+        losses, seconds = run_torch(trainer)
         result["torch"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
     compare(result)
     return result
