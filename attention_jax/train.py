@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,23 +77,10 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
             scale = float(scale)
         except ValueError:
             pass
+    # config.model holds every ModelConfig field by the same name (defaults.base_config), plus "type".
+    kwargs = {f.name: m[f.name] for f in fields(ModelConfig) if f.name != "vocab_size"}
     try:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            block_size=m.block_size,
-            n_embd=m.n_embd,
-            n_head=m.n_head,
-            n_layer=m.n_layer,
-            head_size=m.head_size,
-            attn_scale=scale,
-            pos_encoding=m.pos_encoding,
-            qk_norm=m.qk_norm,
-            dropout=m.dropout,
-            dtype=m.dtype,
-            attention_impl=m.attention_impl,
-            bias=m.bias,
-            tie_embeddings=m.tie_embeddings,
-        )
+        return ModelConfig(vocab_size=vocab_size, **{**kwargs, "attn_scale": scale})
     except ValueError as e:
         raise ConfigError(str(e).replace("ModelConfig.", "model.")) from None
 
