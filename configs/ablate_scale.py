@@ -90,7 +90,7 @@ def get_config(arg=None):
         c.eval_iters = 8  # the same fixed eval batches for every point (they depend on the seed only)
         c.log_interval = 25
         c.checkpoint_every = 125
-        c.steps_per_call = 1  # >1 compiles a second (single-step) program: ~15 s per point on this CPU
+        c.steps_per_call = 1  # as the recorded cpu sweep ran (docs/ablations.md); 5 or 25 would split no call
     elif arg == "smoke":
         smoke(c)
         c.model.n_embd = 32
