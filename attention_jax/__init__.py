@@ -7,12 +7,18 @@ Shape legend, used in every docstring and shape comment of the package:
     H  heads                 D  head size
     V  vocabulary size
 
-Math lives in pure functions (:mod:`attention_jax.attention`); Flax modules
+The core depends on jax, flax and numpy only. Math lives in pure functions
+(:mod:`attention_jax.attention`, :mod:`attention_jax.positions`,
+:mod:`attention_jax.blockwise`, :mod:`attention_jax.stats`); Flax modules
 (:mod:`attention_jax.layers`, :mod:`attention_jax.model`) are thin shells that
-create parameters and call them.
+create parameters and call them. The experiment toolkit,
+:mod:`attention_jax.lab`, is an install extra (``attention_jax[experiments]``)
+and is never imported from here.
 """
 
 from attention_jax.attention import (
+    ATTENTION_IMPLS,
+    attend,
     attention_logits,
     attention_weights,
     average_past_loop,
@@ -23,22 +29,27 @@ from attention_jax.attention import (
     masked_softmax,
     resolve_scale,
 )
+from attention_jax.blockwise import blockwise_causal_attention
 from attention_jax.data import CharTokenizer, get_batch, load_text, split
 from attention_jax.generate import generate
-from attention_jax.layers import (
-    AddPositions,
+from attention_jax.layers import AddPositions, FeedForward, Head, MultiHeadAttention
+from attention_jax.model import (
+    BigramLM,
     Block,
-    FeedForward,
-    Head,
-    MultiHeadAttention,
-    apply_rope,
-    sinusoidal_encoding,
+    ModelConfig,
+    TransformerLM,
+    count_params,
+    cross_entropy,
+    flops_per_token,
+    init_params,
 )
-from attention_jax.model import BigramLM, ModelConfig, TransformerLM, count_params, init_params
+from attention_jax.positions import POS_ENCODINGS, apply_rope, sinusoidal_encoding
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "ATTENTION_IMPLS",
+    "POS_ENCODINGS",
     "AddPositions",
     "BigramLM",
     "Block",
@@ -49,14 +60,18 @@ __all__ = [
     "MultiHeadAttention",
     "TransformerLM",
     "apply_rope",
+    "attend",
     "attention_logits",
     "attention_weights",
     "average_past_loop",
     "average_past_matmul",
     "average_past_softmax",
+    "blockwise_causal_attention",
     "causal_mask",
     "count_params",
+    "cross_entropy",
     "dot_product_attention",
+    "flops_per_token",
     "generate",
     "get_batch",
     "init_params",

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from attention_jax.blockwise import blockwise_causal_attention
+
 Array = jax.Array
 
 # Named scaling rules. A number is accepted too (see ``resolve_scale``).
@@ -93,10 +95,86 @@ def attention_weights(q: Array, k: Array, *, scale: float, mask: Array | None = 
     return masked_softmax(attention_logits(q, k, scale=scale), mask)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, *, scale: float, mask: Array | None = None) -> Array:
-    """Weighted average of values: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv)."""
-    w = attention_weights(q, k, scale=scale, mask=mask).astype(v.dtype)
-    return jnp.einsum("...ts,...sd->...td", w, v)
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float,
+    mask: Array | None = None,
+    weights_hook: Callable[[Array], Array] | None = None,
+) -> Array:
+    """Weighted average of values: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
+
+    The dense path: the (..., T, S) weights are materialized, and
+    ``weights_hook`` (if given) sees them before they average the values: the
+    Flax modules record them there and apply attention-weight dropout.
+    """
+    w = attention_weights(q, k, scale=scale, mask=mask)  # (..., T, S) float32
+    if weights_hook is not None:
+        w = weights_hook(w)
+    return jnp.einsum("...ts,...sd->...td", w.astype(v.dtype), v)
+
+
+# ---------------------------------------------------------------------------
+# One dispatcher over the attention backends
+# ---------------------------------------------------------------------------
+
+# "dense": the functions above; the only backend that materializes the weights, so the
+#          only one that records them and applies dropout to them.
+# "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cudnn: GPU only).
+# "blockwise": flash-style tiles in pure JAX (attention_jax.blockwise), causal only, O(T) memory.
+ATTENTION_IMPLS = ("dense", "xla", "cudnn", "blockwise")
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float,
+    mask: Array | None = None,
+    causal: bool = False,
+    impl: str = "dense",
+    weights_hook: Callable[[Array], Array] | None = None,
+) -> Array:
+    """Attention by one of ``ATTENTION_IMPLS``: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
+
+    ``mask`` (broadcastable to (..., T, S), True = attend) and ``causal`` (the
+    lower-triangular mask) combine. ``weights_hook`` runs on the dense path only.
+    """
+    if impl == "dense":
+        if causal:
+            mask = _and(mask, causal_mask(q.shape[-2], k.shape[-2]))
+        return dot_product_attention(q, k, v, scale=scale, mask=mask, weights_hook=weights_hook)
+    if impl in ("xla", "cudnn"):
+        if causal and q.shape[-2] != k.shape[-2]:  # jax.nn's is_causal aligns the first, not the last, query
+            mask, causal = _and(mask, causal_mask(q.shape[-2], k.shape[-2])), False
+        return _jax_nn_attention(q, k, v, scale=scale, mask=mask, causal=causal, implementation=impl)
+    if impl == "blockwise":
+        if not causal or mask is not None or q.shape[-2] != k.shape[-2]:
+            raise ValueError("impl='blockwise' supports causal self-attention without a mask only")
+        return blockwise_causal_attention(q, k, v, scale=scale)
+    raise ValueError(f"unknown attention impl {impl!r}: valid choices are {ATTENTION_IMPLS}")
+
+
+def _and(mask: Array | None, other: Array) -> Array:
+    return other if mask is None else jnp.logical_and(mask, other)
+
+
+def _jax_nn_attention(q, k, v, *, scale, mask, causal, implementation):
+    """jax.nn.dot_product_attention on (..., T, D) arrays: leading axes become its batch, one head each."""
+    *lead, T, D = q.shape
+    S, Dv = k.shape[-2], v.shape[-1]
+    n = math.prod(lead)
+    as_bthd = lambda a, t, d: a.reshape(n, t, 1, d)  # noqa: E731  (..., t, d) -> (N, t, 1, d)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (*lead, T, S)).reshape(n, 1, T, S)
+    out = jax.nn.dot_product_attention(
+        as_bthd(q, T, D), as_bthd(k, S, D), as_bthd(v, S, Dv),
+        scale=scale, mask=mask, is_causal=causal, implementation=implementation,
+    )  # fmt: skip
+    return out.reshape(*lead, T, Dv)
 
 
 # ---------------------------------------------------------------------------

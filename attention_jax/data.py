@@ -62,7 +62,11 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids.tolist())
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps({"chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+        """Write ``{"chars": [...]}`` as JSON, atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":

@@ -20,8 +20,7 @@ Array = jax.Array
 
 
 def _block_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "block_size", None)
+    return getattr(getattr(model, "model_config", None), "block_size", None)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
@@ -83,7 +82,7 @@ def generate(
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if max_new_tokens == 0:
         return tokens
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(model, "vocab_size", None)
+    vocab = getattr(getattr(model, "model_config", None), "vocab_size", None) or getattr(model, "vocab_size", None)
     if top_k is not None and vocab is not None:
         top_k = min(int(top_k), vocab)
     return _generate(

@@ -98,6 +98,9 @@ def weight_stats(weights: Array, mask: Array | None = None) -> dict[str, float]:
 # Unit-Gaussian q and k: the lecture's setting
 # ---------------------------------------------------------------------------
 
+# The statistics of ``gaussian_qk_stats`` and ``model_qk_stats``, in report order.
+STAT_KEYS = ("logit_var", "entropy", "max_weight", "saturated", "grad_q", "grad_k")
+
 
 def normalize(x: Array, eps: float = 1e-5) -> Array:
     """LayerNorm without learned parameters over the last axis (QK-norm at init)."""
@@ -172,11 +175,10 @@ def layer_entropies(model, params: Any, tokens: Array) -> list[float]:
 @functools.partial(jax.jit, static_argnums=0)
 def _weights_and_grads(model, params, tokens, targets):
     """Sown weights of every layer and the next-token loss's gradient, in one compiled call."""
-    import optax
+    from attention_jax.model import cross_entropy
 
     def loss(p):
-        logits = model.apply({"params": p}, tokens)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return cross_entropy(model.apply({"params": p}, tokens), targets)
 
     return sown_attention_weights(model, params, tokens), jax.grad(loss)(params)
 
@@ -207,109 +209,3 @@ def model_qk_stats(model, params: Any, tokens: Array, targets: Array) -> dict[st
     out = {key: float(np.mean([r[key] for r in per_layer])) for key in per_layer[0]}
     out.update(grad_q=float(np.mean(gq)), grad_k=float(np.mean(gk)))
     return out
-
-
-# ---------------------------------------------------------------------------
-# The grid of experiments.attention_stats: arms x head sizes, two settings
-# ---------------------------------------------------------------------------
-
-STAT_KEYS = ("logit_var", "entropy", "max_weight", "saturated", "grad_q", "grad_k")
-
-
-def parse_arm(label: str) -> tuple[str, bool]:
-    """``"sqrt+qknorm"`` -> ("sqrt", True); ``"none"`` -> ("none", False)."""
-    scale, _, extra = label.partition("+")
-    if extra not in ("", "qknorm"):
-        raise ValueError(f"arm {label!r}: expected SCALE or SCALE+qknorm, e.g. 'sqrt+qknorm'")
-    attention.resolve_scale(scale, 1)  # raises with the valid choices
-    return scale, extra == "qknorm"
-
-
-def arm_label(scale: str | float, qk_norm: bool) -> str:
-    return f"{scale}+qknorm" if qk_norm else str(scale)
-
-
-def gaussian_grid(arms, head_sizes, *, seeds: int, B: int, H: int, T: int) -> list[dict]:
-    """One row per (arm, D): every statistic of ``gaussian_qk_stats`` averaged over seeds."""
-    rows = []
-    for label in arms:
-        scale, qk_norm = parse_arm(label)
-        for D in head_sizes:
-            runs = [
-                gaussian_qk_stats(jax.random.key(s), head_size=D, scale=scale, qk_norm=qk_norm, B=B, H=H, T=T)
-                for s in range(seeds)
-            ]
-            rows.append({"setting": "gaussian", "arm": label, "head_size": D, **_mean_dicts(runs)})
-    return rows
-
-
-def model_grid(arms, head_sizes, *, tokens: Array, targets: Array, seeds: int, model_kwargs: dict) -> list[dict]:
-    """One row per (arm, D): ``model_qk_stats`` of freshly initialized TransformerLMs, mean over init seeds.
-
-    ``model_kwargs`` are ModelConfig fields; ``head_size``, ``attn_scale`` and
-    ``qk_norm`` come from the grid.
-    """
-    from attention_jax.model import ModelConfig, TransformerLM, init_params
-
-    rows = []
-    for label in arms:
-        scale, qk_norm = parse_arm(label)
-        for D in head_sizes:
-            model = TransformerLM(ModelConfig(**model_kwargs, head_size=D, attn_scale=scale, qk_norm=qk_norm))
-            runs = []
-            for s in range(seeds):
-                params = init_params(model, jax.random.key(s), model.config.block_size)
-                runs.append(model_qk_stats(model, params, tokens, targets))
-            rows.append({"setting": "model", "arm": label, "head_size": D, **_mean_dicts(runs)})
-    return rows
-
-
-def _mean_dicts(runs: list[dict]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table, one line per (setting, arm, D)."""
-    head = "| setting | arm | D | logit var | entropy | max weight | rows > 0.99 | grad q | grad k |"
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(
-            f"| {r['setting']} | {r['arm']} | {r['head_size']} | {r['logit_var']:.3g} | {r['entropy']:.3f} | "
-            f"{r['max_weight']:.3f} | {r['saturated']:.1%} | {r['grad_q']:.3g} | {r['grad_k']:.3g} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_grid(rows: list[dict], path, dpi: int = 90) -> None:
-    """One row of panels per setting, one panel per statistic, one line per arm, against D (log2)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    keys = ("logit_var", "entropy", "max_weight", "saturated", "grad_q")
-    titles = {
-        "logit_var": "logit variance",
-        "entropy": "row entropy / log(len)",
-        "max_weight": "mean max weight",
-        "saturated": "rows with max > 0.99",
-        "grad_q": "grad norm at q",
-    }
-    fig, axes = plt.subplots(len(settings), len(keys), figsize=(3.2 * len(keys), 2.8 * len(settings)), squeeze=False)
-    for i, setting in enumerate(settings):
-        for j, key in enumerate(keys):
-            ax = axes[i][j]
-            for arm in dict.fromkeys(r["arm"] for r in rows):
-                pts = [(r["head_size"], r[key]) for r in rows if r["setting"] == setting and r["arm"] == arm]
-                ax.plot(*zip(*pts), marker="o", ms=3, label=arm)
-            ax.set_xscale("log", base=2)
-            if key in ("logit_var", "grad_q"):
-                ax.set_yscale("log")
-            ax.set_title(f"{setting}: {titles[key]}", fontsize=9)
-            ax.set_xlabel("head size D", fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)

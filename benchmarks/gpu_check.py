@@ -1,6 +1,6 @@
 """One prepared run for a GPU machine: correctness on the device, speed, then the full recipe.
 
-    ATTENTION_JAX_DATA_DIR=... python benchmarks/gpu_check.py --out DIR
+    ATTENTION_JAX_DATA_DIR=... python -m benchmarks.gpu_check --out DIR
 
 1. Correctness: the fused attention paths ("xla", "cudnn", "blockwise") against
    the hand-written dense path on the GPU, in float32 and bfloat16; causality
@@ -84,8 +84,9 @@ def check_causality(report):
 
 
 def bench_paths(report, steps):
-    from attention_jax.benchmark import benchmark_training, matmul_flops_per_s
-    from attention_jax.config_utils import apply_overrides, load_config
+    from attention_jax.lab.bench import benchmark_training
+    from attention_jax.lab.config import apply_overrides, load_config
+    from attention_jax.lab.hardware import matmul_flops_per_s
 
     log(report, "bf16_matmul_tflops_8192", matmul_flops_per_s(8192, dtype=jnp.bfloat16) / 1e12)
     log(report, "f32_matmul_tflops_8192", matmul_flops_per_s(8192, dtype=jnp.float32) / 1e12)
@@ -104,8 +105,8 @@ def bench_paths(report, steps):
 
 
 def full_recipe(report, impl, dtype, workdir):
-    from attention_jax.config_utils import apply_overrides, load_config
-    from attention_jax.train import train
+    from attention_jax.lab.config import apply_overrides, load_config
+    from attention_jax.lab.loop import train
 
     config = load_config("configs/shakespeare_char.py:gpu")
     apply_overrides(config, {"model.attention_impl": impl, "model.dtype": dtype})

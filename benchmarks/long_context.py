@@ -1,6 +1,6 @@
 """Causal attention at long context: forward+backward time and peak memory per path.
 
-    python benchmarks/long_context.py --T 256 1024 4096 16384 --repeats 3 --json long_context.json
+    python -m benchmarks.long_context --T 256 1024 4096 16384 --repeats 3 --json long_context.json
 
 Paths (batch 1, 4 heads, head size 64, float32, causal):
   dense      attention_jax.attention.dot_product_attention with causal_mask (hand-written)
@@ -105,12 +105,11 @@ def worker(path: str, T: int, repeats: int, max_gb: float, block_q: int, block_k
 
 def run_one(path: str, T: int, args) -> dict:
     """Run ``worker`` in a fresh interpreter with a wall-clock limit."""
-    cmd = [sys.executable, __file__, "--worker", path, str(T), "--repeats", str(args.repeats)]
+    cmd = [sys.executable, "-m", "benchmarks.long_context", "--worker", path, str(T), "--repeats", str(args.repeats)]
     cmd += ["--max-gb", str(args.max_gb), "--block-q", str(args.block_q), "--block-k", str(args.block_k)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, where -m finds benchmarks
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=root)
     except subprocess.TimeoutExpired:
         return {"path": path, "T": T, "skipped": f"timeout after {args.timeout:.0f} s"}
     if proc.returncode != 0:
@@ -152,7 +151,6 @@ def main() -> None:
     args = p.parse_args()
 
     if args.block_q is None or args.block_k is None:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from attention_jax.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
         args.block_q = args.block_q or DEFAULT_BLOCK_Q

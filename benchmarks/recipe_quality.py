@@ -1,7 +1,7 @@
 """Final val loss of a training recipe over several seeds: JAX next to an independent PyTorch implementation.
 
-    python benchmarks/recipe_quality.py --config configs/shakespeare_char.py:cpu --seeds 8 --seed 2000
-    python benchmarks/recipe_quality.py --seeds 3 --side jax           # JAX only (no torch needed)
+    python -m benchmarks.recipe_quality --config configs/shakespeare_char.py:cpu --seeds 8 --seed 2000
+    python -m benchmarks.recipe_quality --seeds 3 --side jax           # JAX only (no torch needed)
 
 A single run's val loss moves by about 0.008 (sd) from seed to seed on the cpu
 recipe, and the ``eval_iters`` random-crop estimate adds sampling noise on
@@ -9,12 +9,12 @@ top, so one number cannot say whether a recipe reaches a target such as
 nanoGPT's 1.88. This
 script trains K seeds and reports each seed's loss over the *whole*
 validation split (every token predicted once, in windows of block_size, as
-:meth:`attention_jax.train.Trainer.full_split_loss`), their mean, standard
+:func:`attention_jax.lab.steps.full_split_loss`), their mean, standard
 deviation and standard error, and how many seeds are at or below --target.
 
-Side "jax": one :class:`attention_jax.train.Trainer` with num_seeds=K (the real
-train step, vmapped over seeds seed..seed+K-1). Side "torch": K runs of
-:class:`attention_jax.torch_reference.TorchTrainer` (eager PyTorch, written
+Side "jax": one :class:`attention_jax.lab.experiment.Experiment` with num_seeds=K (the
+real train step, vmapped over seeds seed..seed+K-1). Side "torch": K runs of
+:class:`benchmarks.torch_reference.TorchTrainer` (eager PyTorch, written
 apart from the JAX code; torch's own RNG for init and batches). With both
 sides, Welch's t of the difference of means is printed too: |t| below about 2
 means the two implementations are not distinguishable at this K. The last
@@ -35,9 +35,9 @@ import time
 import jax
 import numpy as np
 
-from attention_jax import cli
-from attention_jax.config_utils import apply_overrides, load_config, parse_override_args
-from attention_jax.train import Trainer
+from attention_jax.lab import cli
+from attention_jax.lab import experiment as ex
+from attention_jax.lab.config import apply_overrides, load_config, parse_override_args
 
 
 def _summary(losses: list[float], target: float) -> dict:
@@ -52,30 +52,30 @@ def _summary(losses: list[float], target: float) -> dict:
     }
 
 
-def run_jax(trainer: Trainer) -> tuple[list[float], float]:
-    """Train ``trainer``'s seeds (vmapped) for max_iters steps -> whole-split val loss per seed, seconds."""
-    c = trainer.config
+def run_jax(exp: ex.Experiment) -> tuple[list[float], float]:
+    """Train ``exp``'s seeds (vmapped) for max_iters steps -> whole-split val loss per seed, seconds."""
+    c = exp.config
     t0 = time.perf_counter()
-    state = trainer.init_state()
+    state = ex.init_state(exp)
     per_call = c.steps_per_call if c.max_iters % c.steps_per_call == 0 else 1
-    step = trainer.compile_train(per_call)
+    step = ex.train_program(exp, per_call)
     for _ in range(c.max_iters // per_call):
         state, _ = step(state)
-    losses = jax.device_get(trainer.full_split_loss(state.params, trainer.val_data))
+    losses = jax.device_get(ex.full_split_loss(exp, state.params, exp.val_data))
     return [float(x) for x in losses], time.perf_counter() - t0
 
 
-def run_torch(trainer: Trainer) -> tuple[list[float], float]:
+def run_torch(exp: ex.Experiment) -> tuple[list[float], float]:
     """The same seeds, model, data and optimizer in eager PyTorch, one seed after another."""
-    from attention_jax import torch_reference
+    from benchmarks import torch_reference
 
-    train, val = jax.device_get(trainer.train_data), jax.device_get(trainer.val_data)
+    train, val = jax.device_get(exp.train_data), jax.device_get(exp.val_data)
     losses, t0 = [], time.perf_counter()
-    for seed in trainer.seeds:
-        ref = torch_reference.TorchTrainer(trainer.config, trainer.mcfg, train, seed=seed)
-        for _ in range(trainer.config.max_iters):
+    for seed in exp.seeds:
+        ref = torch_reference.TorchTrainer(exp.config, exp.model_config, train, seed=seed)
+        for _ in range(exp.config.max_iters):
             ref.step()
-        losses.append(torch_reference.full_split_loss(ref.model, val, trainer.mcfg.block_size))
+        losses.append(torch_reference.full_split_loss(ref.model, val, exp.model_config.block_size))
         print(f"torch seed {seed}: whole val split {losses[-1]:.4f}", flush=True)
     return losses, time.perf_counter() - t0
 
@@ -152,7 +152,7 @@ def merge(results: list[dict]) -> dict:
 
 @cli.main_wrapper
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="benchmarks/recipe_quality.py", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m benchmarks.recipe_quality", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/shakespeare_char.py:cpu")
     parser.add_argument("--seeds", type=int, default=8, help="K")
     parser.add_argument("--seed", type=int, default=2000, help="first seed")
@@ -191,20 +191,20 @@ def measure(args, rest: list[str]) -> dict:
         raise ValueError(f"set seeds with --seed and --seeds, not --config.{clash[0]}")
     config = load_config(args.config)
     apply_overrides(config, {**overrides, "num_seeds": args.seeds, "seed": args.seed})
-    trainer = Trainer.from_config(config)  # validates the config, reads and splits the data once for both sides
+    exp = ex.Experiment.from_config(config)  # validates the config, reads and splits the data once for both sides
     if args.side in ("both", "torch"):  # fail now, not after the JAX side has trained
         import torch
 
-        from attention_jax import torch_reference
+        from benchmarks import torch_reference
 
-        torch_reference.GPT.from_config(trainer.mcfg)
-    result = {"config": args.config, "steps": config.max_iters, "seeds": trainer.seeds, "target": args.target}
+        torch_reference.GPT.from_config(exp.model_config)
+    result = {"config": args.config, "steps": config.max_iters, "seeds": exp.seeds, "target": args.target}
     if args.side in ("both", "jax"):
-        losses, seconds = run_jax(trainer)
+        losses, seconds = run_jax(exp)
         result["jax"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
     if args.side in ("both", "torch"):
         result["torch_version"] = torch.__version__
-        losses, seconds = run_torch(trainer)
+        losses, seconds = run_torch(exp)
         result["torch"] = {**_summary(losses, args.target), "seconds": round(seconds, 1)}
     compare(result)
     return result

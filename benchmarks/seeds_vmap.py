@@ -1,11 +1,11 @@
 """K seeds in one vmapped program vs K separate single-seed runs, timed side by side.
 
-    python benchmarks/seeds_vmap.py --config configs/ablate_scale.py:cpu --seeds 3 --steps 100
-    python benchmarks/seeds_vmap.py --config configs/ablate_scale.py --seeds 8 --synthetic  # accelerator
+    python -m benchmarks.seeds_vmap --config configs/ablate_scale.py:cpu --seeds 3 --steps 100
+    python -m benchmarks.seeds_vmap --config configs/ablate_scale.py --seeds 8 --synthetic  # accelerator
 
-Both sides use the real training step of attention_jax.train.Trainer (same
-config, same per-seed batch size): side "vmapped" builds one Trainer with
-num_seeds=K; side "separate" builds K Trainers with num_seeds=1 and seeds
+Both sides use the real training step (attention_jax.lab.experiment.train_program; same
+config, same per-seed batch size): side "vmapped" builds one Experiment with
+num_seeds=K; side "separate" builds K Experiments with num_seeds=1 and seeds
 seed, seed+1, ..., as K separate runs would. Each side is compiled (timed
 apart), warmed up with one call, then runs --steps optimizer steps
 (``steps_per_call`` per call; blocked until ready). The two sides run
@@ -27,16 +27,16 @@ import time
 import jax
 import numpy as np
 
-from attention_jax.config_utils import apply_overrides, load_config, parse_override_args
-from attention_jax.train import Trainer
+from attention_jax.lab import experiment as ex
+from attention_jax.lab.config import apply_overrides, load_config, parse_override_args
 
 
 def _build(config, text, num_seeds, seed):
     c = apply_overrides(config.copy_and_resolve_references(), {"num_seeds": num_seeds, "seed": seed})
-    trainer = Trainer.from_config(c, text=text)
+    exp = ex.Experiment.from_config(c, text=text)
     t0 = time.perf_counter()
-    state = trainer.init_state()
-    step = trainer.compile_train(c.steps_per_call).lower(state).compile()
+    state = ex.init_state(exp)
+    step = ex.train_program(exp, c.steps_per_call).lower(state).compile()
     compile_s = time.perf_counter() - t0
     state, _ = step(state)  # warm-up
     jax.block_until_ready(state)

@@ -35,8 +35,8 @@ Variants (the ``:ARG`` suffix):
   smoke   seconds per point: for tests of the sweep machinery.
 """
 
-from attention_jax.defaults import base_config, smoke
-from attention_jax.sweep import product, sweep, unique, zip_
+from attention_jax.lab.config import base_config, smoke
+from attention_jax.lab.sweep import product, sweep, unique, zip_
 
 SCALE_ARMS = [  # (attn_scale, qk_norm)
     ("none", False),

@@ -7,7 +7,7 @@ batch 32, block 8 (bigram.py of the lecture), which reports val loss ~2.49.
 Variant ``smoke`` runs in seconds.
 """
 
-from attention_jax.defaults import base_config, smoke
+from attention_jax.lab.config import base_config, smoke
 
 
 def get_config(arg=None):

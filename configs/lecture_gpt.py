@@ -8,7 +8,7 @@ parameters (asserted in tests). The lecture reports val loss ~1.48 after
 about 15 minutes on an A100. Variant ``smoke`` runs in seconds on a CPU.
 """
 
-from attention_jax.defaults import base_config, smoke
+from attention_jax.lab.config import base_config, smoke
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ Variants (the ``:ARG`` suffix):
   smoke   a seconds-long run of the same code path.
 """
 
-from attention_jax.defaults import base_config, smoke
+from attention_jax.lab.config import base_config, smoke
 
 
 def get_config(arg=None):

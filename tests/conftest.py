@@ -1,4 +1,9 @@
-"""Shared test setup: no network, small helpers as fixtures.
+"""Shared test setup: no network, one compilation cache, and the helpers every test folder uses, as fixtures.
+
+Tests mirror the package: ``tests/core`` (the library; jax, flax, numpy),
+``tests/lab`` (the experiment toolkit and its commands), ``tests/benchmarks``
+(the benchmark scripts and the PyTorch twin). Tests that take more than about
+5 s carry ``@pytest.mark.slow``; ``pytest -m "not slow"`` runs the rest.
 
 float64 is never switched on globally: independent references are computed in
 numpy float64 instead. ``jax_numpy_rank_promotion="raise"`` (equinox-style) is
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import urllib.request
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +38,35 @@ def _share_compilation_cache() -> None:
 
 
 _share_compilation_cache()
+
+from tests.helpers import SMOKE, make_small_text  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_text():
+    """``small_text(n_chars=6000, seed=0)``: the text most training tests train on (no dataset needed)."""
+    return make_small_text
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """``small_text(8000)`` as a file, for commands run as subprocesses (``--config.data.dataset=...``)."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(make_small_text(8000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(**overrides)``: the smoke config shrunk to a one-layer, width-16, block-8 model."""
+    from attention_jax.lab.config import apply_overrides, load_config
+
+    def make(**overrides):
+        config = load_config(SMOKE)
+        apply_overrides(config, {"model.block_size": 8, "model.n_embd": 16, "model.n_layer": 1, "sample_tokens": 0})
+        return apply_overrides(config, overrides)
+
+    return make
 
 
 @pytest.fixture(autouse=True)

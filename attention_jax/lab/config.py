@@ -1,0 +1,335 @@
+"""Experiment configs: the schema and its defaults, loading, overrides, validation, the model they build.
+
+A config file is a Python file whose ``get_config(arg)`` returns an
+``ml_collections.ConfigDict`` built from ``base_config()``; ``path.py:ARG``
+passes ARG (a variant name such as ``cpu`` or ``smoke``). Keys follow
+nanoGPT's names. Overrides are dotted keys (``model.n_head``) with either
+strings from the command line (parsed by the field's type) or Python values
+from a sweep. Every error is a ``ConfigError`` whose message is one line that
+names the key.
+
+Names: ``config`` is always an experiment config (a ConfigDict);
+``model_config`` is the frozen :class:`attention_jax.ModelConfig` built from
+its ``model`` group by :func:`model_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+from ml_collections import config_dict
+
+from attention_jax.model import BigramLM, ModelConfig, TransformerLM
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used. Its message is one line."""
+
+
+# ---------------------------------------------------------------------------
+# The schema: every key, its default, and what it means
+# ---------------------------------------------------------------------------
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 1337  # seed of params, batches, dropout and sampling; seed+i for the i-th of num_seeds
+    c.num_seeds = 1  # K seeds trained at once in one program (jax.vmap over params, optimizer, keys)
+    c.batch_size = 64  # sequences per optimizer step (per seed), sharded over all devices
+    c.max_iters = 5000  # optimizer steps
+    c.eval_interval = 250  # evaluate every this many steps (and at step 0 and at the end)
+    c.eval_iters = 200  # fixed batches per split in one evaluation
+    c.log_interval = 10  # write a training row to metrics.jsonl every this many steps
+    c.learning_rate = 1e-3  # peak learning rate after warmup
+    c.min_lr = 1e-4  # learning rate at the end of the cosine decay
+    c.warmup_iters = 100  # linear warmup steps
+    c.lr_decay_iters = 5000  # cosine decay ends here; flat at min_lr afterwards
+    c.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
+    c.beta1 = 0.9  # AdamW beta1
+    c.beta2 = 0.99  # AdamW beta2
+    c.grad_clip = 1.0  # clip gradients to this global norm (0 disables)
+    c.checkpoint_every = 250  # save the latest checkpoint every this many steps (and at the end)
+    c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); same result, less dispatch
+    c.sample_tokens = 500  # characters sampled into sample.txt at the end (0: none)
+    c.distributed = False  # True: jax.distributed.initialize() first (one run spanning several hosts)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.type = "transformer"  # "transformer" or "bigram"
+    c.model.block_size = 256  # context length T
+    c.model.n_embd = 384  # residual width C
+    c.model.n_head = 6  # heads per layer H
+    c.model.n_layer = 6  # transformer blocks
+    c.model.head_size = config_dict.placeholder(int)  # D; None = n_embd // n_head
+    c.model.attn_scale = "sqrt"  # "sqrt" (1/sqrt(D)), "none" (1), "mup" (1/D), or a number
+    c.model.pos_encoding = "learned"  # "learned", "sinusoidal", "rope" or "none"
+    c.model.qk_norm = False  # LayerNorm on q and k before q·kᵀ
+    c.model.dropout = 0.2  # dropout on attention weights and residual branches
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
+    c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
+    c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
+    c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU) or "blockwise" (long T)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "tinyshakespeare"  # "tinyshakespeare" or a path to any UTF-8 text file
+    c.data.train_fraction = 0.9  # first 90% of the characters train, the rest validate
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a config to a seconds-long CPU run (keeps its ablation settings)."""
+    c.batch_size = 4
+    c.max_iters = 20
+    c.eval_interval = 10
+    c.eval_iters = 2
+    c.log_interval = 5
+    c.warmup_iters = 2
+    c.lr_decay_iters = 20
+    c.checkpoint_every = 10
+    c.sample_tokens = 40
+    c.model.block_size = 16
+    c.model.n_embd = 32
+    c.model.n_head = 2
+    c.model.n_layer = 2
+    c.model.dropout = 0.0
+    return c
+
+
+# ---------------------------------------------------------------------------
+# Loading config files and applying overrides
+# ---------------------------------------------------------------------------
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path/to/config.py[:ARG]`` and return ``get_config(ARG)`` (locked)."""
+    config = call_config_function(spec, "get_config")
+    config.lock()
+    return config
+
+
+def run_name(spec: str) -> str:
+    """A folder name for ``path/to/name.py[:ARG]``: ``name`` or ``name-ARG``."""
+    path, _, arg = spec.partition(":")
+    return Path(path).stem + (f"-{arg}" if arg else "")
+
+
+def call_config_function(spec: str, function: str, missing_hint: str = "") -> Any:
+    """``function(ARG)`` of the config file ``path.py[:ARG]``; every failure is one ConfigError line."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_attention_jax_config_" + file.stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken config file: say which and why, in one line
+        raise ConfigError(f"could not load config file {path}: {type(e).__name__}: {e}") from None
+    if not hasattr(module, function):
+        raise ConfigError(f"config file {path} defines no {function}(arg){missing_hint}")
+    try:
+        return getattr(module, function)(arg or None)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a ConfigDict, e.g. ``model.n_head``."""
+    keys = []
+    for name, value in config.items():
+        full = prefix + name
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _unknown_key_message(key: str, valid: Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # try the last component alone: "n_heads" -> "model.n_head"
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def _field_type(parent: ml_collections.ConfigDict, name: str) -> type | None:
+    field = parent._fields[name]  # noqa: SLF001 - ConfigDict exposes no public way to read a placeholder's type
+    if isinstance(field, config_dict.FieldReference):
+        return field.get_type()
+    return None if field is None else type(field)
+
+
+def _nullable(parent: ml_collections.ConfigDict, name: str) -> bool:
+    """Fields declared as ``placeholder(type)`` (default None) accept None."""
+    return parent[name] is None or isinstance(parent._fields[name], config_dict.FieldReference)  # noqa: SLF001
+
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) -> Any:
+    """Parse a command-line string, or check a Python value, against a field's type.
+
+    ``None`` (or the text none/null) is accepted only by fields whose default is None.
+    """
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
+        if nullable:
+            return None
+        raise ConfigError(f"config key '{key}' expects {getattr(kind, '__name__', 'a value')}, got None")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):
+                return int(value)
+            if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+            raise ValueError
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if math.isnan(out):
+                raise ValueError
+            return out
+        if kind is str:
+            return value if isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Set dotted keys in ``config`` (in place; also returned). Unknown keys raise ConfigError."""
+    valid = flat_keys(config)
+    for key, value in overrides.items():
+        parent, parts = config, key.split(".")
+        for part in parts[:-1]:
+            child = parent.get(part) if isinstance(parent, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                raise ConfigError(_unknown_key_message(key, valid))
+            parent = child
+        name = parts[-1]
+        if name not in parent or isinstance(parent[name], ml_collections.ConfigDict):
+            raise ConfigError(_unknown_key_message(key, valid))
+        with parent.unlocked():
+            parent[name] = _convert(key, value, _field_type(parent, name), nullable=_nullable(parent, name))
+    return config
+
+
+def parse_override_args(args: list[str]) -> dict[str, str]:
+    """``["--config.model.n_head=8", "--config.seed", "3"]`` -> {"model.n_head": "8", "seed": "3"}."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognized argument '{arg}' (overrides look like --config.KEY=VALUE)")
+        body = arg[len("--config.") :]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{arg}' has no value (use --config.KEY=VALUE)")
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A plain, JSON-ready dict of a ConfigDict."""
+    return config.to_dict()
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(d)
+    config.lock()
+    return config
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in _TRUE
+
+
+# ---------------------------------------------------------------------------
+# Validation (before any compute) and the model a config describes
+# ---------------------------------------------------------------------------
+
+
+def get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value at a dotted key (``model.n_head``)."""
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
+    """Raise ConfigError naming the first field whose value cannot work."""
+
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ConfigError(f"{key}={get(config, key)!r}: {what}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    positive = ("batch_size", "eval_interval", "eval_iters", "checkpoint_every", "steps_per_call", "num_seeds")
+    for key in (*positive, "log_interval"):
+        need(is_int(get(config, key)) and get(config, key) > 0, key, "must be a positive integer")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
+        need(is_int(get(config, key)) and get(config, key) >= 0, key, "must be a non-negative integer")
+    need(config.learning_rate > 0 and math.isfinite(config.learning_rate), "learning_rate", "must be positive")
+    need(0 <= config.min_lr <= config.learning_rate, "min_lr", "must be in [0, learning_rate]")
+    need(config.weight_decay >= 0, "weight_decay", "must be non-negative")
+    need(0 <= config.beta1 < 1, "beta1", "must be in [0, 1)")
+    need(0 <= config.beta2 < 1, "beta2", "must be in [0, 1)")
+    need(config.grad_clip >= 0, "grad_clip", "must be non-negative (0 disables clipping)")
+    need(0 < config.data.train_fraction < 1, "data.train_fraction", "must be in (0, 1)")
+    need(config.batch_size % device_count == 0, "batch_size", f"must be divisible by the {device_count} devices")
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The frozen ModelConfig described by ``config.model``; errors name the field."""
+    m = config.model
+    scale = m.attn_scale
+    if isinstance(scale, str):
+        try:
+            scale = float(scale)
+        except ValueError:
+            pass
+    # config.model holds every ModelConfig field by the same name (base_config), plus "type".
+    kwargs = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"}
+    try:
+        return ModelConfig(vocab_size=vocab_size, **{**kwargs, "attn_scale": scale})
+    except ValueError as e:
+        raise ConfigError(str(e).replace("ModelConfig.", "model.")) from None
+
+
+def build_model(config: ml_collections.ConfigDict, model_config: ModelConfig) -> nn.Module:
+    """The Flax module of ``config.model.type``."""
+    kind = config.model.type
+    if kind == "transformer":
+        return TransformerLM(model_config)
+    if kind == "bigram":
+        return BigramLM(model_config.vocab_size)
+    raise ConfigError(f"model.type must be 'transformer' or 'bigram', got {kind!r}")

@@ -1,0 +1,28 @@
+"""Text from a trained run: its prompt encoded, continued by :func:`attention_jax.generate`, decoded."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention_jax.generate import generate
+from attention_jax.lab.rundir import Run
+
+
+def sample_text(
+    run: Run,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    seed_index: int = 0,
+) -> str:
+    """The prompt followed by ``max_new_tokens`` characters sampled from seed ``seed_index`` of the run."""
+    if not prompt:
+        raise ValueError("--prompt must not be empty")
+    tokens = jnp.asarray(run.tokenizer.encode(prompt))[None]  # (1, T0)
+    params = run.params(seed_index)
+    out = generate(run.model, params, tokens, max_new_tokens, jax.random.key(seed), temperature, top_k)
+    return run.tokenizer.decode(out[0])

@@ -1,0 +1,321 @@
+"""Sweeps: lists of override dicts, one workdir per point, a runner that survives failures.
+
+A sweep lives beside the config it sweeps: the config file defines
+``get_sweep(arg)`` returning a list of override dicts (dotted keys, Python
+values), built with the small helpers here::
+
+    product(sweep("model.attn_scale", ["none", "sqrt"]), sweep("model.n_head", [2, 4]))
+    # -> 4 dicts; zip_(...) pairs lists element by element instead
+
+Each point trains in ``<sweep dir>/<name>``, the name spelled from its
+overrides (``attn_scale=none,n_head=2``), so it is stable when points are added
+or reordered. The runner skips finished points (summary.json present), resumes
+interrupted ones (``train`` restores the latest checkpoint), records a failed
+point in ``<point>/sweep_point.json`` and ``<sweep dir>/status.json`` and goes
+on with the next. ``--index I`` of ``experiments.sweep`` runs one point: how an
+array job or one cloud TPU VM per point takes its share.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attention_jax.lab.config import ConfigError, apply_overrides, call_config_function, load_config, run_name
+from attention_jax.lab.rundir import RunDir, write_json
+
+Overrides = dict[str, Any]
+STATUS_FILE = "status.json"  # in the sweep dir: every point's status
+SWEEP_FILE = "sweep.json"  # in the sweep dir: the config, the sweep-wide overrides and every point
+FINISHED = ("done", "diverged")  # states the runner does not retry
+
+
+# ---------------------------------------------------------------------------
+# Building sweeps
+# ---------------------------------------------------------------------------
+
+
+def sweep(key: str, values: Iterable[Any]) -> list[Overrides]:
+    """One axis: ``[{key: v} for v in values]``."""
+    return [{key: v} for v in values]
+
+
+def product(*axes: Sequence[Overrides]) -> list[Overrides]:
+    """Cartesian product of axes; each point merges one dict of every axis (later keys win)."""
+    out = []
+    for combo in itertools.product(*axes):
+        merged: Overrides = {}
+        for d in combo:
+            merged.update(d)
+        out.append(merged)
+    return out
+
+
+def zip_(*axes: Sequence[Overrides]) -> list[Overrides]:
+    """Element-wise merge of equally long axes: zip_(a, b)[i] = {**a[i], **b[i]}."""
+    lengths = {len(a) for a in axes}
+    if len(lengths) > 1:
+        raise ValueError(f"zip_ needs axes of equal length, got lengths {[len(a) for a in axes]}")
+    return [dict(itertools.chain.from_iterable(d.items() for d in combo)) for combo in zip(*axes)]
+
+
+def unique(points: Iterable[Overrides]) -> list[Overrides]:
+    """Drop repeated points (same keys and values), keeping the first of each."""
+    seen, out = set(), []
+    for p in points:
+        key = json.dumps(p, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def point_name(overrides: Overrides) -> str:
+    """Workdir name of a point: ``attn_scale=none,n_head=2`` (leaf keys unless ambiguous).
+
+    Characters other than letters, digits and ``._-=,+`` become ``_``; an empty
+    dict is ``base``.
+    """
+    if not overrides:
+        return "base"
+    leaves = [k.rsplit(".", 1)[-1] for k in overrides]
+    parts = []
+    for key, leaf in zip(overrides, leaves):
+        label = leaf if leaves.count(leaf) == 1 else key
+        parts.append(f"{label}={_format_value(overrides[key])}")
+    return re.sub(r"[^A-Za-z0-9._\-=,+]", "_", ",".join(parts))
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    name: str
+    overrides: Overrides
+
+
+def expand(overrides_list: Sequence[Overrides]) -> list[Point]:
+    """Numbered, named points; two points with the same name are an error."""
+    points = [Point(i, point_name(o), dict(o)) for i, o in enumerate(overrides_list)]
+    names = [p.name for p in points]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"sweep has points with the same workdir name: {', '.join(dup)} (use unique())")
+    return points
+
+
+def select(points: Sequence[Point], spec: str | None) -> list[Point]:
+    """Points chosen by ``spec``: None = all, else indices and ranges: ``3``, ``0,2``, ``4-7``."""
+    if spec is None:
+        return list(points)
+    chosen: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ConfigError(f"--index {spec!r}: expected indices like 3, 0,2 or 4-7")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ConfigError(f"--index {spec!r}: range {part} is empty")
+        chosen.extend(range(lo, hi + 1))
+    bad = [i for i in chosen if not 0 <= i < len(points)]
+    if bad:
+        raise ConfigError(
+            f"--index {bad[0]} is out of range: the sweep has {len(points)} points (0..{len(points) - 1})"
+        )
+    return [points[i] for i in dict.fromkeys(chosen)]
+
+
+# ---------------------------------------------------------------------------
+# Loading a sweep from its config file
+# ---------------------------------------------------------------------------
+
+
+def load_sweep(spec: str) -> list[Point]:
+    """The points of ``path/to/config.py[:ARG]``'s ``get_sweep(ARG)``."""
+    return expand(call_config_function(spec, "get_sweep", ": it is not a sweep"))
+
+
+def point_config(spec: str, point: Point, base_overrides: Overrides | None = None):
+    """The locked experiment config of a point: the file's config, the sweep-wide overrides, the point's."""
+    config = load_config(spec)
+    apply_overrides(config, dict(base_overrides or {}))
+    try:
+        apply_overrides(config, point.overrides)
+    except ConfigError as e:
+        raise ConfigError(f"sweep point {point.index} ({point.name}): {e}") from None
+    return config
+
+
+def default_sweep_dir(spec: str) -> str:
+    return str(Path("runs") / "sweeps" / run_name(spec))
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def train_command(
+    spec: str,
+    point: Point,
+    sweep_dir: str | os.PathLike,
+    base_overrides: Overrides | None = None,
+    python: str = "python",
+) -> str:
+    """A self-contained shell command that trains one point with experiments.train.
+
+    Values are written so that ``--config.KEY=VALUE`` parses back to the same
+    value (``apply_overrides`` converts by the field's type).
+    """
+    args = [python, "-m", "experiments.train", "--config", spec]
+    for key, value in {**(base_overrides or {}), **point.overrides}.items():
+        text = repr(value) if isinstance(value, float) else _format_value(value)
+        args.append(f"--config.{key}={text}")
+    args += ["--workdir", str(Path(sweep_dir) / point.name), "--no-progress"]
+    return shlex.join(args)
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+
+def _is_writer() -> bool:
+    import jax
+
+    return jax.process_index() == 0  # a point spanning several hosts: process 0 keeps the records
+
+
+def read_point_status(sweep_dir: str | os.PathLike, point: Point) -> dict:
+    """A point's recorded status; ``done`` whenever its summary.json exists."""
+    run = RunDir(Path(sweep_dir) / point.name)
+    record = {"index": point.index, "name": point.name, "overrides": point.overrides, "status": "pending"}
+    record.update(run.read_point_record() or {})
+    if run.has_summary():
+        record["status"] = "done"
+    elif record["status"] in ("running", "done"):
+        # "done" without summary.json: the run's outputs were removed or are partial; rerun it
+        record["status"] = "interrupted"  # a live run elsewhere looks the same from here
+    record["index"] = point.index  # the sweep's current numbering wins over a stale file
+    return record
+
+
+def write_status(sweep_dir: str | os.PathLike, points: Sequence[Point]) -> dict:
+    """Rebuild ``<sweep dir>/status.json`` from the points' own files (safe with one writer per point)."""
+    records = [read_point_status(sweep_dir, p) for p in points]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    payload = {"counts": counts, "points": records}
+    if _is_writer():
+        write_json(Path(sweep_dir) / STATUS_FILE, payload)
+    return payload
+
+
+def run_point(
+    spec: str,
+    point: Point,
+    sweep_dir: str | os.PathLike,
+    *,
+    base_overrides: Overrides | None = None,
+    text: str | None = None,
+    progress: bool = False,
+    train_fn: Callable | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> dict:
+    """Train one point (or skip it when finished); never raises for a failed run: returns its record."""
+    from attention_jax.lab.loop import TrainingDiverged, train
+
+    train_fn = train_fn or train
+    run = RunDir(Path(sweep_dir) / point.name)
+    workdir = run.path
+    previous = read_point_status(sweep_dir, point)
+    if previous["status"] in FINISHED:
+        log(f"[{point.index}] {point.name}: {previous['status']}, skipped")
+        return previous
+    run.create()
+    record_point = run.write_point_record if _is_writer() else (lambda record: None)
+    record = {"index": point.index, "name": point.name, "overrides": point.overrides, "command": None}
+    record["command"] = train_command(spec, point, sweep_dir, base_overrides)
+    resumed = previous["status"] in ("interrupted", "failed")
+    log(f"[{point.index}] {point.name}: {'resuming' if resumed else 'starting'}")
+    t0 = time.time()
+    record_point({**record, "status": "running", "started": t0})
+    try:
+        config = point_config(spec, point, base_overrides)
+        summary = train_fn(config, workdir, text=text, progress=progress)
+        status = {"status": "done", "final_val_loss": summary.get("final_val_loss")}
+    except TrainingDiverged as e:
+        status = {"status": "diverged", "error": str(e)}
+    except KeyboardInterrupt:
+        record_point({**record, "status": "interrupted", "seconds": round(time.time() - t0, 1)})
+        raise
+    except Exception as e:  # noqa: BLE001 - record and go on with the next point
+        status = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    out = {**record, **status, "seconds": round(time.time() - t0, 1)}
+    record_point(out)
+    if out["status"] != "done":
+        log(f"[{point.index}] {point.name}: {out['status']}: {out.get('error', '')[:300]}")
+    else:
+        log(f"[{point.index}] {point.name}: done in {out['seconds']:.0f} s")
+    return out
+
+
+def run_sweep(
+    spec: str,
+    points: Sequence[Point],
+    sweep_dir: str | os.PathLike,
+    *,
+    all_points: Sequence[Point] | None = None,
+    base_overrides: Overrides | None = None,
+    text: str | None = None,
+    progress: bool = False,
+    train_fn: Callable | None = None,
+) -> dict:
+    """Run ``points`` one after another; returns status.json's payload (over ``all_points``).
+
+    A point that fails is recorded and the others still run.
+    """
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    all_points = list(all_points or points)
+    if _is_writer():
+        payload = {"config": spec, "base_overrides": base_overrides or {}, "points": [p.__dict__ for p in all_points]}
+        write_json(sweep_dir / SWEEP_FILE, payload)
+    t0 = time.time()
+    for point in points:
+        run_point(
+            spec, point, sweep_dir, base_overrides=base_overrides, text=text, progress=progress, train_fn=train_fn
+        )
+        write_status(sweep_dir, all_points)
+    status = write_status(sweep_dir, all_points)
+    status["seconds"] = round(time.time() - t0, 1)
+    return status
+
+
+def describe(points: Sequence[Point], sweep_dir: str | os.PathLike | None = None) -> str:
+    """A table of the points (index, status when a sweep dir is given, name)."""
+    lines = []
+    width = len(str(max(len(points) - 1, 0)))
+    for p in points:
+        state = f"{read_point_status(sweep_dir, p)['status']:<12}" if sweep_dir is not None else ""
+        lines.append(f"{p.index:>{width}}  {state}{p.name}")
+    return "\n".join(lines)

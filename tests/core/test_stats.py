@@ -1,0 +1,85 @@
+"""attention_jax.stats: exact values on hand-made weights, the Gaussian theory, a model's sown weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_jax import attention, stats
+from attention_jax.model import ModelConfig, TransformerLM, init_params
+
+
+def causal_uniform(T):
+    m = np.tril(np.ones((T, T)))
+    return m / m.sum(-1, keepdims=True)
+
+
+def test_entropy_is_one_for_uniform_and_zero_for_one_hot_rows_of_length_one_excluded():
+    T = 5
+    mask = attention.causal_mask(T)
+    h = np.asarray(stats.row_entropy(jnp.asarray(causal_uniform(T)), mask))
+    assert np.isnan(h[0])  # a row of length 1 says nothing about the softmax
+    np.testing.assert_allclose(h[1:], 1.0, rtol=1e-6)
+    one_hot = np.eye(T)  # token t attends to itself only
+    assert float(stats.mean_entropy(jnp.asarray(one_hot), mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(stats.saturated_share(jnp.asarray(one_hot), mask)) == 1.0
+
+
+def test_hand_made_weights_give_hand_computed_statistics():
+    # rows of length 1, 2, 3; row 0 is excluded from every statistic
+    w = np.array([[1.0, 0, 0], [0.5, 0.5, 0], [0.995, 0.004, 0.001]])
+    mask = attention.causal_mask(3)
+    h2 = 1.0  # uniform over 2
+    p = np.array([0.995, 0.004, 0.001])
+    h3 = -(p * np.log(p)).sum() / np.log(3)
+    assert float(stats.mean_entropy(jnp.asarray(w), mask)) == pytest.approx((h2 + h3) / 2, rel=1e-5)
+    assert float(stats.mean_max_weight(jnp.asarray(w), mask)) == pytest.approx((0.5 + 0.995) / 2, rel=1e-6)
+    assert float(stats.saturated_share(jnp.asarray(w), mask)) == pytest.approx(0.5)
+
+
+def test_logit_variance_matches_numpy_float64_within_visible_rows():
+    rng = np.random.default_rng(0)
+    T = 6
+    x = rng.normal(size=(2, 3, T, T)) * 3
+    mask = np.tril(np.ones((T, T), bool))
+    expected = np.mean([x[b, h, t, : t + 1].var() for b in range(2) for h in range(3) for t in range(1, T)])
+    got = float(stats.logit_variance(jnp.asarray(x, jnp.float32), jnp.asarray(mask)))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale,power", [("none", 1), ("sqrt", 0), ("mup", -1)])
+@pytest.mark.parametrize("D", [4, 64])
+def test_gaussian_logit_variance_is_d_times_scale_squared(scale, power, D):
+    T = 32
+    out = stats.gaussian_qk_stats(jax.random.key(0), head_size=D, scale=scale, B=2, H=2, T=T)
+    # within-row (population) variance of n samples has expectation (n-1)/n of the variance
+    shrink = np.mean([(n - 1) / n for n in range(2, T + 1)])
+    assert out["logit_var"] == pytest.approx(D**power * shrink, rel=0.15)
+
+
+def test_unscaled_softmax_saturates_with_head_size_and_sqrt_does_not():
+    key = jax.random.key(1)
+    none = [stats.gaussian_qk_stats(key, head_size=D, scale="none", B=2, H=2, T=32) for D in (4, 256)]
+    sqrt = [stats.gaussian_qk_stats(key, head_size=D, scale="sqrt", B=2, H=2, T=32) for D in (4, 256)]
+    assert none[1]["entropy"] < 0.2 < none[0]["entropy"]
+    assert none[1]["saturated"] > 0.5
+    assert abs(sqrt[1]["entropy"] - sqrt[0]["entropy"]) < 0.05
+    assert sqrt[1]["saturated"] < 0.05
+    # a saturated softmax passes (relatively) less gradient to q: per unit of logit scale
+    assert none[1]["grad_q"] / 256**0.5 < sqrt[1]["grad_q"]
+
+
+@pytest.mark.slow
+def test_model_weights_per_layer_and_near_uniform_at_gpt_init():
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_embd=32, n_head=2, n_layer=2, head_size=64, attn_scale="none")
+    model = TransformerLM(cfg)
+    params = init_params(model, jax.random.key(0), 8)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 11)
+    ws = stats.sown_attention_weights(model, params, tokens)
+    assert [w.shape for w in ws] == [(2, 2, 8, 8)] * 2
+    # GPT-2 init (N(0, 0.02)) makes q, k tiny: even unscaled, D=64 attention is near uniform at init
+    assert min(stats.layer_entropies(model, params, tokens)) > 0.95
+    out = stats.model_qk_stats(model, params, tokens, tokens)
+    assert set(out) == set(stats.STAT_KEYS) and out["grad_q"] > 0

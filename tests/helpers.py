@@ -1,0 +1,60 @@
+"""Helpers shared by the test folders (conftest.py exposes them as fixtures too)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, experiments/, benchmarks/
+SMOKE = "configs/shakespeare_char.py:smoke"
+WORDS = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "good", "night", "and", "to"]
+
+
+def make_small_text(n_chars: int = 6000, seed: int = 0) -> str:
+    """A deterministic pseudo-English text with some structure to learn (words, full stops, lines)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while sum(len(w) + 1 for w in out) < n_chars:
+        out.append(WORDS[rng.integers(len(WORDS))])
+        if rng.random() < 0.1:
+            out[-1] += ".\n"
+    return " ".join(out)[:n_chars]
+
+
+def run_entry_point(name: str, *args, env: dict | None = None, timeout: float = 300, cwd: Path = ROOT):
+    """``python -m experiments.<name> ARGS`` as a user runs it, from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.{name}", *map(str, args)],
+        cwd=cwd,
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error_result(result, pattern: str, code: int = 2) -> None:
+    """Exit ``code``, no traceback, exactly one ``error:`` line, and it matches ``pattern``."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def run_losses(exp, steps_per_call: int, calls: int):
+    """Losses (calls * steps_per_call,) of seed 0 and the final state, from the jitted train program."""
+    from attention_jax.lab import experiment as ex
+
+    state = ex.init_state(exp)
+    step = ex.train_program(exp, steps_per_call)
+    losses = []
+    for _ in range(calls):
+        state, out = step(state)
+        losses.append(np.asarray(out["loss"]))
+    return np.concatenate(losses)[:, 0], state

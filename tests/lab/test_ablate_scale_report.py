@@ -1,0 +1,138 @@
+"""attention_jax.report: numbers in the table equal independent computations on a hand-made sweep dir."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from attention_jax.lab.ablate_scale import report
+from attention_jax.lab.config import apply_overrides, load_config
+from attention_jax.lab.loop import train
+from attention_jax.lab.rundir import load_run
+from attention_jax.stats import sown_attention_weights
+
+NAN = float("nan")
+
+
+def write_point(root, name, *, scale="sqrt", qk_norm=False, n_head=2, head_size=None, lr=1e-3, vals, diverged=()):
+    """A point folder as training leaves it: config.json and metrics.jsonl (evals at steps 0, 10, 20)."""
+    d = root / name
+    d.mkdir(parents=True)
+    config = {
+        "seed": 1337, "num_seeds": len(vals), "learning_rate": lr,
+        "model": {"n_embd": 32, "n_head": n_head, "head_size": head_size, "attn_scale": scale, "qk_norm": qk_norm},
+        "data": {"dataset": "tinyshakespeare", "train_fraction": 0.9},
+    }  # fmt: skip
+    (d / "config.json").write_text(json.dumps(config))
+    rows = []
+    for i, seq in enumerate(vals):
+        for step, v in zip((0, 10, 20), seq):
+            rows.append({"step": step, "seed": 1337 + i, "train_loss": v, "val_loss": v})
+            if step:
+                row = {"step": step, "seed": 1337 + i, "loss": v, "lr": lr}
+                if 1337 + i in diverged:
+                    row["diverged_at"] = 12
+                rows.append(row)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not diverged:
+        (d / "summary.json").write_text("{}")
+    return d
+
+
+@pytest.fixture
+def fake_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    write_point(root, "p1", vals=[[4.0, 3.0, 2.5], [4.1, 2.9, 2.7]])
+    write_point(root, "p2", scale="none", vals=[[4.0, 3.5, 3.2], [4.0, NAN, NAN]], diverged={1338})
+    write_point(root, "p3", head_size=8, vals=[[4.0, 2.8, 2.6], [4.0, 2.6, 2.65]])
+    write_point(root, "p4", lr=3e-3, vals=[[4.0, 2.7, 2.4], [4.0, 2.6, 2.5]])
+    write_point(root, "p5", scale="sqrt", qk_norm=True, vals=[[4.0, 2.9, 2.55], [4.0, 2.95, 2.85]])
+    return root
+
+
+def pm(values):
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.3f} ± {(v.std(ddof=1) if v.size > 1 else 0.0):.3f}"
+
+
+def row_of(table, *cells):
+    prefix = "| " + " | ".join(cells) + " |"
+    hits = [line for line in table.splitlines() if line.startswith(prefix)]
+    assert len(hits) == 1, (prefix, table)
+    return [c.strip() for c in hits[0].strip("|").split("|")]
+
+
+def test_arms_are_read_from_config(fake_sweep):
+    points = {p.name: p for p in report.load_points(fake_sweep)}
+    assert (points["p1"].design, points["p1"].scale, points["p1"].head_size) == ("a", "sqrt", 16)
+    assert (points["p3"].design, points["p3"].head_size) == ("b", 8)
+    assert points["p5"].scale == "sqrt+qknorm"
+    assert points["p2"].diverged == {1337: False, 1338: True}
+    assert report.base_learning_rate(list(points.values())) == 1e-3
+
+
+def test_table_numbers_equal_independent_computation(fake_sweep):
+    points = report.load_points(fake_sweep)
+    table = report.arm_table([p for p in points if p.learning_rate == 1e-3], target=2.8)
+    p1 = row_of(table, "a", "sqrt", "16", "2", "0.001")
+    assert p1[5] == pm([2.5, 2.7]) and p1[6] == pm([2.5, 2.7])
+    assert p1[7] == "—"  # the reference of the paired difference
+    assert p1[8] == "20 (2/2)"  # both seeds first reach <= 2.8 at step 20
+    assert p1[9] == "0/2"
+    p2 = row_of(table, "a", "none", "16", "2", "0.001")
+    assert p2[5].startswith(pm([3.2])) and p2[9] == "1/2"  # the diverged seed is left out of the mean
+    assert p2[7] == "+0.700 ± 0.000"  # paired with p1 on the surviving seed only
+    assert p2[8] == "— (0/2)"
+    p3 = row_of(table, "b", "sqrt", "8", "2", "0.001")
+    assert p3[5] == pm([2.6, 2.65]) and p3[6] == pm([2.6, 2.6]) and p3[8] == "10 (2/2)"
+    p5 = row_of(table, "a", "sqrt+qknorm", "16", "2", "0.001")
+    assert p5[5] == pm([2.55, 2.85]) and p5[8] == "20 (1/2)"
+    d = np.array([2.55 - 2.5, 2.85 - 2.7])
+    assert p5[7] == f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}"
+    assert report.default_target(points) == math.ceil(np.median([2.6, 3.2, 2.625, 2.45, 2.7]) * 100) / 100
+
+
+def test_lr_table_and_whole_report_without_checkpoints(fake_sweep, tmp_path):
+    lr = report.lr_table(report.load_points(fake_sweep))
+    cells = row_of(lr, "a", "16", "sqrt")
+    assert cells[3:6] == [pm([2.5, 2.7]), pm([2.4, 2.5]), "0.003"]
+    out = tmp_path / "out"
+    path = report.write_report(fake_sweep, out, target=2.8, entropy=False)
+    md = path.read_text()
+    assert "## Learning-rate axis" in md and pm([2.6, 2.65]) in md
+    for png in ("val_loss_curves.png", "final_loss_vs_head_size.png"):
+        assert (out / png).stat().st_size > 1000 and f"({png})" in md
+
+
+@pytest.mark.slow
+def test_entropy_and_heatmaps_from_a_real_checkpoint(tmp_path, small_text):
+    text = small_text(3000)
+    config = load_config("configs/ablate_scale.py:smoke")
+    apply_overrides(config, {"num_seeds": 2, "max_iters": 4, "checkpoint_every": 4, "eval_interval": 2})
+    workdir = tmp_path / "sweep" / "attn_scale=sqrt"
+    train(config, workdir, text=text, progress=False)
+    path = report.write_report(tmp_path / "sweep", text=text, target=3.0)
+    md = path.read_text()
+    # independent entropy: numpy float64 on the weights of each seed's restored params
+    point = report.load_points(tmp_path / "sweep")[0]
+    report.add_entropies([point], text)
+    tokens = report.eval_tokens(text, load_run(workdir).tokenizer, config.model.block_size)
+    per_seed = []
+    run = load_run(workdir)
+    for i in range(2):
+        layers = []
+        for w in sown_attention_weights(run.model, run.params(i), tokens):
+            w = np.asarray(w, np.float64)[..., 1:, :]  # drop the length-1 row
+            n = np.arange(2, w.shape[-2] + 2)
+            h = -np.sum(np.where(w > 0, w * np.log(np.where(w > 0, w, 1)), 0), -1) / np.log(n)
+            layers.append(h.mean())
+        per_seed.append(layers)
+    expected = np.mean(per_seed, axis=0)
+    np.testing.assert_allclose(point.entropy, expected, rtol=1e-4)
+    assert " / ".join(f"{e:.2f}" for e in expected) in md
+    assert (tmp_path / "sweep" / "attention_heatmaps.png").stat().st_size > 1000
+    window = md.split("```\n")[1]
+    assert window.count("\n") == 8 and window.startswith("[[1.0000, 0.0000")  # row 0 attends to itself only

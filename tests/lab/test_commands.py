@@ -1,0 +1,169 @@
+"""The command-line entry points, run as a user runs them: as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attention_jax.lab.rundir import read_jsonl
+from tests.helpers import ROOT, SMOKE, assert_one_line_error_result, run_entry_point
+
+run = run_entry_point
+assert_one_line_error = assert_one_line_error_result
+
+
+def train_args(workdir, text_file, *extra):
+    return ("--config", SMOKE, "--workdir", workdir, f"--config.data.dataset={text_file}", "--no-progress", *extra)
+
+
+def final_losses(workdir):
+    rows = read_jsonl(Path(workdir) / "metrics.jsonl")
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+@pytest.mark.slow
+def test_train_then_sample_end_to_end(tmp_path, text_file):
+    result = run("train", *train_args(tmp_path / "w", text_file))
+    assert result.returncode == 0, result.stderr
+    assert "20 steps, final val loss" in result.stderr
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["steps"] == 20 and np.isfinite(summary["final_val_loss"][0])
+
+    result = run("sample", "--workdir", tmp_path / "w", "--prompt", "the king", "--max_new_tokens", 30, "--seed", 1)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.rstrip("\n")
+    assert out.startswith("the king") and len(out) == len("the king") + 30
+    again = run("sample", "--workdir", tmp_path / "w", "--prompt", "the king", "--max_new_tokens", 30, "--seed", 1)
+    assert again.stdout == result.stdout  # deterministic for a seed
+
+    bad = run("sample", "--workdir", tmp_path / "w", "--prompt", "Zebra")
+    assert bad.returncode == 2 and "character 'Z' is not in the tokenizer" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run("sample", "--workdir", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "no run in" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--config.model.n_heads=4"], r"unknown config key 'model\.n_heads'.*did you mean model\.n_head"),
+        (["--config.lerning_rate=1e-3"], r"did you mean learning_rate"),
+        (["--config.batch_size=big"], r"'batch_size' expects int"),
+        (["--config.model.n_head=3"], r"model\.head_size.*not divisible by n_head=3"),
+        (["--config.learning_rate=-0.1"], r"learning_rate=-0\.1: must be positive"),
+        (["--config.model.attn_scale=huge"], r"model\.attn_scale.*valid choices"),
+        (["--config.model.block_size=100000"], r"model\.block_size=100000 is too long"),
+        (["--bogus"], r"unrecognized argument '--bogus'"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, text_file, extra, pattern):
+    result = run("train", *train_args(tmp_path / "w", text_file, *extra))
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "w" / "checkpoints").exists()  # failed before any compute
+
+
+def test_missing_data_file_says_how_to_provide_it(tmp_path):
+    result = run("train", "--config", SMOKE, "--workdir", tmp_path / "w", "--config.data.dataset=/no/such.txt")
+    assert_one_line_error(result, r"data file not found: /no/such\.txt")
+    env = {"ATTENTION_JAX_DATA_DIR": str(tmp_path / "empty"), "HOME": str(tmp_path / "home")}
+    # Offline (the download is blocked by a bad proxy), tinyshakespeare explains where to put the file.
+    env.update({"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"})
+    result = run("train", "--config", SMOKE, "--workdir", tmp_path / "w2", env=env)
+    assert_one_line_error(result, r"tinyshakespeare\.txt not found.*ATTENTION_JAX_DATA_DIR")
+
+
+def test_missing_config_file(tmp_path):
+    result = run("train", "--config", "configs/nope.py", "--workdir", tmp_path)
+    assert_one_line_error(result, r"config file not found: configs/nope\.py")
+    result = run("train", "--config", "configs/shakespeare_char.py:tpu", "--workdir", tmp_path)
+    assert_one_line_error(result, r"unknown variant 'tpu'")
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, text_file):
+    """Kill -9 a run mid-training (twice, at different moments), resume, compare with a clean run."""
+    extra = ["--config.max_iters=40", "--config.checkpoint_every=5", "--config.eval_interval=10"]
+    clean = run("train", *train_args(tmp_path / "clean", text_file, *extra))
+    assert clean.returncode == 0, clean.stderr
+
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.train", *map(str, train_args(workdir, text_file, *extra))]
+    for target_rows in (3, 8):  # kill after the log has this many rows: early, then later
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(read_jsonl(workdir / "metrics.jsonl")) >= target_rows:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = run("train", *train_args(workdir, text_file, *extra))
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = final_losses(tmp_path / "clean"), final_losses(workdir)
+    assert [r[0] for r in a] == [r[0] for r in b]
+    for (_, la, va), (_, lb, vb) in zip(a, b):
+        assert (la is None) == (lb is None) and (va is None) == (vb is None)
+        if la is not None:
+            assert lb == pytest.approx(la, rel=1e-6)
+        if va is not None:
+            assert vb == pytest.approx(va, rel=1e-6)
+    sa = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    sb = json.loads((workdir / "summary.json").read_text())
+    assert sb["final_val_loss"] == pytest.approx(sa["final_val_loss"], rel=1e-6)
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, sys
+import jax
+from attention_jax.lab.cli import enable_compilation_cache
+enable_compilation_cache()
+from attention_jax.lab.config import apply_overrides, load_config
+from attention_jax.lab.loop import train
+from attention_jax.lab.rundir import RunDir
+config = load_config("configs/shakespeare_char.py:smoke")
+apply_overrides(config, {"batch_size": 8, "max_iters": 12, "eval_interval": 6, "log_interval": 3,
+                         "sample_tokens": 0, "model.dropout": 0.1})
+summary = train(config, sys.argv[1], text=open(sys.argv[2]).read(), progress=False)
+rows = RunDir(sys.argv[1]).read_metrics()
+print(json.dumps({"devices": jax.device_count(), "rows": rows}))
+"""
+
+
+@pytest.mark.slow
+def test_four_simulated_devices_give_the_same_losses_as_one(tmp_path, text_file):
+    outs = {}
+    for n in (1, 4):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        result = subprocess.run(
+            [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path / f"d{n}"), str(text_file)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        outs[n] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outs[1]["devices"] == 1 and outs[4]["devices"] == 4
+    rows1, rows4 = outs[1]["rows"], outs[4]["rows"]
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows4]
+    for r1, r4 in zip(rows1, rows4):
+        for key in ("loss", "train_loss", "val_loss", "grad_norm"):
+            if key in r1:
+                assert r4[key] == pytest.approx(r1[key], rel=2e-5, abs=1e-6), (r1, r4)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, text_file):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    result = run("train", *train_args(tmp_path / "w", text_file, "--config.batch_size=4"), env=env)
+    assert_one_line_error(result, r"batch_size=4: must be divisible by the 3 devices")

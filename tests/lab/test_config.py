@@ -1,0 +1,132 @@
+"""Experiment configs: the schema, overrides, one-line errors that name the key, the shipped files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from attention_jax import data as data_lib
+from attention_jax.lab.config import (
+    ConfigError,
+    apply_overrides,
+    base_config,
+    load_config,
+    model_config,
+    parse_override_args,
+)
+from attention_jax.lab.experiment import Experiment
+from attention_jax.lab.sweep import load_sweep
+from attention_jax.model import ModelConfig
+
+SMOKE = "configs/shakespeare_char.py:smoke"
+
+
+def test_unknown_key_names_closest_valid_key():
+    config = load_config(SMOKE)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.n_heads'.*model\.n_head"):
+        apply_overrides(config, {"model.n_heads": "4"})
+    with pytest.raises(ConfigError, match=r"learning_rate"):
+        apply_overrides(config, {"learnig_rate": "1e-3"})
+    with pytest.raises(ConfigError, match=r"model\.n_layer"):
+        apply_overrides(config, {"n_layers": "2"})  # leaf name close to a nested key
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("batch_size", "twelve", r"batch_size.*expects int"),
+        ("learning_rate", "fast", r"learning_rate.*expects float"),
+        ("model.qk_norm", "maybe", r"model\.qk_norm.*expects bool"),
+    ],
+)
+def test_wrong_type_names_field(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(load_config(SMOKE), {key: value})
+
+
+def test_override_parsing_and_types():
+    overrides = parse_override_args(["--config.model.n_head=4", "--config.seed", "3", "--config.model.qk_norm=true"])
+    config = apply_overrides(load_config(SMOKE), overrides)
+    assert (config.model.n_head, config.seed, config.model.qk_norm) == (4, 3, True)
+    apply_overrides(config, {"model.head_size": "8", "model.attn_scale": 0.25})
+    assert config.model.head_size == 8 and config.model.attn_scale == "0.25"
+    with pytest.raises(ConfigError, match="unrecognized argument"):
+        parse_override_args(["--model.n_head=4"])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"learning_rate": -1.0}, r"learning_rate=-1\.0: must be positive"),
+        ({"batch_size": 0}, r"batch_size=0"),
+        ({"beta2": 1.0}, r"beta2"),
+        ({"model.n_head": 3}, r"model\.head_size.*not divisible by n_head=3"),
+        ({"model.attn_scale": "sqrtt"}, r"model\.attn_scale.*'sqrt'"),
+        ({"model.pos_encoding": "alibi"}, r"model\.pos_encoding"),
+        ({"model.block_size": 5000}, r"model\.block_size=5000 is too long for the validation split"),
+        ({"data.dataset": "/nonexistent/file.txt"}, r"data file not found: /nonexistent/file\.txt"),
+    ],
+)
+def test_impossible_values_fail_before_compute(overrides, match, tiny_config, small_text):
+    config = tiny_config(**overrides)
+    with pytest.raises((ConfigError, FileNotFoundError), match=match):
+        Experiment.from_config(config, text=None if "data.dataset" in overrides else small_text())
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "data.train_fraction", "model.n_head"])
+def test_none_is_refused_where_the_default_is_not_none(key):
+    with pytest.raises(ConfigError, match=rf"'{key}' expects \w+, got None"):
+        apply_overrides(load_config(SMOKE), {key: "none"})
+    config = apply_overrides(load_config(SMOKE), {"model.head_size": "8"})
+    assert apply_overrides(config, {"model.head_size": "none"}).model.head_size is None
+
+
+SHIPPED = [
+    "configs/shakespeare_char.py",
+    "configs/shakespeare_char.py:cpu",
+    "configs/shakespeare_char.py:gpu",
+    "configs/lecture_gpt.py",
+    "configs/bigram.py",
+]
+
+
+@pytest.mark.parametrize("spec", SHIPPED)
+def test_shipped_configs_validate_against_tiny_shakespeare(spec):
+    """Reads $ATTENTION_JAX_DATA_DIR (CI points it at the real file); skips without it."""
+    folder = os.environ.get("ATTENTION_JAX_DATA_DIR")
+    if not folder or not os.path.isfile(os.path.join(folder, "tinyshakespeare.txt")):
+        pytest.skip("tinyshakespeare.txt not in $ATTENTION_JAX_DATA_DIR")
+    raw = open(os.path.join(folder, "tinyshakespeare.txt"), "rb").read()
+    assert len(raw) == data_lib.TINYSHAKESPEARE_BYTES
+    exp = Experiment.from_config(load_config(spec))  # validation and data only: no compile
+    assert exp.tokenizer.vocab_size == 65
+    assert exp.train_data.shape[0] == int(0.9 * len(raw.decode("utf-8")))
+
+
+def test_config_file_problems_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg):\n    return undefined_name\nx = 1/0\n")
+    with pytest.raises(ConfigError, match=r"could not load config file .*broken\.py: ZeroDivisionError"):
+        load_config(str(broken))
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match=r"defines no get_config\(arg\)"):
+        load_config(str(empty))
+    with pytest.raises(ConfigError, match=r"defines no get_sweep\(arg\): it is not a sweep"):
+        load_sweep(SMOKE)
+    with pytest.raises(ConfigError, match=r"unknown variant 'tpu'"):
+        load_config("configs/shakespeare_char.py:tpu")
+
+
+def test_every_model_config_field_is_a_config_key_and_maps_through():
+    """config.model holds each ModelConfig field by the same name (plus "type"): one schema, mapped by name."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    assert set(base_config().model.keys()) == fields | {"type"}
+    config = apply_overrides(load_config(SMOKE), {"model.head_size": "8", "model.attn_scale": "0.5"})
+    mc = model_config(config, vocab_size=7)
+    assert (mc.vocab_size, mc.head_size, mc.head_dim, mc.attn_scale) == (7, 8, 8, 0.5)  # "0.5" read as a number
+    with pytest.raises(ConfigError, match=r"^model\.pos_encoding"):  # the field named by its config key
+        model_config(apply_overrides(load_config(SMOKE), {"model.pos_encoding": "alibi"}), vocab_size=7)

@@ -1,0 +1,134 @@
+"""The training loop: it learns, writes its run directory, resumes exactly, stops on divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_jax.lab.config import ConfigError
+from attention_jax.lab.loop import TrainingDiverged, merge_seeds, train
+from attention_jax.lab.rundir import load_run, read_jsonl
+from attention_jax.lab.steps import TrainState
+
+
+def losses_of(workdir):
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [
+        (r["step"], r["val_loss"]) for r in rows if "val_loss" in r
+    ]
+
+
+@pytest.mark.slow
+def test_training_learns_and_writes_workdir(tmp_path, tiny_config, small_text):
+    config = tiny_config(max_iters=60, eval_interval=30, checkpoint_every=30, learning_rate=1e-2, sample_tokens=20)
+    summary = train(config, tmp_path, text=small_text(), progress=False)
+    for name in ("config.json", "metrics.jsonl", "tokenizer.json", "sample.txt", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "checkpoints" / "60").is_dir() and (tmp_path / "best").is_dir()
+    _, val = losses_of(tmp_path)
+    assert [s for s, _ in val] == [0, 30, 60]
+    assert val[0][1] == pytest.approx(math.log(summary_vocab(tmp_path)), rel=0.05)  # uniform at init
+    assert val[-1][1] < val[0][1] - 0.4  # it learns
+    assert json.loads((tmp_path / "config.json").read_text())["max_iters"] == 60
+    assert summary["final_val_loss"][0] == pytest.approx(val[-1][1])
+
+
+def summary_vocab(workdir):
+    return len(json.loads((workdir / "tokenizer.json").read_text())["chars"])
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, tiny_config, small_text):
+    text = small_text()
+    base = dict(eval_interval=10, checkpoint_every=10, log_interval=5)
+    straight = train(tiny_config(max_iters=30, **base), tmp_path / "a", text=text, progress=False)
+    train(tiny_config(max_iters=20, **base), tmp_path / "b", text=text, progress=False)
+    resumed = train(tiny_config(max_iters=30, **base), tmp_path / "b", text=text, progress=False)
+    np.testing.assert_allclose(resumed["final_val_loss"], straight["final_val_loss"], rtol=1e-6)
+    a_train, a_val = losses_of(tmp_path / "a")
+    b_train, b_val = losses_of(tmp_path / "b")
+    assert [s for s, _ in a_train] == [s for s, _ in b_train]
+    np.testing.assert_allclose([v for _, v in b_train], [v for _, v in a_train], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in b_val], [v for _, v in a_val], rtol=1e-6)
+    # Finished runs are not trained again.
+    again = train(tiny_config(max_iters=30, **base), tmp_path / "b", text=text, progress=False)
+    assert again["final_val_loss"] == resumed["final_val_loss"]
+
+
+def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, tiny_config, small_text):
+    text = small_text()
+    config = tiny_config(max_iters=10, eval_interval=10, checkpoint_every=10, log_interval=5)
+    train(config, tmp_path, text=text, progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # as if killed after logging step 15, and mid-line
+        f.write(json.dumps({"step": 15, "seed": 1337, "loss": 123.0}) + '\n{"step": 1')
+    (tmp_path / "summary.json").unlink()
+    train(
+        tiny_config(max_iters=20, eval_interval=10, checkpoint_every=10, log_interval=5),
+        tmp_path,
+        text=text,
+        progress=False,
+    )
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(r.get("loss") != 123.0 for r in rows)
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20]
+
+
+def test_different_config_in_same_workdir_is_refused(tmp_path, tiny_config, small_text):
+    text = small_text()
+    train(tiny_config(max_iters=10), tmp_path, text=text, progress=False)
+    with pytest.raises(ConfigError, match=r"different config.*learning_rate"):
+        train(tiny_config(max_iters=10, learning_rate=5e-3), tmp_path, text=text, progress=False)
+
+
+@pytest.mark.parametrize("k", [5, 3])  # 3 does not divide log_interval=5: calls split into single steps
+def test_steps_per_call_gives_the_same_losses(tmp_path, k, tiny_config, small_text):
+    text = small_text()
+    one = train(tiny_config(max_iters=20), tmp_path / "one", text=text, progress=False)
+    five = train(tiny_config(max_iters=20, steps_per_call=k), tmp_path / "five", text=text, progress=False)
+    np.testing.assert_allclose(five["final_val_loss"], one["final_val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        [v for _, v in losses_of(tmp_path / "five")[0]], [v for _, v in losses_of(tmp_path / "one")[0]], rtol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_message_and_keeps_last_checkpoint(tmp_path, tiny_config, small_text):
+    text = small_text()
+    huge = {"grad_clip": 0.0, "warmup_iters": 0, "learning_rate": 1e30, "min_lr": 1e30}
+    bad = tiny_config(max_iters=40, eval_interval=10, checkpoint_every=10, **huge)
+    with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step \d+.*no checkpoint was saved yet"):
+        train(bad, tmp_path / "bad", text=text, progress=False)
+    bad.checkpoint_every = 1
+    with pytest.raises(TrainingDiverged) as info:
+        train(bad, tmp_path / "bad2", text=text, progress=False)
+    message = str(info.value)
+    step = int(message.split("at step ")[1].split(";")[0])
+    assert f"last good checkpoint is step {step - 1}" in message
+    # The last good checkpoint restores to finite parameters.
+    run = load_run(tmp_path / "bad2")
+    assert run.step() == step - 1
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(run.params()))
+
+
+def test_best_state_is_kept_per_seed():
+    new = TrainState(step=jnp.array([4, 4]), params={"w": jnp.array([[1.0, 1.0], [2.0, 2.0]])}, opt_state=())
+    old = TrainState(step=jnp.array([2, 2]), params={"w": jnp.array([[9.0, 9.0], [8.0, 8.0]])}, opt_state=())
+    merged = merge_seeds([False, True], new, old)
+    np.testing.assert_array_equal(merged.step, [2, 4])  # seed 0 keeps its earlier best, seed 1 takes the new
+    np.testing.assert_array_equal(merged.params["w"], [[9.0, 9.0], [2.0, 2.0]])
+
+
+def test_killed_after_the_last_checkpoint_but_before_the_summary(tmp_path, tiny_config, small_text):
+    text = small_text()
+    config = tiny_config(max_iters=20, eval_interval=10, checkpoint_every=10, log_interval=5)
+    first = train(config, tmp_path, text=text, progress=False)
+    rows_before = read_jsonl(tmp_path / "metrics.jsonl")
+    (tmp_path / "summary.json").unlink()  # as if killed while writing the sample
+    again = train(config, tmp_path, text=text, progress=False)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == rows_before  # no evaluation written twice
+    assert again["final_val_loss"] == first["final_val_loss"]

@@ -1,0 +1,145 @@
+"""The run directory: its file names, atomic writes, the config check, metrics.jsonl and TensorBoard, loading a run."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attention_jax.data import CharTokenizer
+from attention_jax.lab import rundir as rd
+from attention_jax.lab.config import ConfigError
+from attention_jax.lab.loop import train
+
+
+def read_events(folder: Path) -> list:
+    """Every event of the TensorBoard event files of ``folder``, file by file (oldest first).
+
+    Written out independently of tensorboardX's writer: the TFRecord framing (length, crc,
+    payload, crc) parsed by hand, each payload decoded as an ``Event`` protocol buffer.
+    """
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of ``folder``'s event files, by tag: [(step, value)] in file order."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for event in read_events(folder):
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_every_file_name_is_defined_once_in_rundir():
+    names = [rd.CONFIG, rd.TOKENIZER, rd.METRICS, rd.TENSORBOARD, rd.CHECKPOINTS, rd.BEST, rd.SAMPLE, rd.SUMMARY,
+             rd.SWEEP_POINT]  # fmt: skip
+    assert len(set(names)) == len(names)
+    root = Path(rd.__file__).parents[1]  # attention_jax/
+    for path in root.rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        text = path.read_text()
+        for name in ('"summary.json"', '"metrics.jsonl"', '"sweep_point.json"', '"tokenizer.json"', '"config.json"'):
+            assert name not in text, f"{path} spells {name}: use attention_jax.lab.rundir"
+
+
+def test_json_is_written_atomically_and_read_back(tmp_path):
+    rd.write_json(tmp_path / "a.json", {"x": [1, 2.5], "y": None})
+    assert rd.read_json(tmp_path / "a.json") == {"x": [1, 2.5], "y": None}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left behind
+    run = rd.RunDir(tmp_path / "run")
+    run.create()
+    tok = CharTokenizer.from_text("hello world")
+    run.write_tokenizer(tok)
+    assert run.read_tokenizer() == tok
+    run.write_summary({"steps": 3})
+    assert run.has_summary() and run.read_summary() == {"steps": 3}
+    run.remove_summary()
+    assert not run.has_summary()
+    assert run.read_point_record() is None
+    (run / rd.SWEEP_POINT).write_text("{not json")
+    assert run.read_point_record() is None  # unreadable is treated as absent
+
+
+def test_read_jsonl_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert rd.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert rd.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_check_same_config_names_what_changed_and_allows_resumable_changes(tmp_path):
+    run = rd.RunDir(tmp_path)
+    run.check_same_config({"a": 1})  # no config yet: anything goes
+    old = {"learning_rate": 1e-3, "max_iters": 10, "model": {"n_head": 2}}
+    run.write_config(old)
+    run.check_same_config({**old, "max_iters": 20, "steps_per_call": 5})  # may change on resume
+    with pytest.raises(ConfigError, match=r"different config \(model\.n_head: 2 -> 4\)"):
+        run.check_same_config({**old, "model": {"n_head": 4}})
+
+
+def test_metrics_writer_keeps_rows_up_to_a_step_and_mirrors_them_to_tensorboard(tmp_path):
+    run = rd.RunDir(tmp_path)
+    run.create()
+    first = run.metrics_writer([7, 8])
+    first.write_many([{"step": s, "seed": seed, "loss": float(s + seed / 10)} for s in (1, 2, 3) for seed in (7, 8)])
+    first.write_many([{"step": 3, "seed": 7, "train_loss": 1.5, "val_loss": 1.25}])
+    first.close()
+    # Resumed from a checkpoint at step 2: rows after it are dropped, then the run continues.
+    second = run.metrics_writer([7, 8], keep_up_to_step=2)
+    second.write_many([{"step": 3, "seed": 7, "loss": 30.0, "lr": 0.5, "grad_norm": 2.0, "tokens_per_s": 9.0}])
+    second.close()
+    rows = run.read_metrics()
+    assert [(r["step"], r["seed"]) for r in rows] == [(1, 7), (1, 8), (2, 7), (2, 8), (3, 7)]
+    assert rows[-1]["loss"] == 30.0
+    seed7 = read_event_scalars(tmp_path / rd.TENSORBOARD / "seed_7")
+    # The event file keeps both sessions; TensorBoard purges the first session's steps >= 3 (purge_step).
+    assert seed7["train/loss"][:3] == [(1, pytest.approx(1.7)), (2, pytest.approx(2.7)), (3, pytest.approx(3.7))]
+    assert seed7["train/loss"][-1] == (3, 30.0)
+    assert seed7["eval/val_loss"] == [(3, 1.25)]
+    assert seed7["train/learning_rate"] == [(3, 0.5)] and seed7["train/grad_norm"] == [(3, 2.0)]
+    # The resumed session starts with TensorBoard's purge marker at step 3 (for both seeds).
+    for seed in (7, 8):
+        starts = [e.step for e in read_events(tmp_path / rd.TENSORBOARD / f"seed_{seed}") if e.session_log.status == 1]
+        assert starts == [0, 3], (seed, starts)  # SessionLog.START: a fresh run purges all, a resumed one from 3
+
+
+@pytest.mark.slow
+def test_training_writes_tensorboard_equal_to_metrics_jsonl(tmp_path, tiny_config, small_text):
+    train(tiny_config(max_iters=10, eval_interval=5, log_interval=5, num_seeds=2), tmp_path, text=small_text(3000),
+          progress=False)  # fmt: skip
+    rows = rd.RunDir(tmp_path).read_metrics()
+    for seed in (1337, 1338):
+        events = read_event_scalars(tmp_path / rd.TENSORBOARD / f"seed_{seed}")
+        for key, tag in (("loss", "train/loss"), ("val_loss", "eval/val_loss"), ("grad_norm", "train/grad_norm")):
+            want = [(r["step"], r[key]) for r in rows if r["seed"] == seed and key in r]
+            got = events[tag]
+            assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 2
+            np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)  # float32 in events
+
+
+def test_load_run_errors_name_the_folder(tmp_path, tiny_config, small_text):
+    with pytest.raises(FileNotFoundError, match=r"no run in .*config\.json is missing"):
+        rd.load_run(tmp_path / "nothing")
+    train(tiny_config(max_iters=4, checkpoint_every=4, eval_interval=4), tmp_path / "w", text=small_text(3000),
+          progress=False)  # fmt: skip
+    run = rd.load_run(tmp_path / "w")
+    assert run.step() == 4 and run.num_seeds == 1 and run.tokenizer.vocab_size > 5
+    with pytest.raises(ValueError, match=r"seed index must be in \[0, 1\)"):
+        run.params(1)
+    best = rd.load_run(tmp_path / "w", which="best")
+    summary = json.loads((tmp_path / "w" / rd.SUMMARY).read_text())
+    assert best.step() == summary["best_step"][0]

@@ -1,0 +1,106 @@
+"""The pure steps: schedule, optimizer, keys, several steps per call, the whole-split loss."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_jax.lab import experiment as ex
+from attention_jax.lab import steps
+from attention_jax.lab.config import load_config
+from attention_jax.model import cross_entropy
+from tests.helpers import run_losses
+
+
+def nanogpt_lr(it, lr, min_lr, warmup, decay):
+    """nanoGPT's get_lr, written out independently."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay:
+        return min_lr
+    ratio = (it - warmup) / (decay - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@pytest.mark.parametrize("step", [0, 50, 99, 100, 101, 1000, 2500, 4999, 5000, 5001, 9000])
+def test_schedule_matches_nanogpt(step):
+    config = load_config("configs/shakespeare_char.py")
+    got = float(steps.learning_rate_schedule(config)(step))
+    want = nanogpt_lr(step, 1e-3, 1e-4, 100, 5000)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_weight_decay_only_on_matrices(tiny_config):
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}, "ln": {"scale": jnp.ones(4)}}
+    mask = steps.decay_mask(params)
+    assert mask == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False}}
+    config = tiny_config(learning_rate=0.1, warmup_iters=0, weight_decay=0.5, grad_clip=0.0)
+    tx = steps.make_optimizer(config)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # With zero gradients only weight decay moves parameters: matrices shrink, the rest stay.
+    assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0
+    assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0
+    assert float(jnp.abs(updates["ln"]["scale"]).max()) == 0
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    key = jax.random.key(3)
+    a = steps.step_keys(key, 7)
+    b = steps.step_keys(key, 7)
+    c = steps.step_keys(key, 8)
+    assert all(bool(jnp.all(jax.random.key_data(x) == jax.random.key_data(y))) for x, y in zip(a, b))
+    assert not bool(jnp.all(jax.random.key_data(a[0]) == jax.random.key_data(c[0])))
+    assert not bool(jnp.all(jax.random.key_data(a[0]) == jax.random.key_data(a[1])))  # data != dropout stream
+
+
+@pytest.fixture(scope="module")
+def experiment(small_text):
+    config = load_config("configs/shakespeare_char.py:smoke")  # 2 layers, C 32, T 16, batch 4
+    config.warmup_iters = 2  # the losses below cover warmup and decay
+    return ex.Experiment.from_config(config, text=small_text())
+
+
+def test_steps_per_call_gives_the_losses_of_single_steps(experiment):
+    one, s1 = run_losses(experiment, 1, 6)
+    three, s3 = run_losses(experiment, 3, 2)
+    assert one.shape == three.shape == (6,)
+    np.testing.assert_allclose(three, one, rtol=1e-5, atol=1e-6)
+    assert int(s1.step[0]) == int(s3.step[0]) == 6
+    for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s3.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    assert one[-1] < one[0]  # it trains
+
+
+def test_train_step_is_a_plain_function_of_its_arguments(experiment):
+    """One step called without any Experiment: model, optimizer and data passed in; equals the jitted program."""
+    exp = experiment
+    state = ex.init_state(exp)
+    one_state = jax.tree_util.tree_map(lambda a: a[0], state)
+    new, metrics = jax.jit(
+        lambda s, k: steps.train_step(
+            s, k, model=exp.model, tx=exp.tx, data=exp.train_data, batch_size=4, block_size=16
+        )
+    )(one_state, exp.seed_keys[0])
+    _, out = ex.train_program(exp, 1)(state)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(float(metrics["loss"]), float(out["loss"][0, 0]), rtol=1e-6)
+
+
+def test_full_split_loss_equals_independent_computation(tiny_config, small_text):
+    exp = ex.Experiment.from_config(tiny_config(batch_size=4), text=small_text(3000))
+    state = ex.init_state(exp)
+    got = float(ex.full_split_loss(exp, state.params, exp.val_data)[0])
+    params = jax.tree_util.tree_map(lambda a: a[0], state.params)
+    val = np.asarray(exp.val_data)
+    T = exp.model_config.block_size
+    losses = []
+    for start in range(0, (len(val) - 1) // T * T, T):  # every complete window, one at a time
+        x, y = val[start : start + T], val[start + 1 : start + T + 1]
+        logits = exp.model.apply({"params": params}, jnp.asarray(x)[None])[0]
+        losses.append(float(cross_entropy(logits, jnp.asarray(y))))
+    assert got == pytest.approx(np.mean(losses), rel=1e-5)
