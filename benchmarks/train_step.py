@@ -38,8 +38,11 @@ def torch_reference(threads: int | None):
             raise NoReference("torch is not installed (pip install torch): PyTorch comparison skipped") from None
         if exp.config.model.type != "transformer":
             raise NoReference(f"no PyTorch reference for model.type={exp.config.model.type!r}: comparison skipped")
-        if exp.num_seeds != 1:  # the reference trains one seed; a K-seed step is not comparable
-            raise NoReference(f"num_seeds={exp.num_seeds}: the PyTorch reference trains one seed, comparison skipped")
+        if exp.num_members != 1:  # the reference trains one model; a K-model step is not comparable
+            raise NoReference(
+                f"{exp.num_members} models (num_seeds or a population): the PyTorch reference trains one, "
+                "comparison skipped"
+            )
         torch.set_num_threads(threads or cpu_cores())
         try:
             return TorchTrainer(exp.config, exp.model_config, jax.device_get(exp.train_data))

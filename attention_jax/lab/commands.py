@@ -55,15 +55,20 @@ def sample(argv=None):
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
-    parser.add_argument("--model_seed", type=int, default=0, help="which of num_seeds models (index)")
+    parser.add_argument(
+        "--model_seed",
+        type=int,
+        default=0,
+        help="which of the run's models: its member index (of num_seeds or the population)",
+    )
     args = parser.parse_args(argv)
 
     from attention_jax.lab.rundir import load_run
     from attention_jax.lab.sampling import sample_text
 
     run = load_run(args.workdir, which=args.checkpoint)
-    if not 0 <= args.model_seed < run.num_seeds:
-        raise ValueError(f"--model_seed must be in [0, {run.num_seeds}), got {args.model_seed}")
+    if not 0 <= args.model_seed < run.num_members:
+        raise ValueError(f"--model_seed must be in [0, {run.num_members}), got {args.model_seed}")
     text = sample_text(
         run,
         args.prompt,
@@ -71,7 +76,7 @@ def sample(argv=None):
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
-        seed_index=args.model_seed,
+        member=args.model_seed,
     )
     sys.stdout.write(text + "\n")
 
@@ -93,6 +98,12 @@ def sweep(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="list the points and their status; train nothing")
     parser.add_argument("--print-commands", action="store_true", help="print one experiments.train command per point")
     parser.add_argument("--progress", action="store_true", help="show a progress bar per point")
+    parser.add_argument(
+        "--no-group",
+        dest="group",
+        action="store_false",
+        help="one program per point (default: points that differ only in seeds and optimizer values train together)",
+    )
     args, rest = parser.parse_known_args(argv)
     base_overrides = parse_override_args(rest)
 
@@ -118,7 +129,13 @@ def sweep(argv=None):
         jax.distributed.initialize()  # before any other JAX call; every host runs this same command
 
     status = sweep_lib.run_sweep(
-        args.config, chosen, sweep_dir, all_points=points, base_overrides=base_overrides, progress=args.progress
+        args.config,
+        chosen,
+        sweep_dir,
+        all_points=points,
+        base_overrides=base_overrides,
+        progress=args.progress,
+        group=args.group,
     )
     bad = [r for r in status["points"] if r["index"] in {p.index for p in chosen} and r["status"] not in ("done",)]
     print(f"sweep: {status['counts']} in {status['seconds']:.0f} s; status in {sweep_dir}/status.json", file=sys.stderr)

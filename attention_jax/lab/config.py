@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -61,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); same result, less dispatch
     c.sample_tokens = 500  # characters sampled into sample.txt at the end (0: none)
     c.distributed = False  # True: jax.distributed.initialize() first (one run spanning several hosts)
+    # Members trained together in one program, each with its own values: a tuple of dicts
+    # ({"learning_rate": 3e-3, "seed": 0}, ...), each entry times num_seeds seeds; () = one entry,
+    # the config itself. Only runtime values may differ (attention_jax.lab.population.MEMBER_KEYS).
+    c.population = ()
 
     c.model = ml_collections.ConfigDict()
     c.model.type = "transformer"  # "transformer" or "bigram"
@@ -153,7 +158,7 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(key: str, valid: Iterable[str]) -> str:
+def unknown_key_message(key: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     if not close:  # try the last component alone: "n_heads" -> "model.n_head"
@@ -212,8 +217,14 @@ def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) ->
             return out
         if kind is str:
             return value if isinstance(value, str) else str(value)
+        if kind in (tuple, list):  # a JSON list on the command line, a list or tuple from Python
+            parsed = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(parsed, (list, tuple)):
+                raise ValueError
+            return tuple(parsed)
     except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}") from None
+        what = "a JSON list" if kind in (tuple, list) else kind.__name__
+        raise ConfigError(f"config key '{key}' expects {what}, got {value!r}") from None
     return value
 
 
@@ -225,11 +236,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         for part in parts[:-1]:
             child = parent.get(part) if isinstance(parent, ml_collections.ConfigDict) else None
             if not isinstance(child, ml_collections.ConfigDict):
-                raise ConfigError(_unknown_key_message(key, valid))
+                raise ConfigError(unknown_key_message(key, valid))
             parent = child
         name = parts[-1]
         if name not in parent or isinstance(parent[name], ml_collections.ConfigDict):
-            raise ConfigError(_unknown_key_message(key, valid))
+            raise ConfigError(unknown_key_message(key, valid))
         with parent.unlocked():
             parent[name] = _convert(key, value, _field_type(parent, name), nullable=_nullable(parent, name))
     return config
@@ -257,8 +268,8 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
-    """A plain, JSON-ready dict of a ConfigDict."""
-    return config.to_dict()
+    """A plain dict of a ConfigDict, as JSON reads it back (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict()))
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:

@@ -1,13 +1,19 @@
-"""What one experiment config builds: data, model, optimizer, device mesh and seed keys.
+"""What one experiment config builds: data, model, optimizer, device mesh and its members.
 
 An ``Experiment`` holds those pieces and nothing else. The steps are the pure
 functions of :mod:`attention_jax.lab.steps`; the functions below bind them to
 an experiment's pieces and jit them, for the loop, the benchmarks and anyone
 who wants a compiled step without the loop.
 
-Devices: the batch axis is sharded over a 1-D ``data`` mesh of all devices and
-parameters are replicated; XLA inserts the gradient all-reduce. The same code
-runs on 1 CPU, simulated CPU devices, or a TPU slice.
+Members: the ``num_seeds`` seeds of a run, or a population's members
+(:mod:`attention_jax.lab.population`), train in one program; every state leaf
+has a leading member axis (M, ...).
+
+Devices: a 2-D mesh ``("population", "data")``: members are laid over the
+first axis (the largest device count that divides both), each member's batch
+over the second; parameters are replicated within a member's devices and XLA
+inserts the gradient all-reduce. The same code runs on 1 CPU, simulated CPU
+devices, or a TPU slice.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attention_jax import data as data_lib
-from attention_jax.lab import steps
-from attention_jax.lab.config import ConfigError, build_model, model_config, validate
+from attention_jax.lab import population, steps
+from attention_jax.lab.config import ConfigError, build_model, model_config
 from attention_jax.model import ModelConfig
 
 Array = jax.Array
@@ -40,16 +46,17 @@ class Experiment:
     tokenizer: data_lib.CharTokenizer
     model_config: ModelConfig
     model: nn.Module
-    tx: optax.GradientTransformation
-    mesh: Mesh
+    tx: optax.GradientTransformation  # the config's own optimizer (members build theirs from their values)
+    mesh: Mesh  # axes ("population", "data")
     train_data: Array  # (N_train,) int32 token ids, replicated
     val_data: Array  # (N_val,)
-    seed_keys: Array  # (num_seeds,) typed PRNG keys
+    members: list[population.Member]
+    member_inputs: dict[str, Any]  # {"key": (M,) PRNG keys, "hparams": {name: (M,) float32}}
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, text: str | None = None) -> Experiment:
         """Validate ``config``, read and tokenize its text (or ``text``), build model, optimizer and mesh."""
-        validate(config, jax.device_count())
+        pop = population.check(config, jax.device_count())
         if text is None:
             text = data_lib.load_text(config.data.dataset)
         tokenizer, train, val = data_lib.prepare(text, config.data.train_fraction)
@@ -61,8 +68,13 @@ class Experiment:
                     f"model.block_size={T} is too long for the {name} split ({split.shape[0]} tokens); "
                     "use a shorter block_size or a longer text"
                 )
-        mesh = Mesh(np.array(jax.devices()), ("data",))
+        shape = population.mesh_shape(len(pop), jax.device_count())
+        mesh = Mesh(np.array(jax.devices()).reshape(shape), ("population", "data"))
         replicated = NamedSharding(mesh, P())
+        member_inputs = {
+            "key": jnp.stack([jax.random.key(m.seed) for m in pop]),
+            "hparams": {k: jnp.asarray(v) for k, v in population.hparams(config, pop).items()},
+        }
         return cls(
             config=config,
             tokenizer=tokenizer,
@@ -72,38 +84,41 @@ class Experiment:
             mesh=mesh,
             train_data=jax.device_put(train, replicated),
             val_data=jax.device_put(val, replicated),
-            seed_keys=jnp.stack([jax.random.key(s) for s in seeds(config)]),
+            members=pop,
+            member_inputs=jax.device_put(member_inputs, NamedSharding(mesh, P("population"))),
         )
 
     @property
-    def num_seeds(self) -> int:
-        return self.config.num_seeds
+    def num_members(self) -> int:
+        return len(self.members)
 
     @property
     def seeds(self) -> list[int]:
-        return seeds(self.config)
+        """Each member's seed, in member order."""
+        return [m.seed for m in self.members]
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens one optimizer step consumes, over all seeds."""
-        return self.num_seeds * self.config.batch_size * self.model_config.block_size
+        """Tokens one optimizer step consumes, over all members."""
+        return self.num_members * self.config.batch_size * self.model_config.block_size
 
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
     @property
+    def member_sharding(self) -> NamedSharding:
+        """Arrays with a leading member axis: members over the mesh's population axis."""
+        return NamedSharding(self.mesh, P("population"))
+
+    @property
     def batch_sharding(self) -> NamedSharding:
+        """One member's (B, T) batch: the batch axis over the mesh's data axis."""
         return NamedSharding(self.mesh, P("data"))
 
     def flops_per_step(self) -> float:
-        """Model FLOPs of one optimizer step (forward + backward), all seeds."""
+        """Model FLOPs of one optimizer step (forward + backward), all members."""
         return self.model.flops_per_token() * self.tokens_per_step
-
-
-def seeds(config: ml_collections.ConfigDict) -> list[int]:
-    """The seeds a config trains: seed, seed + 1, ..., seed + num_seeds - 1."""
-    return [config.seed + i for i in range(config.num_seeds)]
 
 
 # ---------------------------------------------------------------------------
@@ -111,42 +126,46 @@ def seeds(config: ml_collections.ConfigDict) -> list[int]:
 # ---------------------------------------------------------------------------
 
 
+def _over_members(exp: Experiment, fn: Callable, in_axes: tuple) -> Callable:
+    return steps.over_members(fn, in_axes, exp.num_members, mesh_axis="population")
+
+
 def init_state(exp: Experiment) -> steps.TrainState:
-    """Fresh state of every seed, with a leading seed axis."""
+    """Fresh state of every member, with a leading member axis."""
     init = functools.partial(steps.init_train_state, exp.model, exp.tx, exp.model_config.block_size)
-    return jax.jit(steps.over_seeds(init, (0,), exp.num_seeds), out_shardings=exp.replicated)(exp.seed_keys)
+    return jax.jit(_over_members(exp, init, (0,)), out_shardings=exp.member_sharding)(exp.member_inputs["key"])
 
 
-def abstract_state(exp: Experiment) -> steps.TrainState:
-    """Shapes, dtypes and shardings of the state, for restoring checkpoints."""
-    return steps.abstract_train_state(
-        exp.model, exp.tx, exp.model_config.block_size, exp.num_seeds, exp.replicated
-    )  # fmt: skip
+def abstract_state(exp: Experiment, num_members: int | None = None) -> steps.TrainState:
+    """Shapes, dtypes and shardings of the state of ``num_members`` members (default all), for restoring."""
+    M = exp.num_members if num_members is None else num_members
+    sharding = exp.member_sharding if M == exp.num_members else exp.replicated
+    return steps.abstract_train_state(exp.model, exp.tx, exp.model_config.block_size, M, sharding)
 
 
 def train_program(exp: Experiment, steps_per_call: int) -> Callable[[steps.TrainState], tuple[steps.TrainState, dict]]:
-    """A jitted function doing ``steps_per_call`` optimizer steps of every seed.
+    """A jitted function doing ``steps_per_call`` optimizer steps of every member.
 
-    Returns the new state and the per-step metrics stacked as (steps_per_call, num_seeds).
+    Returns the new state and the per-step metrics stacked as (steps_per_call, num_members).
     """
-    one_seed = functools.partial(
+    one_member = functools.partial(
         steps.train_step,
         model=exp.model,
-        tx=exp.tx,
+        optimizer=functools.partial(steps.make_optimizer, exp.config),
         data=exp.train_data,
         batch_size=exp.config.batch_size,
         block_size=exp.model_config.block_size,
         batch_sharding=exp.batch_sharding,
     )
-    all_seeds = steps.over_seeds(one_seed, (0, 0), exp.num_seeds)
-    seed_keys = exp.seed_keys
-    many = steps.repeat(lambda state: all_seeds(state, seed_keys), steps_per_call)
-    return jax.jit(many, out_shardings=exp.replicated, donate_argnums=0)
+    all_members = _over_members(exp, one_member, (0, 0))
+    member_inputs = exp.member_inputs
+    many = steps.repeat(lambda state: all_members(state, member_inputs), steps_per_call)
+    return jax.jit(many, out_shardings=(exp.member_sharding, exp.replicated), donate_argnums=0)
 
 
 def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
-    """A jitted function: params -> {"train": (num_seeds,), "val": (num_seeds,)} mean losses on fixed batches."""
-    one_seed = functools.partial(
+    """A jitted function: params -> {"train": (M,), "val": (M,)} mean losses on fixed batches."""
+    one_member = functools.partial(
         steps.eval_loss,
         model=exp.model,
         batch_size=exp.config.batch_size,
@@ -154,20 +173,18 @@ def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
         eval_iters=exp.config.eval_iters,
         batch_sharding=exp.batch_sharding,
     )
-    all_seeds = steps.over_seeds(one_seed, (0, 0, None), exp.num_seeds)
+    all_members = _over_members(exp, one_member, (0, 0, None))
+    keys = exp.member_inputs["key"]
 
     def evaluate(params):
-        return {
-            "train": all_seeds(params, exp.seed_keys, exp.train_data),
-            "val": all_seeds(params, exp.seed_keys, exp.val_data),
-        }
+        return {"train": all_members(params, keys, exp.train_data), "val": all_members(params, keys, exp.val_data)}
 
     return jax.jit(evaluate)
 
 
 def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
-    """Loss over the whole split ``data`` of every seed's params -> (num_seeds,); see ``steps.full_split_loss``."""
-    one_seed = functools.partial(
+    """Loss over the whole split ``data`` of every member's params -> (M,); see ``steps.full_split_loss``."""
+    one_member = functools.partial(
         steps.full_split_loss, model=exp.model, batch_size=exp.config.batch_size, block_size=exp.model_config.block_size
     )
-    return jax.jit(steps.over_seeds(one_seed, (0, None), exp.num_seeds))(params, data)
+    return jax.jit(_over_members(exp, one_member, (0, None)))(params, data)

@@ -1,19 +1,33 @@
-"""The training loop: resumable, deterministic, writing everything through the run directory.
+"""The training loop: resumable, deterministic, writing everything through run directories.
 
-Data flow: config -> ``Experiment`` (data, model, optimizer, mesh) -> jitted
-steps -> this loop -> run directory (config.json, metrics.jsonl, TensorBoard,
-checkpoints, tokenizer.json, sample.txt, summary.json).
+Data flow: config -> ``Experiment`` (data, model, optimizer, mesh, members) ->
+jitted steps -> this loop -> run directories (config.json, metrics.jsonl,
+TensorBoard, checkpoints, tokenizer.json, sample.txt, summary.json).
 
-Seeds: ``num_seeds`` models (seeds seed, seed + 1, ...) train in one compiled
-program; every state leaf carries a leading seed axis. Several optimizer steps
-run per compiled call (``steps_per_call``, a ``lax.scan``); a call is split
-into single steps only where a log, eval or checkpoint boundary falls inside it.
+Members: every model of the program (the ``num_seeds`` seeds of a run, or a
+population's members) trains in one compiled program; every state leaf has a
+leading member axis. A member whose loss turns NaN or Inf is frozen at its last
+finite state and recorded as diverged while the others go on; the run stops
+when every member has diverged.
+
+Outputs: ``train`` writes all members into one run directory. ``train_members``
+splits them over several (an ``Output`` each: a run directory, the config its
+config.json records, the members it holds): how a sweep trains the points that
+differ only in member values in one program while every point keeps a run
+directory of its own, file for file like a point trained alone. An output whose
+members have all diverged stops there, as a run of its own would: no more rows,
+checkpoints or summary; the others go on.
+
+Several optimizer steps run per compiled call (``steps_per_call``, a
+``lax.scan``); a call is split into single steps only where a log, eval or
+checkpoint boundary falls inside it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,48 +41,87 @@ import numpy as np
 from attention_jax.generate import generate
 from attention_jax.lab import experiment as ex
 from attention_jax.lab import steps
-from attention_jax.lab.config import to_dict
+from attention_jax.lab.config import ConfigError, to_dict
 from attention_jax.lab.rundir import Checkpoints, MetricsWriter, RunDir
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss of every seed became NaN or Inf."""
+    """The loss of every member became NaN or Inf."""
+
+
+@dataclass
+class Output:
+    """Where some members' files go: a run directory, the config its config.json says, its members."""
+
+    run: RunDir
+    config: ml_collections.ConfigDict
+    members: list[int]  # indices into the experiment's members, in this run directory's order
+
+    def board_names(self, exp: ex.Experiment) -> list[str]:
+        """TensorBoard folder of each member: its seed, or its values when the config has a population."""
+        if not self.config.population:
+            return [f"seed_{exp.members[i].seed}" for i in self.members]
+        return [re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"member_{j}_{exp.members[i].label()}") for j, i in
+                enumerate(self.members)]  # fmt: skip
 
 
 @dataclass
 class Progress:
-    """Where training stands: the state and what each seed has done so far (restored with the state)."""
+    """Where training stands: the state (M, ...) and each member's best evaluation so far."""
 
     state: steps.TrainState
     step: int
-    best_val_loss: list[float]  # per seed
-    best_step: list[int | None]  # per seed
-    diverged: list[int | None]  # per seed: the step whose loss first was NaN/Inf
-    best_state: steps.TrainState | None = None  # per seed, the state at that seed's best val loss
-    last_eval: list[dict] = field(default_factory=list)  # the rows of the latest evaluation
+    best_val_loss: list[float]  # per member
+    best_step: list[int | None]  # per member
+    best_state: steps.TrainState | None = None  # per member, the state at that member's best val loss
+    last_eval: dict[int, dict] = field(default_factory=dict)  # member -> its latest evaluation row
+    diverged: list[int] = field(default_factory=list)  # per member: 0, or the step whose loss was not finite
+    stopped: dict[int, str] = field(default_factory=dict)  # output index -> why it stopped (all members diverged)
 
-    def meta(self) -> dict:
-        best = {"val_loss": self.best_val_loss, "step": self.best_step}
-        return {"best": best, "diverged": self.diverged}
+    def meta(self, members: list[int]) -> dict:
+        """What a checkpoint of ``members`` records besides their state."""
+        return {"best": {"val_loss": [self.best_val_loss[i] for i in members],
+                         "step": [self.best_step[i] for i in members]}}  # fmt: skip
 
 
-def restore_or_start(exp: ex.Experiment, checkpoints: Checkpoints) -> tuple[Progress, bool]:
-    """The progress of the latest checkpoint, or a fresh start; and whether it was restored."""
-    restored = checkpoints.restore_latest(ex.abstract_state(exp))
-    K = exp.num_seeds
-    if restored is None:
-        fresh = Progress(ex.init_state(exp), 0, [math.inf] * K, [None] * K, [None] * K)
-        return fresh, False
-    state, meta = restored
-    best_restored = checkpoints.restore_best(ex.abstract_state(exp))
-    progress = Progress(
-        state=state,
-        step=int(state.step[0]),
-        best_val_loss=meta["best"]["val_loss"],
-        best_step=meta["best"]["step"],
-        diverged=meta.get("diverged", [None] * K),
-        best_state=best_restored[0] if best_restored is not None else None,
-    )
+def _take(state: Any, members: list[int], all_members: int) -> Any:
+    """The members' slice of a (M, ...) tree (the tree itself when it is all of them, in order)."""
+    if members == list(range(all_members)):
+        return state
+    idx = np.asarray(members)
+    return jax.tree_util.tree_map(lambda a: a[idx], state)
+
+
+def _stitch(exp: ex.Experiment, outputs: list[Output], parts: list[Any]) -> Any:
+    """One (M, ...) tree in member order from each output's slice of its members."""
+    if len(outputs) == 1 and outputs[0].members == list(range(exp.num_members)):
+        return parts[0]
+    order = np.argsort(np.concatenate([o.members for o in outputs]))
+    tree = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[order], *parts)
+    return jax.device_put(tree, exp.member_sharding)
+
+
+def restore_or_start(
+    exp: ex.Experiment, outputs: list[Output], checkpoints: list[Checkpoints]
+) -> tuple[Progress, bool]:
+    """The progress of the outputs' latest checkpoints, or a fresh start; and whether it was restored."""
+    M = exp.num_members
+    restored = [c.restore_latest(ex.abstract_state(exp, len(o.members))) for o, c in zip(outputs, checkpoints)]
+    if all(r is None for r in restored):
+        return Progress(ex.init_state(exp), 0, [math.inf] * M, [None] * M), False
+    steps_at = {o.run.path.name: (int(r[0].step[0]) if r is not None else 0) for o, r in zip(outputs, restored)}
+    if len(set(steps_at.values())) > 1:  # a group trains from one step: the sweep groups points by it
+        raise ConfigError(f"the run directories of one program are at different steps: {steps_at}")
+    state = _stitch(exp, outputs, [r[0] for r in restored])
+    best_val, best_step = [math.inf] * M, [None] * M
+    best_parts = []
+    for o, c, (part, meta) in zip(outputs, checkpoints, restored):
+        for j, i in enumerate(o.members):
+            best_val[i], best_step[i] = meta["best"]["val_loss"][j], meta["best"]["step"][j]
+        best = c.restore_best(ex.abstract_state(exp, len(o.members)))
+        # No best yet (killed before the first evaluation after step 0): a copy of the state, which gets donated.
+        best_parts.append(best[0] if best is not None else jax.tree_util.tree_map(jnp.copy, part))
+    progress = Progress(state, int(state.step[0]), best_val, best_step, best_state=_stitch(exp, outputs, best_parts))
     return progress, True
 
 
@@ -99,7 +152,7 @@ class Programs:
         self.compile_seconds = time.perf_counter() - t0
 
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
-        """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_seeds) host arrays)."""
+        """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays)."""
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
             self.single = ex.train_program(self.exp, 1).lower(state).compile()
@@ -126,38 +179,63 @@ def train(
     Resumes from the latest checkpoint when the workdir has one; returns the
     stored summary when the run already finished.
     """
+    return train_members(config, [Output(RunDir(workdir), config, None)], text=text, progress=progress)[0]
+
+
+def train_members(
+    config: ml_collections.ConfigDict,
+    outputs: list[Output],
+    *,
+    text: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train (or resume) every member of ``config`` in one program, writing each output's members to its run dir.
+
+    ``Output.members`` of None means all members. Returns each output's summary,
+    or ``{"diverged": message}`` for an output whose members all diverged (it
+    writes no summary.json). Raises ``TrainingDiverged`` when every member did.
+    """
     exp = ex.Experiment.from_config(config, text=text)
-    run = RunDir(workdir)
-    resolved = to_dict(config)
-    run.check_same_config(resolved)
-    run.create()
+    outputs = [o if o.members is not None else Output(o.run, o.config, list(range(exp.num_members))) for o in outputs]
+    if sorted(i for o in outputs for i in o.members) != list(range(exp.num_members)):
+        raise ValueError(f"the outputs must hold each of the {exp.num_members} members exactly once")
+    for o in outputs:
+        o.run.check_same_config(to_dict(o.config))
     # With several hosts (jax.distributed), every process runs this loop and takes
     # part in checkpointing (orbax coordinates them); only process 0 writes files.
     writer = jax.process_index() == 0
-    if writer:
-        run.write_config(resolved)
-        run.write_tokenizer(exp.tokenizer)
-    checkpoints = run.checkpoints()
-    try:
-        p, restored = restore_or_start(exp, checkpoints)
-        if p.step >= config.max_iters and run.has_summary():
-            summary = run.read_summary()
-            print_summary(summary, prefix="already finished: ")
-            return summary
+    for o in outputs:
+        o.run.create()
         if writer:
-            run.remove_summary()
-        metrics = run.metrics_writer(exp.seeds, keep_up_to_step=p.step if restored else -1, enabled=writer)
-        try:
-            timing = _loop(exp, p, checkpoints, metrics, progress)
-        finally:
-            metrics.close()
+            o.run.write_config(to_dict(o.config))
+            o.run.write_tokenizer(exp.tokenizer)
+    checkpoints = [o.run.checkpoints() for o in outputs]
+    metrics: list[MetricsWriter] = []
+    try:
+        p, restored = restore_or_start(exp, outputs, checkpoints)
+        if p.step >= config.max_iters and all(o.run.has_summary() for o in outputs):
+            summaries = [o.run.read_summary() for o in outputs]
+            for s in summaries:
+                print_summary(s, prefix="already finished: ")
+            return summaries
+        for o in outputs:
+            if writer:
+                o.run.remove_summary()
+            keep = p.step if restored else -1
+            metrics.append(o.run.metrics_writer(o.board_names(exp), keep_up_to_step=keep, enabled=writer))
+        timing = _loop(exp, p, outputs, checkpoints, metrics, progress)
     finally:
-        checkpoints.close()
-    summary = _summary(exp, p, run, timing)
-    if writer:
-        run.write_summary(summary)
-    print_summary(summary)
-    return summary
+        for m in metrics:
+            m.close()
+        for c in checkpoints:
+            c.close()
+    live = [k for k in range(len(outputs)) if k not in p.stopped]
+    summaries = dict(zip(live, _summaries(exp, p, [outputs[k] for k in live], timing)))
+    for k in live:
+        if writer:
+            outputs[k].run.write_summary(summaries[k])
+        print_summary(summaries[k])
+    return [summaries[k] if k in summaries else {"diverged": p.stopped[k]} for k in range(len(outputs))]
 
 
 @dataclass
@@ -169,17 +247,26 @@ class Timing:
     programs: Programs | None = None
 
 
-def _loop(exp: ex.Experiment, p: Progress, checkpoints: Checkpoints, metrics: MetricsWriter, progress: bool) -> Timing:
+def _loop(
+    exp: ex.Experiment,
+    p: Progress,
+    outputs: list[Output],
+    checkpoints: list[Checkpoints],
+    metrics: list[MetricsWriter],
+    progress: bool,
+) -> Timing:
     """Train from ``p.step`` to ``max_iters``: log, evaluate and checkpoint at their intervals."""
     config = exp.config
     timing = Timing(start_step=p.step)
     programs = Programs(exp, p.state)
     timing.programs = programs
-    print(f"compiled in {programs.compile_seconds:.1f} s; training from step {p.step} to {config.max_iters}",
+    models = f" ({exp.num_members} models)" if exp.num_members > 1 else ""
+    print(f"compiled in {programs.compile_seconds:.1f} s; training from step {p.step} to {config.max_iters}{models}",
           file=sys.stderr)  # fmt: skip
-    schedule = steps.learning_rate_schedule(config)
+    hparams = jax.device_get(exp.member_inputs["hparams"])
+    p.diverged = [int(d) for d in jax.device_get(p.state.diverged_at)]
     if p.step == 0:
-        evaluate(exp, programs, p, metrics)
+        evaluate(exp, programs, p, outputs, metrics)
     bar = progress_bar(config.max_iters, p.step, enabled=progress)
     tokens_since, time_since = 0, 0.0
     try:
@@ -188,83 +275,92 @@ def _loop(exp: ex.Experiment, p: Progress, checkpoints: Checkpoints, metrics: Me
             t0 = time.perf_counter()
             p.state, out = programs.advance(p.state, n)
             dt = time.perf_counter() - t0
-            first, p.step = p.step, p.step + n
+            p.step += n
             timing.train_seconds += dt
             tokens_since, time_since = tokens_since + n * exp.tokens_per_step, time_since + dt
             bar.update(n)
-            _note_divergence(p, out["loss"], first, checkpoints)
+            p.diverged = [int(d) for d in jax.device_get(p.state.diverged_at)]
+            _stop_diverged_outputs(p, outputs, checkpoints)
+            running = [k for k in range(len(outputs)) if k not in p.stopped]
             if at(p.step, config.log_interval, config):
                 tok_s = tokens_since / max(time_since, 1e-9)
-                metrics.write_many(_train_rows(exp, p, out, float(schedule(p.step - 1)), tok_s))
+                lr = np.asarray(steps.learning_rate(hparams, p.step - 1))  # (M,)
+                for k in running:
+                    o = outputs[k]
+                    rows = [_train_row(exp, p, o, j, i, out, lr[i], tok_s) for j, i in enumerate(o.members)]
+                    metrics[k].write_many(rows)
                 tokens_since, time_since = 0, 0.0
-                bar.set_postfix(loss=f"{np.nanmean(out['loss'][-1]):.4f}", tok_s=f"{tok_s:,.0f}")
+                alive = [out["loss"][-1, i] for i in range(exp.num_members) if not p.diverged[i]]
+                bar.set_postfix(loss=f"{np.mean(alive):.4f}", tok_s=f"{tok_s:,.0f}")
             if at(p.step, config.eval_interval, config):
-                evaluate(exp, programs, p, metrics, checkpoints)
-                bar.write(eval_line(p.step, p.last_eval))
+                evaluate(exp, programs, p, outputs, metrics, checkpoints)
+                bar.write(eval_line(p.step, list(p.last_eval.values())))
             if at(p.step, config.checkpoint_every, config):
-                checkpoints.save_latest(p.step, p.state, p.meta())
+                for k in running:
+                    o = outputs[k]
+                    checkpoints[k].save_latest(p.step, _take(p.state, o.members, exp.num_members), p.meta(o.members))
     finally:
         bar.close()
     timing.compile_seconds = programs.compile_seconds
     return timing
 
 
-def _note_divergence(p: Progress, losses: np.ndarray, first_step: int, checkpoints: Checkpoints) -> None:
-    """Record the first NaN/Inf step of each seed (losses (n, seeds)); stop when every seed diverged."""
-    for i in range(losses.shape[1]):
-        bad = np.flatnonzero(~np.isfinite(losses[:, i]))
-        if p.diverged[i] is None and bad.size:
-            p.diverged[i] = first_step + int(bad[0]) + 1
-    if all(d is not None for d in p.diverged):
+def _stop_diverged_outputs(p: Progress, outputs: list[Output], checkpoints: list[Checkpoints]) -> None:
+    """Stop the outputs whose members have all diverged; raise ``TrainingDiverged`` once every output has."""
+    for k, o in enumerate(outputs):
+        if k not in p.stopped and all(p.diverged[i] for i in o.members):
+            first = min(p.diverged[i] for i in o.members)
+            describe = checkpoints[k].describe_latest()
+            p.stopped[k] = f"loss became NaN/Inf at step {first}; stopped. {describe} (left intact)"
+    if len(p.stopped) == len(outputs):
+        if len(outputs) == 1:
+            raise TrainingDiverged(p.stopped[0])
         raise TrainingDiverged(
-            f"loss became NaN/Inf at step {min(p.diverged)}; stopped. {checkpoints.describe_latest()} (left intact)"
+            f"loss became NaN/Inf in every model (first at step {min(p.diverged)}); stopped. Each run directory "
+            "keeps its last good checkpoint"
         )
 
 
-def _train_rows(exp: ex.Experiment, p: Progress, out: dict, lr: float, tokens_per_s: float) -> list[dict]:
-    rows = []
-    for i, seed in enumerate(exp.seeds):
-        row = {
-            "step": p.step,
-            "seed": seed,
-            "loss": float(out["loss"][-1, i]),
-            "lr": lr,
-            "grad_norm": float(out["grad_norm"][-1, i]),
-            "tokens_per_s": tokens_per_s,
-        }
-        if p.diverged[i] is not None:
-            row["diverged_at"] = p.diverged[i]
-        rows.append(row)
-    return rows
+def _train_row(exp, p: Progress, o: Output, j: int, i: int, out: dict, lr: float, tokens_per_s: float) -> dict:
+    """The training row of member i (the output's j-th) at this log step; a diverged member says only when."""
+    row = {"step": p.step, "member": j, "seed": exp.members[i].seed}
+    if p.diverged[i]:
+        return {**row, "diverged_at": p.diverged[i]}
+    return {**row, "loss": float(out["loss"][-1, i]), "lr": float(lr), "grad_norm": float(out["grad_norm"][-1, i]),
+            "tokens_per_s": tokens_per_s}  # fmt: skip
 
 
 def evaluate(
     exp: ex.Experiment,
     programs: Programs,
     p: Progress,
-    metrics: MetricsWriter,
-    checkpoints: Checkpoints | None = None,
+    outputs: list[Output],
+    metrics: list[MetricsWriter],
+    checkpoints: list[Checkpoints] | None = None,
 ) -> None:
-    """Evaluate every seed, write the rows, and (given ``checkpoints``) save the seeds' best states."""
+    """Evaluate every member that has not diverged, write its row, and (given ``checkpoints``) keep its best."""
     losses = jax.device_get(programs.evaluate(p.state.params))
-    p.last_eval = [
-        {"step": p.step, "seed": seed, "train_loss": float(losses["train"][i]), "val_loss": float(losses["val"][i])}
-        for i, seed in enumerate(exp.seeds)
-    ]
-    metrics.write_many(p.last_eval)
+    alive = [i for i in range(exp.num_members) if not p.diverged[i]]
+    for i in alive:
+        p.last_eval[i] = {"step": p.step, "seed": exp.members[i].seed, "train_loss": float(losses["train"][i]),
+                          "val_loss": float(losses["val"][i])}  # fmt: skip
+    for o, m in zip(outputs, metrics):
+        m.write_many([{"step": p.step, "member": j, **p.last_eval[i]} for j, i in enumerate(o.members) if i in alive])
     if checkpoints is None:
         return
-    improved = [row["val_loss"] < p.best_val_loss[i] for i, row in enumerate(p.last_eval)]
-    if any(improved):
-        for i, row in enumerate(p.last_eval):
-            if improved[i]:
-                p.best_val_loss[i], p.best_step[i] = row["val_loss"], p.step
-        p.best_state = merge_seeds(improved, p.state, p.best_state)
-        checkpoints.save_best(p.step, p.best_state, {"best": p.meta()["best"]})
+    improved = [i in alive and p.last_eval[i]["val_loss"] < p.best_val_loss[i] for i in range(exp.num_members)]
+    if not any(improved):
+        return
+    for i in np.flatnonzero(improved):
+        p.best_val_loss[i], p.best_step[i] = p.last_eval[i]["val_loss"], p.step
+    p.best_state = merge_members(improved, p.state, p.best_state)
+    for o, c in zip(outputs, checkpoints):
+        if any(improved[i] for i in o.members):
+            c.save_best(p.step, _take(p.best_state, o.members, exp.num_members), p.meta(o.members))
 
 
-def merge_seeds(take_new: list[bool], new: steps.TrainState, old: steps.TrainState | None) -> steps.TrainState:
-    """Per seed, ``new`` where ``take_new`` else ``old``: each seed's best state, one tree."""
+def merge_members(take_new: list[bool], new: steps.TrainState, old: steps.TrainState | None) -> steps.TrainState:
+    """Per member, ``new`` where ``take_new`` else ``old``: each member's best state, one tree."""
     mask = jnp.asarray(take_new)
     if old is None:
         old = new
@@ -272,62 +368,80 @@ def merge_seeds(take_new: list[bool], new: steps.TrainState, old: steps.TrainSta
     return jax.tree_util.tree_map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def _summary(exp: ex.Experiment, p: Progress, run: RunDir, timing: Timing) -> dict:
-    last = p.last_eval
-    if not last:  # resumed at the end (killed before the summary): reuse the final evaluation
-        last = [r for r in run.read_metrics() if r["step"] == p.step and "val_loss" in r]
-        if len(last) != exp.num_seeds:
-            programs = timing.programs or Programs(exp, p.state)
-            evaluate(exp, programs, p, MetricsWriter(run, [], enabled=False))
-            last = p.last_eval
-    samples = write_samples(exp, p.state, run, writer=jax.process_index() == 0)
+def _summaries(exp: ex.Experiment, p: Progress, outputs: list[Output], timing: Timing) -> list[dict]:
+    """Each output's summary.json: per member, in the output's order."""
+    M = exp.num_members
+    if any(not p.diverged[i] and p.last_eval.get(i, {}).get("step") != p.step for i in range(M)):
+        # Resumed at the end (killed before the summary): evaluate again rather than trust a partial file.
+        programs = timing.programs or Programs(exp, p.state)
+        evaluate(exp, programs, p, outputs, [MetricsWriter(o.run, [], enabled=False) for o in outputs])
+    writer = jax.process_index() == 0
+    samples = write_samples(exp, p, outputs, writer=writer)
     full_val = jax.device_get(ex.full_split_loss(exp, p.state.params, exp.val_data))
-    return {
-        "steps": p.step,
-        "seeds": exp.seeds,
-        "final_train_loss": [r["train_loss"] for r in last],
-        "final_val_loss": [r["val_loss"] for r in last],
-        "best_val_loss": p.best_val_loss,
-        "full_val_loss": [float(v) for v in full_val],
-        "best_step": p.best_step,
-        "diverged_at": p.diverged,
-        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(p.state.params)) // exp.num_seeds),
-        "compile_seconds_this_session": round(timing.compile_seconds, 2),
-        "train_seconds_this_session": round(timing.train_seconds, 2),
-        "wall_seconds_this_session": round(time.time() - timing.wall_start, 2),
-        "tokens_per_s": round((p.step - timing.start_step) * exp.tokens_per_step / max(timing.train_seconds, 1e-9), 1),
-        "sample": samples[0][:200],
-    }
+    n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(p.state.params)) // M)
+    tokens_per_s = (p.step - timing.start_step) * exp.tokens_per_step / max(timing.train_seconds, 1e-9)
+
+    def final(i, key):
+        return None if p.diverged[i] else p.last_eval[i][key]
+
+    summaries = []
+    for o in outputs:
+        s = {
+            "steps": p.step,
+            "seeds": [exp.members[i].seed for i in o.members],
+            "final_train_loss": [final(i, "train_loss") for i in o.members],
+            "final_val_loss": [final(i, "val_loss") for i in o.members],
+            "best_val_loss": [p.best_val_loss[i] for i in o.members],
+            "full_val_loss": [None if p.diverged[i] else float(full_val[i]) for i in o.members],
+            "best_step": [p.best_step[i] for i in o.members],
+            "diverged_at": [p.diverged[i] or None for i in o.members],
+            "params": n_params,
+            "compile_seconds_this_session": round(timing.compile_seconds, 2),
+            "train_seconds_this_session": round(timing.train_seconds, 2),
+            "wall_seconds_this_session": round(time.time() - timing.wall_start, 2),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "sample": samples[o.members[0]][:200],
+        }
+        if o.config.population:
+            s["members"] = [exp.members[i].values for i in o.members]
+        summaries.append(s)
+    return summaries
 
 
-def write_samples(exp: ex.Experiment, state: steps.TrainState, run: RunDir, writer: bool = True) -> list[str]:
-    """Sample ``sample_tokens`` characters from each seed's final params into sample.txt."""
+def write_samples(exp: ex.Experiment, p: Progress, outputs: list[Output], writer: bool = True) -> list[str]:
+    """Sample ``sample_tokens`` characters from each output member's final params into its run's sample.txt."""
     n = exp.config.sample_tokens
     if n <= 0:
-        return [""] * exp.num_seeds
+        return [""] * exp.num_members
     chars = exp.tokenizer.chars
     prompt = jnp.asarray(exp.tokenizer.encode("\n" if "\n" in chars else chars[0]))[None]  # (1, 1)
-    texts = []
-    for i in range(exp.num_seeds):
-        params = jax.tree_util.tree_map(lambda a: a[i], state.params)
-        key = jax.random.fold_in(exp.seed_keys[i], steps.SAMPLE)
+    texts = [""] * exp.num_members
+    for i in sorted(i for o in outputs for i in o.members):
+        params = jax.tree_util.tree_map(lambda a: a[i], p.state.params)
+        key = jax.random.fold_in(exp.member_inputs["key"][i], steps.SAMPLE)
         out = generate(exp.model, params, prompt, n, key, temperature=1.0)
-        texts.append(exp.tokenizer.decode(out[0]))
+        texts[i] = exp.tokenizer.decode(out[0])
     if writer:
-        run.write_samples(exp.seeds, texts)
+        for o in outputs:
+            o.run.write_samples([exp.members[i].seed for i in o.members], [texts[i] for i in o.members])
     return texts
 
 
 def eval_line(step: int, rows: list[dict]) -> str:
+    if not rows:
+        return f"step {step}: every member has diverged"
     tl = np.mean([r["train_loss"] for r in rows])
     vl = np.mean([r["val_loss"] for r in rows])
-    return f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}"
+    return f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}" + (f" (mean of {len(rows)})" if len(rows) > 1 else "")
+
+
+def _mean(values: list) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def print_summary(summary: dict, prefix: str = "") -> None:
-    fv = np.mean(summary["final_val_loss"])
-    bv = np.mean(summary["best_val_loss"])
-    full = np.mean(summary["full_val_loss"])
+    fv, bv, full = (_mean(summary[k]) for k in ("final_val_loss", "best_val_loss", "full_val_loss"))
     print(
         f"{prefix}{summary['steps']} steps, final val loss {fv:.4f} (best {bv:.4f}; whole val split {full:.4f}), "
         f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['train_seconds_this_session']:.1f} s training",

@@ -4,10 +4,10 @@ A run's workdir holds::
 
     config.json        the resolved experiment config
     tokenizer.json     the characters of the vocabulary, in id order
-    metrics.jsonl      one JSON object per line: training rows (step, seed, loss, lr,
-                       grad_norm, tokens_per_s) and evaluation rows (step, seed,
-                       train_loss, val_loss)
-    tensorboard/       the same scalars as TensorBoard event files, one folder per seed
+    metrics.jsonl      one JSON object per line: training rows (step, member, seed, loss,
+                       lr, grad_norm, tokens_per_s) and evaluation rows (step, member,
+                       seed, train_loss, val_loss); member is the model's index in this run
+    tensorboard/       the same scalars as TensorBoard event files, one folder per member
     checkpoints/<step> the latest orbax checkpoint (for resuming)
     best/<step>        the checkpoint of each seed's best val loss so far
     sample.txt         text sampled from each seed's final parameters
@@ -34,6 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from attention_jax.data import CharTokenizer
+from attention_jax.lab import population
 from attention_jax.lab.config import ConfigError, build_model, from_dict, model_config
 from attention_jax.lab.steps import TrainState, abstract_train_state, make_optimizer
 
@@ -153,8 +154,8 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self / METRICS)
 
-    def metrics_writer(self, seeds: list[int], keep_up_to_step: int = -1, enabled: bool = True) -> MetricsWriter:
-        return MetricsWriter(self, seeds, keep_up_to_step=keep_up_to_step, enabled=enabled)
+    def metrics_writer(self, boards: list[str], keep_up_to_step: int = -1, enabled: bool = True) -> MetricsWriter:
+        return MetricsWriter(self, boards, keep_up_to_step=keep_up_to_step, enabled=enabled)
 
     # -- checkpoints and sweep records ----------------------------------------
     def checkpoints(self) -> Checkpoints:
@@ -162,6 +163,12 @@ class RunDir:
 
     def has_checkpoint(self, which: str = "latest") -> bool:
         return (self / (BEST if which == "best" else CHECKPOINTS)).is_dir()
+
+    def latest_checkpoint_step(self) -> int:
+        """The step of the latest finished checkpoint (0 without one), read from folder names only."""
+        folder = self / CHECKPOINTS
+        steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
+        return max(steps, default=0)
 
     def read_point_record(self) -> dict | None:
         """The sweep record of this point, or None (absent or unreadable)."""
@@ -190,13 +197,15 @@ TENSORBOARD_TAGS = {
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl and the same scalars to TensorBoard, one event folder per seed.
+    """Appends rows to metrics.jsonl and the same scalars to TensorBoard, one event folder per member.
 
-    Rows after ``keep_up_to_step`` are dropped from metrics.jsonl when it opens,
-    and TensorBoard is told to purge its events after that step.
+    ``boards[i]`` names the TensorBoard folder of the rows whose ``member`` is i
+    (``seed_1337``, or a population member's values). Rows after
+    ``keep_up_to_step`` are dropped from metrics.jsonl when it opens, and
+    TensorBoard is told to purge its events after that step.
     """
 
-    def __init__(self, run: RunDir, seeds: list[int], keep_up_to_step: int = -1, enabled: bool = True):
+    def __init__(self, run: RunDir, boards: list[str], keep_up_to_step: int = -1, enabled: bool = True):
         self._file = None
         self._boards: dict[int, Any] = {}
         if not enabled:  # a non-writing process of a multi-host run
@@ -210,10 +219,10 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         session = f".{time.time_ns()}"  # event file names hold the time in seconds: a resumed run must not clobber
-        for seed in seeds:
+        for i, name in enumerate(boards):
             # purge_step: TensorBoard discards events of earlier sessions from this step on.
-            self._boards[seed] = SummaryWriter(
-                str(run / TENSORBOARD / f"seed_{seed}"),
+            self._boards[i] = SummaryWriter(
+                str(run / TENSORBOARD / name),
                 purge_step=keep_up_to_step + 1,
                 flush_secs=10,
                 filename_suffix=session,
@@ -224,7 +233,7 @@ class MetricsWriter:
             return
         for row in rows:
             self._file.write(json.dumps(row) + "\n")
-            board = self._boards.get(row.get("seed"))
+            board = self._boards.get(row.get("member"))
             if board is not None:
                 for key, tag in TENSORBOARD_TAGS.items():
                     if key in row:
@@ -320,7 +329,7 @@ class Checkpoints:
 
 @dataclass
 class Run:
-    """A run loaded from its workdir; ``state`` has a leading seed axis."""
+    """A run loaded from its workdir; ``state`` has a leading member axis (its seeds, or its population)."""
 
     config: ml_collections.ConfigDict
     model: nn.Module
@@ -328,17 +337,17 @@ class Run:
     state: TrainState
 
     @property
-    def num_seeds(self) -> int:
-        return self.config.num_seeds
+    def num_members(self) -> int:
+        return int(self.state.step.shape[0])
 
-    def params(self, seed_index: int = 0) -> Any:
-        """The parameters of one seed (its index among the run's seeds)."""
-        if not 0 <= seed_index < self.num_seeds:
-            raise ValueError(f"seed index must be in [0, {self.num_seeds}), got {seed_index}")
-        return jax.tree_util.tree_map(lambda a: a[seed_index], self.state.params)
+    def params(self, member: int = 0) -> Any:
+        """The parameters of one member (its index in the run: metrics rows' ``member``)."""
+        if not 0 <= member < self.num_members:
+            raise ValueError(f"member index must be in [0, {self.num_members}), got {member}")
+        return jax.tree_util.tree_map(lambda a: a[member], self.state.params)
 
-    def step(self, seed_index: int = 0) -> int:
-        return int(self.state.step[seed_index])
+    def step(self, member: int = 0) -> int:
+        return int(self.state.step[member])
 
 
 def load_run(workdir: str | os.PathLike, which: str = "latest") -> Run:
@@ -350,8 +359,8 @@ def load_run(workdir: str | os.PathLike, which: str = "latest") -> Run:
     tokenizer = run.read_tokenizer()
     model = build_model(config, model_config(config, tokenizer.vocab_size))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    block_size = config.model.block_size
-    abstract = abstract_train_state(model, make_optimizer(config), block_size, config.num_seeds, sharding)
+    block_size, num_members = config.model.block_size, len(population.members(config))
+    abstract = abstract_train_state(model, make_optimizer(config), block_size, num_members, sharding)
     checkpoints = run.checkpoints()
     try:
         restored = (checkpoints.restore_best if which == "best" else checkpoints.restore_latest)(abstract)

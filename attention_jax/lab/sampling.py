@@ -17,12 +17,12 @@ def sample_text(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
-    seed_index: int = 0,
+    member: int = 0,
 ) -> str:
-    """The prompt followed by ``max_new_tokens`` characters sampled from seed ``seed_index`` of the run."""
+    """The prompt followed by ``max_new_tokens`` characters sampled from the run's model ``member``."""
     if not prompt:
         raise ValueError("--prompt must not be empty")
     tokens = jnp.asarray(run.tokenizer.encode(prompt))[None]  # (1, T0)
-    params = run.params(seed_index)
+    params = run.params(member)
     out = generate(run.model, params, tokens, max_new_tokens, jax.random.key(seed), temperature, top_k)
     return run.tokenizer.decode(out[0])

@@ -6,8 +6,12 @@ construction: the batch and the dropout key at step s are pure functions of
 (seed, s) (``step_keys``), and evaluation uses fixed batches, so a resumed run
 does exactly what the uninterrupted one would.
 
-Seeds: ``over_seeds`` maps a one-seed function over a leading seed axis of
-its arguments (``jax.vmap``), so K seeds train in one compiled program.
+Members: the step functions train one model. ``over_members`` maps them over
+a leading member axis of their arguments (``jax.vmap``), so the seeds of a run,
+or a whole population of models with their own optimizer values
+(:mod:`attention_jax.lab.population`), train in one compiled program. What
+makes one member differ from another enters as data, ``member = {"key": its
+PRNG key, "hparams": its optimizer scalars}``, never as a Python constant.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ DATA, DROPOUT, EVAL, INIT, SAMPLE = range(5)
 
 @flax.struct.dataclass
 class TrainState:
-    step: Array  # () int32
+    step: Array  # () int32: optimizer steps taken
     params: Any
     opt_state: Any
+    # () int32: 0 while every loss was finite; else the step whose loss or gradient was not.
+    # From then on the member is frozen: its state stays the last finite one.
+    diverged_at: Array
 
 
 # ---------------------------------------------------------------------------
@@ -43,19 +50,33 @@ class TrainState:
 # ---------------------------------------------------------------------------
 
 
+# The optimizer's runtime scalars: what a population's members may set each for themselves.
+HPARAM_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2")
+
+
+def hparams_of(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The optimizer scalars of a config: {key: value} for every key of ``HPARAM_KEYS``."""
+    return {key: float(config[key]) for key in HPARAM_KEYS}
+
+
+def learning_rate(hp: dict[str, Any], step) -> Array:
+    """nanoGPT's schedule at ``step``: linear warmup, cosine decay to min_lr, then flat.
+
+    ``hp`` holds the scalars of one member, or (M,) arrays of many (then the result is (M,)).
+    """
+    lr, min_lr = hp["learning_rate"], hp["min_lr"]
+    warmup, decay = hp["warmup_iters"], hp["lr_decay_iters"]
+    step = jnp.asarray(step, jnp.float32)
+    warm = lr * (step + 1) / (warmup + 1)
+    ratio = jnp.clip((step - warmup) / jnp.maximum(decay - warmup, 1), 0.0, 1.0)
+    cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
+    return jnp.where(step < warmup, warm, jnp.where(step > decay, min_lr, cosine))
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[Array], Array]:
-    """nanoGPT's schedule: linear warmup, cosine decay to min_lr, then flat."""
-    lr, min_lr = config.learning_rate, config.min_lr
-    warmup, decay = config.warmup_iters, config.lr_decay_iters
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * (step + 1) / (warmup + 1)
-        ratio = jnp.clip((step - warmup) / max(decay - warmup, 1), 0.0, 1.0)
-        cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
-        return jnp.where(step < warmup, warm, jnp.where(step > decay, min_lr, cosine))
-
-    return schedule
+    """The schedule of a config, as optax takes it: step -> learning rate."""
+    hp = hparams_of(config)
+    return lambda step: learning_rate(hp, step)
 
 
 def decay_mask(params: Any) -> Any:
@@ -63,13 +84,18 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW with the warmup + cosine schedule."""
+def make_optimizer(config: ml_collections.ConfigDict, hp: dict[str, Any] | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW with the warmup + cosine schedule.
+
+    ``hp`` (default: the config's ``hparams_of``) gives the schedule and AdamW's
+    scalars; inside a step over members they are one member's traced values.
+    """
+    hp = hparams_of(config) if hp is None else hp
     adamw = optax.adamw(
-        learning_rate=learning_rate_schedule(config),
-        b1=config.beta1,
-        b2=config.beta2,
-        weight_decay=config.weight_decay,
+        learning_rate=lambda step: learning_rate(hp, step),
+        b1=hp["beta1"],
+        b2=hp["beta2"],
+        weight_decay=hp["weight_decay"],
         mask=decay_mask,
     )
     if config.grad_clip > 0:
@@ -82,29 +108,30 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 # ---------------------------------------------------------------------------
 
 
-def init_train_state(model: nn.Module, tx: optax.GradientTransformation, block_size: int, seed_key: Array):
-    """Fresh parameters and optimizer state of one seed."""
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, block_size: int, key: Array) -> TrainState:
+    """Fresh parameters and optimizer state of one member (``key``: its PRNG key)."""
     dummy = jnp.zeros((1, block_size), jnp.int32)
-    params = model.init(jax.random.fold_in(seed_key, INIT), dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    params = model.init(jax.random.fold_in(key, INIT), dummy)["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), diverged_at=zero)
 
 
-def abstract_train_state(model, tx, block_size: int, num_seeds: int, sharding) -> TrainState:
-    """Shapes, dtypes and shardings of a (num_seeds, ...) state, for restoring checkpoints."""
-    keys = jnp.stack([jax.random.key(i) for i in range(num_seeds)])
+def abstract_train_state(model, tx, block_size: int, num_members: int, sharding) -> TrainState:
+    """Shapes, dtypes and shardings of a (num_members, ...) state, for restoring checkpoints."""
+    keys = jnp.stack([jax.random.key(i) for i in range(num_members)])
     shapes = jax.eval_shape(jax.vmap(lambda k: init_train_state(model, tx, block_size, k)), keys)
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 # ---------------------------------------------------------------------------
-# Steps of one seed
+# Steps of one member
 # ---------------------------------------------------------------------------
 
 
-def step_keys(seed_key: Array, step: Array) -> tuple[Array, Array]:
-    """The data and dropout keys of one training step: a pure function of (seed, step)."""
-    data_key = jax.random.fold_in(jax.random.fold_in(seed_key, DATA), step)
-    dropout_key = jax.random.fold_in(jax.random.fold_in(seed_key, DROPOUT), step)
+def step_keys(key: Array, step: Array) -> tuple[Array, Array]:
+    """The data and dropout keys of one training step: a pure function of (member key, step)."""
+    data_key = jax.random.fold_in(jax.random.fold_in(key, DATA), step)
+    dropout_key = jax.random.fold_in(jax.random.fold_in(key, DROPOUT), step)
     return data_key, dropout_key
 
 
@@ -124,28 +151,43 @@ def loss_fn(params: Any, model: nn.Module, x: Array, y: Array, dropout_key: Arra
 
 def train_step(
     state: TrainState,
-    seed_key: Array,
+    member: dict[str, Any],
     *,
     model: nn.Module,
-    tx: optax.GradientTransformation,
+    optimizer: Callable[[dict[str, Any]], optax.GradientTransformation],
     data: Array,
     batch_size: int,
     block_size: int,
     batch_sharding=None,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step of one seed on its batch of this step -> (new state, {"loss", "grad_norm"})."""
-    data_key, dropout_key = step_keys(seed_key, state.step)
+    """One optimizer step of one member -> (new state, {"loss", "grad_norm"}).
+
+    ``member`` is {"key": its PRNG key, "hparams": its optimizer scalars};
+    ``optimizer(hparams)`` builds its optax transformation. A loss or gradient
+    that is not finite freezes the member: the update is dropped, ``diverged_at``
+    records the step, and the state stays the last finite one from then on.
+    """
+    data_key, dropout_key = step_keys(member["key"], state.step)
     x, y = batch(data_key, data, batch_size, block_size, batch_sharding)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, model, x, y, dropout_key, False)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer(member["hparams"]).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = finite & (state.diverged_at == 0)
+    step = state.step + 1
+    new = TrainState(
+        step=step,
+        params=jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), params, state.params),
+        opt_state=jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), opt_state, state.opt_state),
+        diverged_at=jnp.where((state.diverged_at == 0) & ~finite, step, state.diverged_at),
+    )
+    return new, {"loss": loss, "grad_norm": grad_norm}
 
 
 def eval_loss(
     params: Any,
-    seed_key: Array,
+    key: Array,
     data: Array,
     *,
     model: nn.Module,
@@ -155,7 +197,7 @@ def eval_loss(
     batch_sharding=None,
 ) -> Array:
     """Mean loss over ``eval_iters`` fixed batches of ``data`` (the same batches at every evaluation) -> ()."""
-    eval_key = jax.random.fold_in(seed_key, EVAL)
+    eval_key = jax.random.fold_in(key, EVAL)
 
     def one(i):
         x, y = batch(jax.random.fold_in(eval_key, i), data, batch_size, block_size, batch_sharding)
@@ -188,18 +230,19 @@ def full_split_loss(params: Any, data: Array, *, model: nn.Module, batch_size: i
 
 
 # ---------------------------------------------------------------------------
-# Over seeds, over steps
+# Over members, over steps
 # ---------------------------------------------------------------------------
 
 
-def over_seeds(fn: Callable, in_axes: tuple, num_seeds: int) -> Callable:
-    """``fn`` mapped over the leading seed axis of the arguments whose ``in_axes`` is 0.
+def over_members(fn: Callable, in_axes: tuple, num_members: int, mesh_axis: str | None = None) -> Callable:
+    """``fn`` mapped over the leading member axis of the arguments whose ``in_axes`` is 0.
 
-    The outputs get a leading seed axis too. With one seed the axis is
+    The outputs get a leading member axis too. With one member the axis is
     stripped and re-added instead of vmapped (same result, simpler program).
+    ``mesh_axis`` names the device-mesh axis the member axis is laid on.
     """
-    if num_seeds > 1:
-        return jax.vmap(fn, in_axes=in_axes)
+    if num_members > 1:
+        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=mesh_axis)
 
     def single(*args):
         args = [jax.tree_util.tree_map(lambda a: a[0], a) if ax == 0 else a for a, ax in zip(args, in_axes)]

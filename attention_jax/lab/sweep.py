@@ -14,6 +14,12 @@ interrupted ones (``train`` restores the latest checkpoint), records a failed
 point in ``<point>/sweep_point.json`` and ``<sweep dir>/status.json`` and goes
 on with the next. ``--index I`` of ``experiments.sweep`` runs one point: how an
 array job or one cloud TPU VM per point takes its share.
+
+Grouping: points whose configs differ only in member values (the seed and the
+optimizer's scalars, :data:`attention_jax.lab.population.MEMBER_KEYS`) and
+that resume from the same step train as one population, in one compiled
+program (``group_points``); each point still gets its own run directory, with
+the files it would have had alone. ``group=False`` runs one program per point.
 """
 
 from __future__ import annotations
@@ -31,7 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attention_jax.lab.config import ConfigError, apply_overrides, call_config_function, load_config, run_name
+from attention_jax.lab import population
+from attention_jax.lab.config import (
+    ConfigError,
+    apply_overrides,
+    call_config_function,
+    get,
+    load_config,
+    run_name,
+    to_dict,
+)
 from attention_jax.lab.rundir import RunDir, write_json
 
 Overrides = dict[str, Any]
@@ -230,6 +245,50 @@ def write_status(sweep_dir: str | os.PathLike, points: Sequence[Point]) -> dict:
     return payload
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _PointRecords:
+    """A point's sweep_point.json while it runs: what it is, then how it ended."""
+
+    def __init__(self, spec: str, point: Point, sweep_dir, base_overrides: Overrides | None, resumed: bool):
+        self.run = RunDir(Path(sweep_dir) / point.name)
+        self.point = point
+        self.record = {
+            "index": point.index,
+            "name": point.name,
+            "overrides": point.overrides,
+            "command": train_command(spec, point, sweep_dir, base_overrides),
+        }
+        self.resumed = resumed
+        self.t0 = time.time()
+
+    def write(self, **status) -> dict:
+        out = {**self.record, **status}
+        if _is_writer():
+            self.run.write_point_record(out)
+        return out
+
+    def start(self) -> None:
+        self.run.create()
+        self.t0 = time.time()
+        self.write(status="running", started=self.t0)
+
+    def finish(self, status: dict, log: Callable[[str], None]) -> dict:
+        out = self.write(**status, seconds=round(time.time() - self.t0, 1))
+        p = self.point
+        if out["status"] != "done":
+            log(f"[{p.index}] {p.name}: {out['status']}: {out.get('error', '')[:300]}")
+        else:
+            log(f"[{p.index}] {p.name}: done in {out['seconds']:.0f} s")
+        return out
+
+
+def _failure(e: BaseException) -> dict:
+    return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
 def run_point(
     spec: str,
     point: Point,
@@ -239,44 +298,126 @@ def run_point(
     text: str | None = None,
     progress: bool = False,
     train_fn: Callable | None = None,
-    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = _log,
 ) -> dict:
     """Train one point (or skip it when finished); never raises for a failed run: returns its record."""
     from attention_jax.lab.loop import TrainingDiverged, train
 
     train_fn = train_fn or train
-    run = RunDir(Path(sweep_dir) / point.name)
-    workdir = run.path
     previous = read_point_status(sweep_dir, point)
     if previous["status"] in FINISHED:
         log(f"[{point.index}] {point.name}: {previous['status']}, skipped")
         return previous
-    run.create()
-    record_point = run.write_point_record if _is_writer() else (lambda record: None)
-    record = {"index": point.index, "name": point.name, "overrides": point.overrides, "command": None}
-    record["command"] = train_command(spec, point, sweep_dir, base_overrides)
-    resumed = previous["status"] in ("interrupted", "failed")
-    log(f"[{point.index}] {point.name}: {'resuming' if resumed else 'starting'}")
-    t0 = time.time()
-    record_point({**record, "status": "running", "started": t0})
+    records = _PointRecords(spec, point, sweep_dir, base_overrides, previous["status"] in ("interrupted", "failed"))
+    log(f"[{point.index}] {point.name}: {'resuming' if records.resumed else 'starting'}")
+    records.start()
     try:
         config = point_config(spec, point, base_overrides)
-        summary = train_fn(config, workdir, text=text, progress=progress)
+        summary = train_fn(config, records.run.path, text=text, progress=progress)
         status = {"status": "done", "final_val_loss": summary.get("final_val_loss")}
     except TrainingDiverged as e:
         status = {"status": "diverged", "error": str(e)}
     except KeyboardInterrupt:
-        record_point({**record, "status": "interrupted", "seconds": round(time.time() - t0, 1)})
+        records.write(status="interrupted", seconds=round(time.time() - records.t0, 1))
         raise
     except Exception as e:  # noqa: BLE001 - record and go on with the next point
-        status = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    out = {**record, **status, "seconds": round(time.time() - t0, 1)}
-    record_point(out)
-    if out["status"] != "done":
-        log(f"[{point.index}] {point.name}: {out['status']}: {out.get('error', '')[:300]}")
-    else:
-        log(f"[{point.index}] {point.name}: done in {out['seconds']:.0f} s")
-    return out
+        status = _failure(e)
+    return records.finish(status, log)
+
+
+# ---------------------------------------------------------------------------
+# Grouping points into populations
+# ---------------------------------------------------------------------------
+
+
+def _group_key(config, sweep_dir: str | os.PathLike, point: Point) -> str | None:
+    """What points of one program share: their config without member values, and the step they resume from."""
+    if config.population:  # already a population of its own
+        return None
+    shared = to_dict(config)
+    for key in population.MEMBER_KEYS:
+        parent = shared
+        *path, leaf = key.split(".")
+        for part in path:
+            parent = parent[part]
+        parent.pop(leaf)
+    step = RunDir(Path(sweep_dir) / point.name).latest_checkpoint_step()
+    return json.dumps([shared, step], sort_keys=True, default=str)
+
+
+def group_points(
+    spec: str, points: Sequence[Point], sweep_dir: str | os.PathLike, base_overrides: Overrides | None = None
+) -> list[list[Point]]:
+    """The points as groups that can train in one program (in sweep order; a bad config stays alone)."""
+    groups: dict[str, list[Point]] = {}
+    order: list[list[Point]] = []
+    for point in points:
+        try:
+            key = _group_key(point_config(spec, point, base_overrides), sweep_dir, point)
+        except ConfigError:
+            key = None
+        if key is None:
+            order.append([point])
+        elif key in groups:
+            groups[key].append(point)
+        else:
+            groups[key] = [point]
+            order.append(groups[key])
+    return order
+
+
+def group_config(configs: list) -> Any:
+    """The config of one program for the points of ``configs``: the first, with a population entry per point."""
+    entries = tuple({"seed": c.seed, **{k: get(c, k) for k in population.HPARAM_KEYS}} for c in configs)
+    config = configs[0].copy_and_resolve_references()
+    config.lock()
+    return apply_overrides(config, {"population": entries})
+
+
+def run_group(
+    spec: str,
+    points: Sequence[Point],
+    sweep_dir: str | os.PathLike,
+    *,
+    base_overrides: Overrides | None = None,
+    text: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = _log,
+) -> list[dict]:
+    """Train ``points`` as one population, each into its own run directory; returns their records."""
+    from attention_jax.lab.loop import Output, TrainingDiverged, train_members
+
+    todo = [p for p in points if read_point_status(sweep_dir, p)["status"] not in FINISHED]
+    if len(todo) < 2:
+        return [run_point(spec, p, sweep_dir, base_overrides=base_overrides, text=text, progress=progress, log=log)
+                for p in points]  # fmt: skip
+    names = ", ".join(str(p.index) for p in todo)
+    log(f"[{names}] {len(todo)} points in one program")
+    records = []
+    for p in todo:
+        status = read_point_status(sweep_dir, p)["status"]
+        records.append(_PointRecords(spec, p, sweep_dir, base_overrides, status in ("interrupted", "failed")))
+        records[-1].start()
+    try:
+        configs = [point_config(spec, p, base_overrides) for p in todo]
+        config = group_config(configs)
+        k = config.num_seeds
+        outputs = [Output(r.run, c, list(range(j * k, (j + 1) * k))) for j, (r, c) in enumerate(zip(records, configs))]
+        results = train_members(config, outputs, text=text, progress=progress)
+        statuses = [
+            {"status": "diverged", "error": r["diverged"]} if "diverged" in r
+            else {"status": "done", "final_val_loss": r.get("final_val_loss")}
+            for r in results
+        ]  # fmt: skip
+    except TrainingDiverged as e:
+        statuses = [{"status": "diverged", "error": str(e)}] * len(todo)
+    except KeyboardInterrupt:
+        for r in records:
+            r.write(status="interrupted", seconds=round(time.time() - r.t0, 1))
+        raise
+    except Exception as e:  # noqa: BLE001 - record and go on with the next group
+        statuses = [_failure(e)] * len(todo)
+    return [r.finish(status, log) for r, status in zip(records, statuses)]
 
 
 def run_sweep(
@@ -289,10 +430,13 @@ def run_sweep(
     text: str | None = None,
     progress: bool = False,
     train_fn: Callable | None = None,
+    group: bool = True,
 ) -> dict:
-    """Run ``points`` one after another; returns status.json's payload (over ``all_points``).
+    """Run ``points``; returns status.json's payload (over ``all_points``).
 
-    A point that fails is recorded and the others still run.
+    With ``group`` (and no ``train_fn``), points that differ only in member
+    values train together (``group_points``); else one after another. A point
+    that fails is recorded and the others still run.
     """
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -301,11 +445,15 @@ def run_sweep(
         payload = {"config": spec, "base_overrides": base_overrides or {}, "points": [p.__dict__ for p in all_points]}
         write_json(sweep_dir / SWEEP_FILE, payload)
     t0 = time.time()
-    for point in points:
-        run_point(
-            spec, point, sweep_dir, base_overrides=base_overrides, text=text, progress=progress, train_fn=train_fn
-        )
-        write_status(sweep_dir, all_points)
+    kw = dict(base_overrides=base_overrides, text=text, progress=progress)
+    if group and train_fn is None:
+        for points_of_one_program in group_points(spec, points, sweep_dir, base_overrides):
+            run_group(spec, points_of_one_program, sweep_dir, **kw)
+            write_status(sweep_dir, all_points)
+    else:
+        for point in points:
+            run_point(spec, point, sweep_dir, train_fn=train_fn, **kw)
+            write_status(sweep_dir, all_points)
     status = write_status(sweep_dir, all_points)
     status["seconds"] = round(time.time() - t0, 1)
     return status

@@ -66,7 +66,7 @@ def test_torch_reference_trains_like_jax_on_the_same_batches(experiment):
     ref.model.load_flax_params(params)
     t_losses = []
     for s in range(6):
-        data_key, _ = steps.step_keys(experiment.seed_keys[0], jnp.asarray(s, jnp.int32))
+        data_key, _ = steps.step_keys(experiment.member_inputs["key"][0], jnp.asarray(s, jnp.int32))
         x, y = steps.batch(data_key, experiment.train_data, 4, 16)
         t_losses.append(ref.step(torch.from_numpy(np.asarray(x, np.int64)), torch.from_numpy(np.asarray(y, np.int64))))
     np.testing.assert_allclose(t_losses, losses, rtol=2e-4)

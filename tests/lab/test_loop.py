@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attention_jax.lab.config import ConfigError
-from attention_jax.lab.loop import TrainingDiverged, merge_seeds, train
+from attention_jax.lab.loop import TrainingDiverged, merge_members, train
 from attention_jax.lab.rundir import load_run, read_jsonl
 from attention_jax.lab.steps import TrainState
 
@@ -116,9 +116,14 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(tmp_path, tiny_
 
 
 def test_best_state_is_kept_per_seed():
-    new = TrainState(step=jnp.array([4, 4]), params={"w": jnp.array([[1.0, 1.0], [2.0, 2.0]])}, opt_state=())
-    old = TrainState(step=jnp.array([2, 2]), params={"w": jnp.array([[9.0, 9.0], [8.0, 8.0]])}, opt_state=())
-    merged = merge_seeds([False, True], new, old)
+    zero = jnp.zeros(2, jnp.int32)
+    new = TrainState(
+        step=jnp.array([4, 4]), params={"w": jnp.array([[1.0, 1.0], [2.0, 2.0]])}, opt_state=(), diverged_at=zero
+    )
+    old = TrainState(
+        step=jnp.array([2, 2]), params={"w": jnp.array([[9.0, 9.0], [8.0, 8.0]])}, opt_state=(), diverged_at=zero
+    )
+    merged = merge_members([False, True], new, old)
     np.testing.assert_array_equal(merged.step, [2, 4])  # seed 0 keeps its earlier best, seed 1 takes the new
     np.testing.assert_array_equal(merged.params["w"], [[9.0, 9.0], [2.0, 2.0]])
 

@@ -94,13 +94,17 @@ def test_check_same_config_names_what_changed_and_allows_resumable_changes(tmp_p
 def test_metrics_writer_keeps_rows_up_to_a_step_and_mirrors_them_to_tensorboard(tmp_path):
     run = rd.RunDir(tmp_path)
     run.create()
-    first = run.metrics_writer([7, 8])
-    first.write_many([{"step": s, "seed": seed, "loss": float(s + seed / 10)} for s in (1, 2, 3) for seed in (7, 8)])
-    first.write_many([{"step": 3, "seed": 7, "train_loss": 1.5, "val_loss": 1.25}])
+    first = run.metrics_writer(["seed_7", "seed_8"])
+    first.write_many(
+        [{"step": s, "member": m, "seed": 7 + m, "loss": float(s + (7 + m) / 10)} for s in (1, 2, 3) for m in (0, 1)]
+    )
+    first.write_many([{"step": 3, "member": 0, "seed": 7, "train_loss": 1.5, "val_loss": 1.25}])
     first.close()
     # Resumed from a checkpoint at step 2: rows after it are dropped, then the run continues.
-    second = run.metrics_writer([7, 8], keep_up_to_step=2)
-    second.write_many([{"step": 3, "seed": 7, "loss": 30.0, "lr": 0.5, "grad_norm": 2.0, "tokens_per_s": 9.0}])
+    second = run.metrics_writer(["seed_7", "seed_8"], keep_up_to_step=2)
+    second.write_many(
+        [{"step": 3, "member": 0, "seed": 7, "loss": 30.0, "lr": 0.5, "grad_norm": 2.0, "tokens_per_s": 9.0}]
+    )
     second.close()
     rows = run.read_metrics()
     assert [(r["step"], r["seed"]) for r in rows] == [(1, 7), (1, 8), (2, 7), (2, 8), (3, 7)]
@@ -137,8 +141,8 @@ def test_load_run_errors_name_the_folder(tmp_path, tiny_config, small_text):
     train(tiny_config(max_iters=4, checkpoint_every=4, eval_interval=4), tmp_path / "w", text=small_text(3000),
           progress=False)  # fmt: skip
     run = rd.load_run(tmp_path / "w")
-    assert run.step() == 4 and run.num_seeds == 1 and run.tokenizer.vocab_size > 5
-    with pytest.raises(ValueError, match=r"seed index must be in \[0, 1\)"):
+    assert run.step() == 4 and run.num_members == 1 and run.tokenizer.vocab_size > 5
+    with pytest.raises(ValueError, match=r"member index must be in \[0, 1\)"):
         run.params(1)
     best = rd.load_run(tmp_path / "w", which="best")
     summary = json.loads((tmp_path / "w" / rd.SUMMARY).read_text())

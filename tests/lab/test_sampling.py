@@ -21,11 +21,11 @@ def run(tmp_path_factory, tiny_config, small_text):
 
 
 def test_sample_text_is_the_prompt_continued_by_generate(run):
-    text = sample_text(run, "the king", max_new_tokens=12, temperature=0.8, top_k=5, seed=3, seed_index=1)
+    text = sample_text(run, "the king", max_new_tokens=12, temperature=0.8, top_k=5, seed=3, member=1)
     tokens = jnp.asarray(run.tokenizer.encode("the king"))[None]
     want = generate(run.model, run.params(1), tokens, 12, jax.random.key(3), 0.8, 5)
     assert text == run.tokenizer.decode(want[0]) and text.startswith("the king") and len(text) == 8 + 12
-    other_seed = sample_text(run, "the king", max_new_tokens=12, temperature=0.8, top_k=5, seed=3, seed_index=0)
+    other_seed = sample_text(run, "the king", max_new_tokens=12, temperature=0.8, top_k=5, seed=3, member=0)
     assert other_seed != text  # a different model of the run
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -81,13 +82,15 @@ def test_train_step_is_a_plain_function_of_its_arguments(experiment):
     exp = experiment
     state = ex.init_state(exp)
     one_state = jax.tree_util.tree_map(lambda a: a[0], state)
+    member = {"key": jax.random.key(exp.config.seed), "hparams": steps.hparams_of(exp.config)}
+    optimizer = functools.partial(steps.make_optimizer, exp.config)
     new, metrics = jax.jit(
-        lambda s, k: steps.train_step(
-            s, k, model=exp.model, tx=exp.tx, data=exp.train_data, batch_size=4, block_size=16
+        lambda s, m: steps.train_step(
+            s, m, model=exp.model, optimizer=optimizer, data=exp.train_data, batch_size=4, block_size=16
         )
-    )(one_state, exp.seed_keys[0])
+    )(one_state, member)
     _, out = ex.train_program(exp, 1)(state)
-    assert int(new.step) == 1
+    assert int(new.step) == 1 and int(new.diverged_at) == 0
     np.testing.assert_allclose(float(metrics["loss"]), float(out["loss"][0, 0]), rtol=1e-6)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from attention_jax.lab import sweep as sw
 from attention_jax.lab.config import ConfigError, apply_overrides, load_config, parse_override_args, to_dict
+from attention_jax.lab.rundir import RunDir
 
 SPEC = "configs/ablate_scale.py:smoke"
 
@@ -148,3 +149,50 @@ def test_interrupted_point_resumes_from_its_checkpoint(tmp_path, capsys, small_t
     assert status["counts"] == {"done": 1}
     summary = json.loads((tmp_path / point.name / "summary.json").read_text())
     assert summary["steps"] == 10 and len(summary["final_val_loss"]) == 3
+
+
+def test_points_that_differ_only_in_member_values_are_grouped():
+    points = sw.load_sweep(SPEC)
+    groups = sw.group_points(SPEC, points, "/nonexistent-sweep-dir")
+    assert sorted(p.index for g in groups for p in g) == [p.index for p in points]  # each point once
+    multi = [g for g in groups if len(g) > 1]
+    # The learning-rate axis differs from its base point by learning_rate and min_lr only: one program each.
+    lr_axis = ",learning_rate=0.003,min_lr=0.0003"
+    assert [[p.name for p in g] for g in multi] == [
+        [f"attn_scale={s},qk_norm=false,n_head=8", f"attn_scale={s},qk_norm=false,n_head=8{lr_axis}"]
+        for s in ("none", "sqrt")
+    ]
+    configs = [sw.point_config(SPEC, p) for p in multi[0]]
+    group = sw.group_config(configs)
+    assert [e["learning_rate"] for e in group.population] == [configs[0].learning_rate, 3e-3]
+    assert [e["min_lr"] for e in group.population] == [configs[0].min_lr, pytest.approx(3e-4)]
+    assert group.model.to_dict() == configs[0].model.to_dict() and group.num_seeds == configs[0].num_seeds
+
+
+def _tree(folder):
+    """A run directory's files, with orbax's content-hashed data file names left out."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if "tensorboard" not in p.parts and "d" not in p.parts[:-1][-1:])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_grouped_sweep_writes_what_one_program_per_point_writes(tmp_path, small_text):
+    text = small_text(3000)
+    points = [p for p in sw.load_sweep(SPEC) if "n_head=8" in p.name]  # two groups of two points
+    grouped = sw.run_sweep(SPEC, points, tmp_path / "grouped", text=text)
+    alone = sw.run_sweep(SPEC, points, tmp_path / "alone", text=text, group=False)
+    assert grouped["counts"] == alone["counts"] == {"done": 4}
+    for p in points:
+        a, b = tmp_path / "grouped" / p.name, tmp_path / "alone" / p.name
+        assert _tree(a) == _tree(b)
+        assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+        rows_a, rows_b = RunDir(a).read_metrics(), RunDir(b).read_metrics()
+        assert [(r["step"], r["member"], r["seed"]) for r in rows_a] == [
+            (r["step"], r["member"], r["seed"]) for r in rows_b
+        ]
+        for ra, rb in zip(rows_a, rows_b):
+            for key in ("loss", "grad_norm", "lr", "train_loss", "val_loss"):
+                if key in rb:
+                    assert ra[key] == pytest.approx(rb[key], rel=1e-6), (p.name, ra["step"], key)
+        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+        assert sa["seeds"] == sb["seeds"] and sa["final_val_loss"] == pytest.approx(sb["final_val_loss"], rel=1e-6)
