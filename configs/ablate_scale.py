@@ -33,6 +33,19 @@ Variants (the ``:ARG`` suffix):
           (axis 5e-4, 2e-3, 8e-3). Measured: 44 min on 2 CPU cores shared
           with other jobs; results and plots in docs/ablations.md.
   smoke   seconds per point: for tests of the sweep machinery.
+
+The tuned question (``tuned``, ``tuned_cpu``, ``tuned_smoke``): the learning rate tuned per
+arm and head size, at a horizon 4x (cpu) or 8x (accelerator) the 250 steps of ``cpu``.
+Every point is (arm, D, learning rate) with 3 seeds; the points of one (arm, D) differ
+only in learning_rate and min_lr, so the sweep trains each (arm, D) as one population
+in one compiled program (attention_jax.lab.population).
+  tuned       accelerator: the model of (none), 2000 steps, designs a and b,
+              D in {8, ..., 128}, 6 learning rates 5e-4 ... 1.6e-2 (factor 2).
+              Prepared for a GPU: benchmarks/gpu_population.py runs it.
+  tuned_cpu   the cpu model, 1000 steps, design a, D in {8, 32, 128} (the grid shrunk
+              from 5 head sizes to 3 to fit about 2 hours on 2 cores, the horizon
+              kept), 4 learning rates 1e-3 ... 8e-3 (factor 2). Results: docs/ablations.md.
+  tuned_smoke seconds per point: for tests.
 """
 
 from attention_jax.lab.config import base_config, smoke
@@ -53,10 +66,18 @@ LEARNING_RATES = {  # the learning-rate axis besides the base learning rate (in 
     "cpu": [5e-4, 8e-3],
     "smoke": [3e-3],
 }
-VARIANTS = ("(none)", "cpu", "smoke")
+# The tuned question: per variant, head sizes, learning rates (min_lr = lr / 10), and design b or not.
+TUNED = {
+    "tuned": dict(head_sizes=HEAD_SIZES, learning_rates=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], design_b=True),
+    "tuned_cpu": dict(head_sizes=[8, 32, 128], learning_rates=[1e-3, 2e-3, 4e-3, 8e-3], design_b=False),
+    "tuned_smoke": dict(head_sizes=[4, 8], learning_rates=[1e-3, 4e-3], design_b=False),
+}
+VARIANTS = ("(none)", "cpu", "smoke", *TUNED)
 
 
 def get_config(arg=None):
+    if arg in TUNED:
+        return _tuned_config(arg)
     c = base_config()
     c.num_seeds = 3  # seeds seed, seed+1, seed+2 in one vmapped program per point
     c.distributed = False  # True: jax.distributed.initialize() first (a point spanning several hosts)
@@ -106,12 +127,41 @@ def get_config(arg=None):
     return c
 
 
+def _tuned_config(arg):
+    """The config of the tuned question: its base variant, trained longer."""
+    c = get_config({"tuned": None, "tuned_cpu": "cpu", "tuned_smoke": "smoke"}[arg])
+    if arg == "tuned":
+        c.max_iters = c.lr_decay_iters = 2000  # the accelerator variant already trains 8x the cpu horizon
+    elif arg == "tuned_cpu":
+        c.max_iters = c.lr_decay_iters = 1000  # 4x the 250 steps of the cpu sweep
+        c.warmup_iters = 40
+        c.eval_interval = 50  # 20 points on each curve
+        c.log_interval = 50
+        c.checkpoint_every = 250
+        c.steps_per_call = 25  # divides every interval: no call is split
+    return c
+
+
 def _head_sizes(arg):
     return [4, 8] if arg == "smoke" else HEAD_SIZES
 
 
+def _tuned_sweep(arg):
+    """Arms x head sizes (design a; design b where the variant has it) x learning rates."""
+    c, t = get_config(arg), TUNED[arg]
+    arms = [{"model.attn_scale": s, "model.qk_norm": q} for s, q in SCALE_ARMS]
+    shapes = [{"model.n_head": c.model.n_embd // d} for d in t["head_sizes"]]
+    if t["design_b"]:
+        shapes += product(sweep("model.n_head", [FIXED_HEADS]), sweep("model.head_size", t["head_sizes"]))
+    lrs = t["learning_rates"]
+    lr_axis = zip_(sweep("learning_rate", lrs), sweep("min_lr", [lr / 10 for lr in lrs]))
+    return unique(product(arms, shapes, lr_axis))
+
+
 def get_sweep(arg=None):
-    """The points of the sweep: a list of override dicts (see attention_jax.sweep)."""
+    """The points of the sweep: a list of override dicts (see attention_jax.lab.sweep)."""
+    if arg in TUNED:
+        return _tuned_sweep(arg)
     c = get_config(arg)
     arms = [{"model.attn_scale": s, "model.qk_norm": q} for s, q in SCALE_ARMS]
     if arg == "smoke":

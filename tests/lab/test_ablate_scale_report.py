@@ -136,3 +136,40 @@ def test_entropy_and_heatmaps_from_a_real_checkpoint(tmp_path, small_text):
     assert (tmp_path / "sweep" / "attention_heatmaps.png").stat().st_size > 1000
     window = md.split("```\n")[1]
     assert window.count("\n") == 8 and window.startswith("[[1.0000, 0.0000")  # row 0 attends to itself only
+
+
+@pytest.fixture
+def tuned_sweep(tmp_path):
+    """Two arms x one head size x three learning rates, two seeds; sqrt's best lr is the middle one."""
+    root = tmp_path / "tuned"
+    write_point(root, "s1", lr=1e-3, vals=[[4.0, 3.5, 3.00], [4.0, 3.6, 3.10]])
+    write_point(root, "s2", lr=2e-3, vals=[[4.0, 3.0, 2.50], [4.0, 3.1, 2.70]])
+    write_point(root, "s3", lr=4e-3, vals=[[4.0, 3.2, 2.90], [4.0, 3.3, 2.95]])
+    write_point(root, "n1", scale="none", lr=1e-3, vals=[[4.0, 2.9, 2.60], [4.0, 3.2, 2.80]])  # ahead at step 10
+    write_point(root, "n2", scale="none", lr=2e-3, vals=[[4.0, 3.4, 2.40], [4.0, 3.5, 2.62]])
+    write_point(root, "n3", scale="none", lr=4e-3, vals=[[4.0, 2.0, 2.00], [4.0, NAN, NAN]], diverged={1338})
+    return root
+
+
+def test_tuned_best_learning_rates_pairing_and_ranking(tuned_sweep, tmp_path):
+    from attention_jax.lab.ablate_scale import tuned
+
+    points = report.load_points(tuned_sweep)
+    assert tuned.is_tuned(points)
+    rows = {r["scale"]: r for r in tuned.best_rows(points)}
+    assert rows["sqrt"]["best_lr"] == 2e-3 and not rows["sqrt"]["edge"]
+    assert rows["sqrt"]["best"][0] == pytest.approx(np.mean([2.5, 2.7]))
+    # none's lowest mean is at 4e-3 (2.00), but a seed diverged there: not eligible; 2e-3 is the best of the rest.
+    assert rows["none"]["best_lr"] == 2e-3 and rows["none"]["diverged"][4e-3] == 1
+    delta = tuned.paired_to_sqrt(list(rows.values()))[("a", "none", 16)]
+    d = np.array([2.40 - 2.50, 2.62 - 2.70])
+    assert delta == (pytest.approx(d.mean()), pytest.approx(d.std(ddof=1)))
+    # Curves at the best lrs: step 10: none 3.45 vs sqrt 3.05 (sqrt ahead); step 20: none 2.51 < sqrt 2.60.
+    stable = tuned.ranking_stable_from(list(rows.values()))
+    assert stable[("a", 16)] == (20, ["none", "sqrt"])
+    out = tmp_path / "out"
+    md = report.write_report(tuned_sweep, out, target=2.8, entropy=False).read_text()
+    assert "## Tuned: each arm at its own best learning rate" in md and "| a | 16 | 2 | none | 0.002 |" in md
+    assert f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}" in md and "(1 div.)" in md
+    for png in ("tuned_best_lr.png", "tuned_curves.png"):
+        assert (out / png).stat().st_size > 1000 and f"({png})" in md

@@ -197,7 +197,7 @@ def load_params(workdir: str | os.PathLike, which: str = "latest"):
         run = load_run(workdir, which)
     except FileNotFoundError:
         return None
-    return run.model, [run.params(i) for i in range(run.num_seeds)], run.tokenizer
+    return run.model, [run.params(i) for i in range(run.num_members)], run.tokenizer
 
 
 def eval_tokens(text: str, tokenizer, block_size: int, batch_size: int = 8, train_fraction: float = 0.9):
@@ -335,7 +335,8 @@ def _plt():
 
 
 def _grid_points(points, lr):
-    return [p for p in points if p.learning_rate == lr]
+    """The points at learning rate ``lr`` (all of them for None)."""
+    return [p for p in points if lr is None or p.learning_rate == lr]
 
 
 def plot_curves(points: list[PointResult], path, lr: float, dpi: int = 90) -> None:
@@ -478,22 +479,31 @@ def write_report(
         "Entropy: mean normalized row entropy of the causal attention weights per layer (first layer first), "
         "latest checkpoint, fixed validation batch, mean over seeds.\n"
     )
-    md.append(f"## Scale x head size (learning rate {lr:g})\n")
-    md.append(arm_table(main, target))
-    lr_md = lr_table(points)
-    if lr_md:
-        md.append("## Learning-rate axis (final val loss)\n")
-        md.append(lr_md)
-        md.append("\n" + arm_table([p for p in points if p.learning_rate != lr], target))
-    figures = []
-    plot_curves(points, outdir / "val_loss_curves.png", lr, dpi=dpi)
-    figures.append(("Validation loss curves (mean over seeds; band: min..max)", "val_loss_curves.png"))
-    plot_vs_head_size(points, outdir / "final_loss_vs_head_size.png", lr, "final", dpi=dpi)
-    figures.append(
-        ("Final validation loss against head size (error bars: std over seeds)", "final_loss_vs_head_size.png")
-    )
+    from attention_jax.lab.ablate_scale import tuned
+
+    if tuned.is_tuned(points):  # a learning rate per arm and D: the tuned answer, every point in detail
+        tuned_md, figures = tuned.section(points, outdir, dpi=dpi)
+        md.extend(tuned_md)
+        md.append("## Every point\n")
+        md.append(arm_table(points, target))
+        main = [r["point"] for r in tuned.best_rows(points) if r["point"] is not None]
+    else:
+        md.append(f"## Scale x head size (learning rate {lr:g})\n")
+        md.append(arm_table(main, target))
+        lr_md = lr_table(points)
+        if lr_md:
+            md.append("## Learning-rate axis (final val loss)\n")
+            md.append(lr_md)
+            md.append("\n" + arm_table([p for p in points if p.learning_rate != lr], target))
+        figures = []
+        plot_curves(points, outdir / "val_loss_curves.png", lr, dpi=dpi)
+        figures.append(("Validation loss curves (mean over seeds; band: min..max)", "val_loss_curves.png"))
+        plot_vs_head_size(points, outdir / "final_loss_vs_head_size.png", lr, "final", dpi=dpi)
+        figures.append(
+            ("Final validation loss against head size (error bars: std over seeds)", "final_loss_vs_head_size.png")
+        )
     if any(p.entropy for p in main):
-        plot_vs_head_size(points, outdir / "entropy_vs_head_size.png", lr, "entropy", dpi=dpi)
+        plot_vs_head_size(main, outdir / "entropy_vs_head_size.png", None, "entropy", dpi=dpi)
         figures.append(("Attention entropy after training against head size", "entropy_vs_head_size.png"))
         md.extend(_heatmap_section(main, outdir, prompt, heatmap_head_size, figures, dpi))
     md.append("## Plots\n")
