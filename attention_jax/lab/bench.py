@@ -38,6 +38,40 @@ class NoReference(Exception):
     """Raised by a reference factory that cannot build its reference here; the message says why."""
 
 
+def time_side_by_side(step, state, reference: Reference | None, calls: int, per_call: int, warmup: int):
+    """Seconds per optimizer step of ``calls`` calls of the compiled ``step`` and of as many reference steps.
+
+    The two sides alternate call by call, neither always first, so that load
+    from other processes hits both alike. Both are warmed up first.
+    """
+    for _ in range(warmup):
+        state, out = step(state)
+        jax.block_until_ready(out)
+    if reference is not None:
+        for _ in range(max(warmup, 2)):
+            reference.step()
+    jax_times, ref_times = [], []
+
+    def run_jax():
+        nonlocal state
+        t = time.perf_counter()
+        state, out = step(state)
+        jax.block_until_ready(out)
+        jax_times.append((time.perf_counter() - t) / per_call)
+
+    def run_reference():
+        for _ in range(per_call):
+            t = time.perf_counter()
+            reference.step()
+            ref_times.append(time.perf_counter() - t)
+
+    sides = [run_jax] if reference is None else [run_jax, run_reference]
+    for i in range(calls):
+        for run in sides if i % 2 == 0 else sides[::-1]:
+            run()
+    return jax_times, ref_times
+
+
 def benchmark_training(
     config: ml_collections.ConfigDict,
     steps: int = 30,
@@ -60,40 +94,13 @@ def benchmark_training(
             reference = reference(exp)
         except NoReference as e:
             reference, reference_note = None, str(e)
-    state = ex.init_state(exp)
     per_call = config.steps_per_call
+    state = ex.init_state(exp)
     t0 = time.perf_counter()
     step = ex.train_program(exp, per_call).lower(state).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, out = step(state)
-        jax.block_until_ready(out)
-    if reference is not None:
-        for _ in range(max(warmup, 2)):
-            reference.step()
-
     calls = max(1, -(-steps // per_call))
-    jax_times, ref_times = [], []  # seconds per optimizer step
-    for i in range(calls):
-
-        def run_jax():
-            nonlocal state
-            t = time.perf_counter()
-            state, out = step(state)
-            jax.block_until_ready(out)
-            jax_times.append((time.perf_counter() - t) / per_call)
-
-        def run_reference():
-            for _ in range(per_call):
-                t = time.perf_counter()
-                reference.step()
-                ref_times.append(time.perf_counter() - t)
-
-        order = (run_jax, run_reference) if i % 2 == 0 else (run_reference, run_jax)  # neither always goes first
-        for run in order:
-            if run is run_jax or reference is not None:
-                run()
-
+    jax_times, ref_times = time_side_by_side(step, state, reference, calls, per_call, warmup)
     s_per_step = statistics.median(jax_times)
     flops_step = exp.flops_per_step()
     mm = matmul_flops_per_s(matmul_n)
