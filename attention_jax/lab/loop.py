@@ -12,10 +12,14 @@ into single steps only where a log, eval or checkpoint boundary falls inside it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +32,14 @@ from attention_jax.generate import generate
 from attention_jax.lab import experiment as ex
 from attention_jax.lab import steps
 from attention_jax.lab.config import to_dict
-from attention_jax.lab.rundir import Checkpoints, MetricsWriter, RunDir
+from attention_jax.lab.rundir import (
+    Checkpoints,
+    MetricsWriter,
+    RunDir,
+    dataset_fingerprint,
+    set_aside,
+    storage_faults,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,7 +75,7 @@ def restore_or_start(exp: ex.Experiment, checkpoints: Checkpoints) -> tuple[Prog
     progress = Progress(
         state=state,
         step=int(state.step[0]),
-        best_val_loss=meta["best"]["val_loss"],
+        best_val_loss=[math.inf if v is None else v for v in meta["best"]["val_loss"]],  # JSON null: never evaluated
         best_step=meta["best"]["step"],
         diverged=meta.get("diverged", [None] * K),
         best_state=best_restored[0] if best_restored is not None else None,
@@ -96,10 +107,25 @@ class Programs:
         # Single steps are needed only when a boundary splits a call of steps_per_call steps;
         # the shipped configs never do that, so that program is compiled on first use.
         self.single = self.many if self.steps_per_call == 1 else None
+        self.health = None  # compiled at the first checkpoint
         self.compile_seconds = time.perf_counter() - t0
 
+    def healthy(self, state: steps.TrainState) -> np.ndarray:
+        """(num_seeds,) bool: whether each seed's state is fit to checkpoint (``health_program``)."""
+        if self.health is None:
+            t0 = time.perf_counter()
+            self.health = health_program(self.exp).lower(state, self.exp.seed_keys).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return np.asarray(jax.device_get(self.health(state, self.exp.seed_keys)))
+
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
-        """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_seeds) host arrays)."""
+        """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_seeds) host arrays).
+
+        Raises KeyboardInterrupt first when Ctrl-C was pressed (``stop_requested``):
+        here the loop's state and step agree, and nothing is donated yet.
+        """
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
             self.single = ex.train_program(self.exp, 1).lower(state).compile()
@@ -114,6 +140,86 @@ class Programs:
         return state, {key: np.concatenate([o[key] for o in outs]) for key in ("loss", "grad_norm")}
 
 
+# Set by the first Ctrl-C during training; the loop stops at its next compiled call (Programs.advance).
+stop_requested = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_at_safe_point() -> Iterator[None]:
+    """Ctrl-C while training: the first one stops the loop before its next compiled call (within a
+    call's time: a second or so), where a checkpoint can be saved; a second one interrupts at once.
+
+    A KeyboardInterrupt raised anywhere else can land inside library code and
+    leave the state half-updated. Main thread only; an ignored SIGINT
+    (``nohup``, a background job) stays ignored.
+    """
+    stop_requested.clear()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop_requested.clear()
+
+
+def health_program(exp: ex.Experiment):
+    """A jitted function (state, seed_keys) -> (num_seeds,) bool: finite parameters and a finite
+    loss on the batch the seed's next step trains on (that step's own loss: same keys, same dropout).
+
+    Finite parameters alone are not enough: a learning rate far too high
+    leaves them finite but so large (1e10) that the logits overflow.
+    Costs one forward pass per checkpoint.
+    """
+
+    def one_seed(state: steps.TrainState, seed_key) -> jax.Array:
+        data_key, dropout_key = steps.step_keys(seed_key, state.step)
+        T = exp.model_config.block_size
+        x, y = steps.batch(data_key, exp.train_data, exp.config.batch_size, T, exp.batch_sharding)
+        loss = steps.loss_fn(state.params, exp.model, x, y, dropout_key, False)
+        finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
+        return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
+
+    return jax.jit(steps.over_seeds(one_seed, (0, 0), exp.num_seeds))
+
+
+def save_checkpoint(p: Progress, checkpoints: Checkpoints, healthy: Callable[[steps.TrainState], np.ndarray]) -> None:
+    """Save ``p.state`` as the latest checkpoint if it is good for every seed that has not diverged.
+
+    A seed whose state is not good is marked diverged at the next step (whose
+    loss is the one found NaN/Inf) and the rest are saved; when no seed is
+    left, raise TrainingDiverged and keep the previous checkpoint.
+    """
+    for i, ok in enumerate(healthy(p.state)):
+        if not ok and p.diverged[i] is None:
+            p.diverged[i] = p.step + 1
+    if all(d is not None for d in p.diverged):
+        raise TrainingDiverged(_diverged_message(p, checkpoints))
+    checkpoints.save_latest(p.step, p.state, p.meta())
+
+
+def _save_on_interrupt(exp: ex.Experiment, p: Progress, checkpoints: Checkpoints) -> None:
+    """After Ctrl-C: checkpoint the current state when it is whole, consistent with ``p.step``, and good."""
+    if checkpoints.saving or checkpoints.latest_step() == p.step or p.step == 0:
+        return  # interrupted inside a save (the previous checkpoint stands), or nothing new to save
+    leaves = jax.tree_util.tree_leaves(p.state)
+    if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
+        return  # interrupted inside a compiled call: the state was donated to it
+    if int(np.asarray(jax.device_get(p.state.step))[0]) != p.step:
+        return  # interrupted between the new state and the step count
+    save_checkpoint(p, checkpoints, lambda state: np.asarray(health_program(exp)(state, exp.seed_keys)))
+    print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -123,39 +229,54 @@ def train(
 ) -> dict:
     """Train (or resume) the experiment ``config`` in ``workdir``; return the summary.
 
-    Resumes from the latest checkpoint when the workdir has one; returns the
-    stored summary when the run already finished.
+    Resumes from the latest good checkpoint when the workdir has one; returns
+    the stored summary when the run already finished. Holds the workdir's lock
+    throughout, and writes nothing before the run is known to be resumable.
     """
+    if text is None:
+        text = ex.load_dataset(config.data.dataset)
     exp = ex.Experiment.from_config(config, text=text)
     run = RunDir(workdir)
     resolved = to_dict(config)
-    run.check_same_config(resolved)
-    run.create()
-    # With several hosts (jax.distributed), every process runs this loop and takes
-    # part in checkpointing (orbax coordinates them); only process 0 writes files.
+    fingerprint = dataset_fingerprint(config.data.dataset, text)
+    # With several hosts (jax.distributed), every process runs this loop and takes part in
+    # checkpointing (orbax coordinates them); only process 0 holds the lock and writes files.
     writer = jax.process_index() == 0
-    if writer:
-        run.write_config(resolved)
-        run.write_tokenizer(exp.tokenizer)
-    checkpoints = run.checkpoints()
-    try:
-        p, restored = restore_or_start(exp, checkpoints)
-        if p.step >= config.max_iters and run.has_summary():
-            summary = run.read_summary()
+    checkpoints: Checkpoints | None = None
+
+    def last_good() -> str:
+        return checkpoints.describe_latest() if checkpoints is not None else ""
+
+    with storage_faults(run.path, last_good), run.lock(enabled=writer):
+        run.check_resumable(resolved, exp.tokenizer, fingerprint)
+        reader = run.checkpoints(writable=False)
+        try:
+            p, restored = restore_or_start(exp, reader)
+        finally:
+            reader.close()
+        if p.step >= config.max_iters and run.has_summary() and (summary := run.read_summary()) is not None:
             print_summary(summary, prefix="already finished: ")
             return summary
         if writer:
+            run.write_start(resolved, exp.tokenizer, fingerprint)
+            set_aside(run, reader.damaged)
             run.remove_summary()
-        metrics = run.metrics_writer(exp.seeds, keep_up_to_step=p.step if restored else -1, enabled=writer)
+        checkpoints = run.checkpoints()
         try:
-            timing = _loop(exp, p, checkpoints, metrics, progress)
+            metrics = run.metrics_writer(exp.seeds, keep_up_to_step=p.step if restored else -1, enabled=writer)
+            try:
+                with stop_at_safe_point():
+                    timing = _loop(exp, p, checkpoints, metrics, progress)
+            except KeyboardInterrupt:
+                _save_on_interrupt(exp, p, checkpoints)
+                raise
+            finally:
+                metrics.close()
         finally:
-            metrics.close()
-    finally:
-        checkpoints.close()
-    summary = _summary(exp, p, run, timing)
-    if writer:
-        run.write_summary(summary)
+            checkpoints.close()
+        summary = _summary(exp, p, run, timing)
+        if writer:
+            run.write_summary(summary)
     print_summary(summary)
     return summary
 
@@ -202,7 +323,7 @@ def _loop(exp: ex.Experiment, p: Progress, checkpoints: Checkpoints, metrics: Me
                 evaluate(exp, programs, p, metrics, checkpoints)
                 bar.write(eval_line(p.step, p.last_eval))
             if at(p.step, config.checkpoint_every, config):
-                checkpoints.save_latest(p.step, p.state, p.meta())
+                save_checkpoint(p, checkpoints, programs.healthy)
     finally:
         bar.close()
     timing.compile_seconds = programs.compile_seconds
@@ -216,9 +337,11 @@ def _note_divergence(p: Progress, losses: np.ndarray, first_step: int, checkpoin
         if p.diverged[i] is None and bad.size:
             p.diverged[i] = first_step + int(bad[0]) + 1
     if all(d is not None for d in p.diverged):
-        raise TrainingDiverged(
-            f"loss became NaN/Inf at step {min(p.diverged)}; stopped. {checkpoints.describe_latest()} (left intact)"
-        )
+        raise TrainingDiverged(_diverged_message(p, checkpoints))
+
+
+def _diverged_message(p: Progress, checkpoints: Checkpoints) -> str:
+    return f"loss became NaN/Inf at step {min(p.diverged)}; stopped. {checkpoints.describe_latest()} (left intact)"
 
 
 def _train_rows(exp: ex.Experiment, p: Progress, out: dict, lr: float, tokens_per_s: float) -> list[dict]:
@@ -325,9 +448,10 @@ def eval_line(step: int, rows: list[dict]) -> str:
 
 
 def print_summary(summary: dict, prefix: str = "") -> None:
-    fv = np.mean(summary["final_val_loss"])
-    bv = np.mean(summary["best_val_loss"])
-    full = np.mean(summary["full_val_loss"])
+    def mean(values):  # summary.json holds null where a value was NaN or infinite
+        return np.mean([math.nan if v is None else v for v in values])
+
+    fv, bv, full = mean(summary["final_val_loss"]), mean(summary["best_val_loss"]), mean(summary["full_val_loss"])
     print(
         f"{prefix}{summary['steps']} steps, final val loss {fv:.4f} (best {bv:.4f}; whole val split {full:.4f}), "
         f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['train_seconds_this_session']:.1f} s training",
