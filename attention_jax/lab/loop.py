@@ -243,9 +243,10 @@ def train(
     # checkpointing (orbax coordinates them); only process 0 holds the lock and writes files.
     writer = jax.process_index() == 0
     checkpoints: Checkpoints | None = None
+    resumes_from = ""  # unknown until the checkpoints are read
 
-    def last_good() -> str:
-        return checkpoints.describe_latest() if checkpoints is not None else ""
+    def last_good() -> str:  # for messages about system faults
+        return checkpoints.describe_latest() if checkpoints is not None else resumes_from
 
     with storage_faults(run.path, last_good), run.lock(enabled=writer):
         run.check_resumable(resolved, exp.tokenizer, fingerprint)
@@ -254,6 +255,7 @@ def train(
             p, restored = restore_or_start(exp, reader)
         finally:
             reader.close()
+        resumes_from = f"the last good checkpoint is step {p.step}" if restored else "no checkpoint was saved yet"
         if p.step >= config.max_iters and run.has_summary() and (summary := run.read_summary()) is not None:
             print_summary(summary, prefix="already finished: ")
             return summary

@@ -100,8 +100,8 @@ _CAUSES = {
     errno.ENOSPC: ("no space left on device", "free some space, then rerun the same command"),
     errno.EDQUOT: ("disk quota exceeded", "free some space, then rerun the same command"),
     errno.EROFS: ("read-only file system", "remount it read-write or use another --workdir"),
-    errno.EACCES: ("permission denied", "make it writable for this user or use another --workdir"),
-    errno.EPERM: ("operation not permitted", "make it writable for this user or use another --workdir"),
+    errno.EACCES: ("permission denied", "check its permissions for this user, or use another --workdir"),
+    errno.EPERM: ("operation not permitted", "check its permissions for this user, or use another --workdir"),
     errno.EIO: ("input/output error", "the storage reported an error: check the disk, then rerun the same command"),
     errno.ENOENT: ("no such file or directory", "it was deleted or unmounted while in use"),
 }
@@ -121,7 +121,12 @@ class StorageFault(OSError):
         self.last_good = last_good
 
     def __str__(self) -> str:
-        tail = f" {self.last_good[0].upper()}{self.last_good[1:]}." if self.last_good else ""
+        # After a vanished workdir there is no checkpoint left to point at.
+        tail = (
+            f" {self.last_good[0].upper()}{self.last_good[1:]}."
+            if self.last_good and self.errno != errno.ENOENT
+            else ""
+        )
         return f"{self.filename}: {self.strerror}; {self.advice}.{tail}"
 
 
@@ -138,6 +143,17 @@ def os_error_in(exc: BaseException) -> OSError | None:
                 return OSError(code, os.strerror(code))
         exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
     return None
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised by a write (which names no file) the file it was writing."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 @contextlib.contextmanager
@@ -186,7 +202,7 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     text = json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with naming(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data (power loss)
@@ -487,7 +503,12 @@ class WorkdirLock:
             except FileNotFoundError:
                 same = False
             if same:
-                _write_holder(fd)
+                try:
+                    with naming(self.path):
+                        _write_holder(fd)
+                except OSError:
+                    os.close(fd)
+                    raise
                 return fd
             os.close(fd)  # released and unlinked between our open and flock: try the new file
 
@@ -507,7 +528,13 @@ class WorkdirLock:
                     continue
                 advice = f"wait for it to finish; if it no longer runs, delete {self.path}"
                 raise WorkdirBusy(self._busy_message(holder, advice)) from None
-            _write_holder(fd)
+            try:
+                with naming(self.path):
+                    _write_holder(fd)
+            except OSError:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
             return fd
         raise WorkdirBusy(self._busy_message({}, f"if no trainer runs there, delete {self.path}"))
 
@@ -584,7 +611,8 @@ class MetricsWriter:
             lines = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
             note(f"{path}: line {lines} not valid JSON (cut short by a crash, or damaged); dropped")
         tmp = path.with_name(f"{METRICS}.tmp{os.getpid()}")
-        tmp.write_text("".join(_json_line(r) for r in kept), encoding="utf-8")
+        with naming(path):
+            tmp.write_text("".join(_json_line(r) for r in kept), encoding="utf-8")
         tmp.replace(path)
         self._file = open(path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
@@ -602,6 +630,12 @@ class MetricsWriter:
     def write_many(self, rows: list[dict]) -> None:
         if self._file is None:
             return
+        if os.fstat(self._file.fileno()).st_nlink == 0:  # deleted under us: the rows would go nowhere
+            raise StorageFault(errno.ENOENT, self._file.name)
+        with naming(self._file.name):
+            self._write_many(rows)
+
+    def _write_many(self, rows: list[dict]) -> None:
         for row in rows:
             self._file.write(_json_line(row))
             board = self._boards.get(row.get("seed"))
@@ -749,10 +783,19 @@ class Checkpoints:
         self._best = _manager(self.best_dir, writable, 1)
         self.damaged: list[Damaged] = []
         self.saving = False  # True while a save is in progress (an interrupt must not start another)
+        self.workdir = workdir
+        # Orbax recreates missing folders when it saves: a workdir deleted or moved while training
+        # would silently come back without its other files. Saves check it is still the same folder.
+        self._identity = _identity(workdir) if writable else None
+
+    def _check_workdir(self) -> None:
+        if _identity(self.workdir) != self._identity:
+            raise StorageFault(errno.ENOENT, f"the workdir {self.workdir}")
 
     def _save(self, manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
         if step in manager.all_steps():  # same step, same deterministic state: nothing to do
             return
+        self._check_workdir()
         host = jax.device_get(state)
         integrity = {"sha256": state_digest(host), "layout": state_layout(host)}
         meta = json_safe({**meta, "integrity": integrity})
@@ -761,6 +804,9 @@ class Checkpoints:
         try:
             manager.save(step, args=args)
             manager.wait_until_finished()
+        except Exception as e:
+            _raise_if_system_fault(e, Path(manager.directory) / str(step))
+            raise
         finally:
             self.saving = False
 
@@ -852,6 +898,15 @@ class Checkpoints:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _raise_if_system_fault(e: BaseException, path: Path) -> None:

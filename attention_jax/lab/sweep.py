@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from attention_jax.lab.config import ConfigError, apply_overrides, call_config_function, load_config, run_name
-from attention_jax.lab.rundir import RunDir, write_json
+from attention_jax.lab.rundir import RunDir, WorkdirBusy, write_json
 
 Overrides = dict[str, Any]
 STATUS_FILE = "status.json"  # in the sweep dir: every point's status
@@ -302,9 +302,14 @@ def run_sweep(
         write_json(sweep_dir / SWEEP_FILE, payload)
     t0 = time.time()
     for point in points:
-        run_point(
-            spec, point, sweep_dir, base_overrides=base_overrides, text=text, progress=progress, train_fn=train_fn
-        )
+        try:  # the point's lock, around its records too: a point trained elsewhere is left alone
+            with RunDir(sweep_dir / point.name).lock(enabled=_is_writer()):
+                run_point(
+                    spec, point, sweep_dir, base_overrides=base_overrides, text=text, progress=progress,
+                    train_fn=train_fn,
+                )  # fmt: skip
+        except WorkdirBusy as e:
+            print(f"[{point.index}] {point.name}: skipped: {e}", file=sys.stderr, flush=True)
         write_status(sweep_dir, all_points)
     status = write_status(sweep_dir, all_points)
     status["seconds"] = round(time.time() - t0, 1)
