@@ -58,3 +58,21 @@ def run_losses(exp, steps_per_call: int, calls: int):
         state, out = step(state)
         losses.append(np.asarray(out["loss"]))
     return np.concatenate(losses)[:, 0], state
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file and folder under ``folder``: {relative path: (size, mtime_ns, sha256) or "dir"}.
+
+    Two equal snapshots mean nothing was created, deleted, renamed or rewritten.
+    """
+    import hashlib
+
+    out: dict[str, tuple] = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_dir():
+            out[rel] = ("dir",)
+        else:
+            st = path.stat()
+            out[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return out

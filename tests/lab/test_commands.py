@@ -106,6 +106,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, text_f
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+        assert json.loads((workdir / "train.lock").read_text())["pid"] == proc.pid  # a stale lock: no obstacle
     resumed = run("train", *train_args(workdir, text_file, *extra))
     assert resumed.returncode == 0, resumed.stderr
 
