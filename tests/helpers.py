@@ -12,6 +12,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, experiments/, benchmarks/
 SMOKE = "configs/shakespeare_char.py:smoke"
+TINY = {"model.block_size": 8, "model.n_embd": 16, "model.n_layer": 1, "sample_tokens": 0}  # the tiny_config fixture
 WORDS = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "good", "night", "and", "to"]
 
 
@@ -36,6 +37,13 @@ def run_entry_point(name: str, *args, env: dict | None = None, timeout: float = 
         text=True,
         timeout=timeout,
     )
+
+
+def tiny_args(workdir, text_file, overrides: dict | None = None) -> list[str]:
+    """experiments.train flags for the ``tiny_config`` fixture's config (plus ``overrides``) on ``text_file``."""
+    config = {**TINY, "data.dataset": text_file, **(overrides or {})}
+    flags = [f"--config.{key}={value}" for key, value in config.items()]
+    return ["--config", SMOKE, "--workdir", str(workdir), "--no-progress", *flags]
 
 
 def assert_one_line_error_result(result, pattern: str, code: int = 2) -> None:

@@ -95,7 +95,7 @@ def quiet_libraries() -> None:
     """
     import logging
 
-    for name in ("absl", "tensorboardX"):
+    for name in ("absl", "tensorboardX", "asyncio"):  # asyncio: orbax's failed reads of a damaged checkpoint
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 

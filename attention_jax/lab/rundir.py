@@ -506,7 +506,8 @@ class WorkdirLock:
                 try:
                     with naming(self.path):
                         _write_holder(fd)
-                except OSError:
+                except OSError:  # disk full, say: leave no empty lock file behind
+                    self.path.unlink(missing_ok=True)
                     os.close(fd)
                     raise
                 return fd
@@ -839,9 +840,9 @@ class Checkpoints:
             manager.reload()
         if damaged:
             self.damaged += damaged
+            each = "; ".join(f"step {d.step} is damaged ({d.why})" for d in damaged)
             raise DamagedFile(
-                f"no usable checkpoint in {folder}: {'; '.join(str(d) for d in damaged)}; "
-                f"move {folder} aside to start over, or use a new --workdir"
+                f"no usable checkpoint in {folder}: {each}; move it aside to start over, or use a new --workdir"
             )
         return None
 
