@@ -95,8 +95,11 @@ def quiet_libraries() -> None:
     """
     import logging
 
+    from attention_jax.lab.rundir import without_closed_loop_noise
+
     for name in ("absl", "tensorboardX", "asyncio"):  # asyncio: orbax's failed reads of a damaged checkpoint
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = without_closed_loop_noise(sys.unraisablehook)
 
 
 def describe_os_error(e: OSError) -> str:

@@ -103,7 +103,7 @@ _CAUSES = {
     errno.EACCES: ("permission denied", "check its permissions for this user, or use another --workdir"),
     errno.EPERM: ("operation not permitted", "check its permissions for this user, or use another --workdir"),
     errno.EIO: ("input/output error", "the storage reported an error: check the disk, then rerun the same command"),
-    errno.ENOENT: ("no such file or directory", "it was deleted or unmounted while in use"),
+    errno.ENOENT: ("no such file or directory", "it was deleted, moved or unmounted while in use"),
 }
 SYSTEM_ERRNOS = frozenset(code for code in _CAUSES if code != errno.ENOENT)
 
@@ -681,17 +681,21 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def without_closed_loop_noise(hook: Callable) -> Callable:
+    """``hook`` (a ``sys.unraisablehook``) minus the "Event loop is closed" errors that tensorstore's
+    callbacks raise by the dozen when orbax gives up on a damaged checkpoint or a full disk."""
+
+    def filtered(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            hook(unraisable)
+
+    return filtered
+
+
 @contextlib.contextmanager
 def _no_closed_loop_noise() -> Iterator[None]:
-    """Drop the "Event loop is closed" errors that tensorstore's callbacks raise, by the dozen, after
-    orbax gave up reading a damaged checkpoint (they reach ``sys.unraisablehook``); others pass."""
     previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    sys.unraisablehook = without_closed_loop_noise(previous)
     try:
         yield
     finally:
