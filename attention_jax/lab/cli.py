@@ -108,37 +108,46 @@ def describe_os_error(e: OSError) -> str:
 
     if isinstance(e, StorageFault):
         return str(e)
-    cause = (e.strerror or str(e)).lower()
+    if not e.strerror:
+        return str(e)  # a message of ours ("data file not found: ...")
+    cause = e.strerror[0].lower() + e.strerror[1:]
     return f"{e.filename}: {cause}" if e.filename else cause
+
+
+def system_fault(e: BaseException) -> OSError | None:
+    """The OS refusal behind ``e`` (disk full, read-only, permission, I/O error), or None."""
+    from attention_jax.lab.rundir import SYSTEM_ERRNOS, RunDirError, StorageFault, os_error_in
+
+    if isinstance(e, StorageFault):
+        return e
+    if isinstance(e, (ConfigError, RunDirError)):
+        return None  # about the input, whatever its text quotes
+    err = os_error_in(e)  # also a library's error (orbax, tensorstore) that only quotes the OS in its text
+    return err if err is not None and err.errno in SYSTEM_ERRNOS else None
 
 
 def exit_code(e: BaseException) -> int:
     """The documented exit status of a failure (module docstring)."""
     from attention_jax.lab.loop import TrainingDiverged
-    from attention_jax.lab.rundir import SYSTEM_ERRNOS, StorageFault, os_error_in
 
     if isinstance(e, TrainingDiverged):
         return EXIT_DIVERGED
-    if isinstance(e, StorageFault) or (isinstance(e, OSError) and e.errno in SYSTEM_ERRNOS):
+    if system_fault(e) is not None:
         return EXIT_SYSTEM
     if isinstance(e, (ConfigError, OSError, ValueError)):
         return EXIT_BAD_INPUT
-    err = os_error_in(e)  # a library's error (orbax, tensorstore) caused by the OS
-    if err is not None and err.errno in SYSTEM_ERRNOS:
-        return EXIT_SYSTEM
     return EXIT_INTERNAL
 
 
 def error_line(e: BaseException) -> str:
-    from attention_jax.lab.rundir import os_error_in
-
+    """``error: ...``: one line naming the file and the cause where there is one."""
+    err = system_fault(e)
+    if err is not None:
+        return f"error: {describe_os_error(err)}" + ("" if err is e else f" ({type(e).__name__})")
     if isinstance(e, OSError):
         return f"error: {describe_os_error(e)}"
-    if isinstance(e, (ConfigError, ValueError)) or exit_code(e) == EXIT_DIVERGED:
+    if exit_code(e) != EXIT_INTERNAL:
         return f"error: {e}"
-    err = os_error_in(e)
-    if exit_code(e) == EXIT_SYSTEM:
-        return f"error: {describe_os_error(err)} ({type(e).__name__})"
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return f"error: {type(e).__name__}: {first} (set ATTENTION_JAX_DEBUG=1 for the traceback)"
 
@@ -157,7 +166,7 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
             print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - every failure: one line and its documented code
-            if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside C code can surface as SystemError
+            if any(isinstance(x, KeyboardInterrupt) for x in (e.__cause__, e.__context__)):  # Ctrl-C inside C code
                 print("interrupted", file=sys.stderr)
                 return EXIT_INTERRUPTED
             print(error_line(e), file=sys.stderr)

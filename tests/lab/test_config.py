@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import pytest
 
 from attention_jax import data as data_lib
@@ -65,10 +66,16 @@ def test_override_parsing_and_types():
         ({"model.attn_scale": "sqrtt"}, r"model\.attn_scale.*'sqrt'"),
         ({"model.pos_encoding": "alibi"}, r"model\.pos_encoding"),
         ({"model.block_size": 5000}, r"model\.block_size=5000 is too long for the validation split"),
-        ({"data.dataset": "/nonexistent/file.txt"}, r"data file not found: /nonexistent/file\.txt"),
+        ({"data.dataset": "/nonexistent/file.txt"}, r"data\.dataset='/nonexistent/file\.txt': data file not found"),
+        ({"weight_decay": float("inf")}, r"weight_decay=inf: must be a finite number"),
+        ({"grad_clip": float("inf")}, r"grad_clip=inf: must be a finite number"),
+        ({"min_lr": float("-inf")}, r"min_lr=-inf: must be a finite number"),
+        ({"model.attention_impl": "cudnn"}, r"model\.attention_impl='cudnn': needs an NVIDIA GPU with cuDNN"),
     ],
 )
 def test_impossible_values_fail_before_compute(overrides, match, tiny_config, small_text):
+    if overrides.get("model.attention_impl") == "cudnn" and jax.devices()[0].platform == "gpu":
+        pytest.skip("cuDNN is available on this machine")
     config = tiny_config(**overrides)
     with pytest.raises((ConfigError, FileNotFoundError), match=match):
         Experiment.from_config(config, text=None if "data.dataset" in overrides else small_text())
@@ -117,6 +124,14 @@ def test_config_file_problems_are_one_line_errors(tmp_path):
         load_sweep(SMOKE)
     with pytest.raises(ConfigError, match=r"unknown variant 'tpu'"):
         load_config("configs/shakespeare_char.py:tpu")
+    returns_dict = tmp_path / "returns_dict.py"
+    returns_dict.write_text("def get_config(arg):\n    return {'seed': 1}\n")
+    with pytest.raises(ConfigError, match=r"get_config of .*returns_dict\.py returned dict; it must return an ml_coll"):
+        load_config(str(returns_dict))
+    raises = tmp_path / "raises.py"
+    raises.write_text("def get_config(arg):\n    return {}[arg]\n")
+    with pytest.raises(ConfigError, match=r"raises\.py: get_config\('cpu'\) failed: KeyError: 'cpu'"):
+        load_config(f"{raises}:cpu")
 
 
 def test_every_model_config_field_is_a_config_key_and_maps_through():
