@@ -84,3 +84,21 @@ def snapshot(folder: Path) -> dict[str, tuple]:
             st = path.stat()
             out[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
     return out
+
+
+HOLDER = """
+import sys
+from attention_jax.lab.rundir import RunDir
+with RunDir(sys.argv[1]).lock():
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def start_holder(workdir):
+    """A process holding ``workdir``'s lock (``RunDir.lock``) until its stdin closes (or it is killed)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(workdir)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

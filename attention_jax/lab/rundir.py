@@ -569,6 +569,24 @@ def _parse_holder(raw: bytes) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
+def lock_holder(workdir: str | os.PathLike) -> dict | None:
+    """Which other process seems to hold ``workdir``'s lock (pid, host, started), read without locking;
+    None when none does.
+
+    A lock file left by a dead process on this host counts as none; one from
+    another host cannot be checked from here and counts as held.
+    """
+    try:
+        holder = _parse_holder((RunDir(workdir) / LOCK).read_bytes())
+    except OSError:
+        return None
+    if holder.get("host") == socket.gethostname():
+        pid = holder.get("pid", -1)
+        if pid == os.getpid() or not _pid_alive(pid):
+            return None
+    return holder or None
+
+
 def _read_holder(fd: int) -> dict:
     try:
         return _parse_holder(os.pread(fd, 4096, 0))

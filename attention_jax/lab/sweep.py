@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from attention_jax.lab.config import ConfigError, apply_overrides, call_config_function, load_config, run_name
-from attention_jax.lab.rundir import RunDir, WorkdirBusy, write_json
+from attention_jax.lab.rundir import RunDir, WorkdirBusy, lock_holder, write_json
 
 Overrides = dict[str, Any]
 STATUS_FILE = "status.json"  # in the sweep dir: every point's status
@@ -211,9 +211,11 @@ def read_point_status(sweep_dir: str | os.PathLike, point: Point) -> dict:
     record.update(run.read_point_record() or {})
     if run.has_summary():
         record["status"] = "done"
+    elif lock_holder(run.path) is not None:
+        record["status"] = "running"  # a trainer holds the point's lock (here or on another host)
     elif record["status"] in ("running", "done"):
         # "done" without summary.json: the run's outputs were removed or are partial; rerun it
-        record["status"] = "interrupted"  # a live run elsewhere looks the same from here
+        record["status"] = "interrupted"
     record["index"] = point.index  # the sweep's current numbering wins over a stale file
     return record
 

@@ -14,24 +14,7 @@ import time
 import pytest
 
 from attention_jax.lab import rundir as rd
-from tests.helpers import ROOT, SMOKE, assert_one_line_error_result, run_entry_point, snapshot
-
-HOLDER = """
-import sys
-from attention_jax.lab.rundir import RunDir
-with RunDir(sys.argv[1]).lock():
-    print("locked", flush=True)
-    sys.stdin.readline()
-"""
-
-
-def start_holder(workdir):
-    """A process holding ``workdir``'s lock until its stdin closes (or it is killed)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(workdir)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
+from tests.helpers import ROOT, SMOKE, assert_one_line_error_result, run_entry_point, snapshot, start_holder
 
 
 def wait_until_stopped(pid: int, timeout: float = 30) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from attention_jax.lab import sweep as sw
 from attention_jax.lab.config import ConfigError, apply_overrides, load_config, parse_override_args, to_dict
+from tests.helpers import snapshot, start_holder
 
 SPEC = "configs/ablate_scale.py:smoke"
 
@@ -148,3 +149,22 @@ def test_interrupted_point_resumes_from_its_checkpoint(tmp_path, capsys, small_t
     assert status["counts"] == {"done": 1}
     summary = json.loads((tmp_path / point.name / "summary.json").read_text())
     assert summary["steps"] == 10 and len(summary["final_val_loss"]) == 3
+
+
+def test_a_point_trained_elsewhere_is_skipped_and_its_records_left_alone(tmp_path, capsys):
+    """Two sweep runners on one sweep dir: the second leaves the point the first is training alone."""
+    points = sw.load_sweep(SPEC)[:2]
+    busy = tmp_path / points[0].name
+    holder = start_holder(busy)  # another process trains this point
+    try:
+        (busy / "sweep_point.json").write_text(json.dumps({"status": "running", "started": 1.0}))
+        before = snapshot(busy)
+        train_fn, calls = fake_train()
+        status = sw.run_sweep(SPEC, points, tmp_path, train_fn=train_fn)
+        assert calls == [points[1].name]  # only the free point trained here
+        assert snapshot(busy) == before  # no record written over the other runner's
+        assert f"[0] {points[0].name}: skipped: workdir {busy} is in use" in capsys.readouterr().err
+        assert {r["name"]: r["status"] for r in status["points"]} == {points[0].name: "running", points[1].name: "done"}
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
