@@ -111,27 +111,35 @@ def test_shipped_configs_validate_against_tiny_shakespeare(spec):
     assert exp.train_data.shape[0] == int(0.9 * len(raw.decode("utf-8")))
 
 
-def test_config_file_problems_are_one_line_errors(tmp_path):
-    broken = tmp_path / "broken.py"
-    broken.write_text("def get_config(arg):\n    return undefined_name\nx = 1/0\n")
-    with pytest.raises(ConfigError, match=r"could not load config file .*broken\.py: ZeroDivisionError"):
-        load_config(str(broken))
-    empty = tmp_path / "empty.py"
-    empty.write_text("X = 1\n")
-    with pytest.raises(ConfigError, match=r"defines no get_config\(arg\)"):
-        load_config(str(empty))
+@pytest.mark.parametrize(
+    "body, variant, match",
+    [
+        (
+            "def get_config(arg):\n    return undefined_name\nx = 1/0\n",
+            "",
+            r"could not load config file .*: ZeroDivisionError",
+        ),
+        ("X = 1\n", "", r"defines no get_config\(arg\)"),
+        (
+            "def get_config(arg):\n    return {'seed': 1}\n",
+            "",
+            r"get_config of .*\.py returned dict; it must return an ml_coll",
+        ),
+        ("def get_config(arg):\n    return {}[arg]\n", ":cpu", r"\.py: get_config\('cpu'\) failed: KeyError: 'cpu'"),
+    ],
+)
+def test_config_file_problems_are_one_line_errors(tmp_path, body, variant, match):
+    path = tmp_path / "config_file.py"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f"{path}{variant}")
+
+
+def test_not_a_sweep_and_unknown_variant_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"defines no get_sweep\(arg\): it is not a sweep"):
         load_sweep(SMOKE)
     with pytest.raises(ConfigError, match=r"unknown variant 'tpu'"):
         load_config("configs/shakespeare_char.py:tpu")
-    returns_dict = tmp_path / "returns_dict.py"
-    returns_dict.write_text("def get_config(arg):\n    return {'seed': 1}\n")
-    with pytest.raises(ConfigError, match=r"get_config of .*returns_dict\.py returned dict; it must return an ml_coll"):
-        load_config(str(returns_dict))
-    raises = tmp_path / "raises.py"
-    raises.write_text("def get_config(arg):\n    return {}[arg]\n")
-    with pytest.raises(ConfigError, match=r"raises\.py: get_config\('cpu'\) failed: KeyError: 'cpu'"):
-        load_config(f"{raises}:cpu")
 
 
 def test_every_model_config_field_is_a_config_key_and_maps_through():
