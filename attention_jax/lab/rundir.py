@@ -172,10 +172,17 @@ def storage_faults(workdir: Path, last_good: Callable[[], str] = lambda: "") -> 
         if err is None:
             raise
         if err.errno == errno.ENOENT:
-            if workdir.exists():
+            if not _vanished(workdir):
                 raise  # a missing file, not a vanished workdir: let it speak for itself
             raise StorageFault(errno.ENOENT, f"the workdir {workdir}") from e
         raise StorageFault(err.errno, err.filename or workdir, last_good()) from e
+
+
+def _vanished(workdir: Path) -> bool:
+    """Whether ``workdir`` is gone, or (orbax recreates folders as it saves) is no longer the folder
+    whose lock this process holds."""
+    lock = workdir / LOCK
+    return not workdir.exists() or (str(lock) in WorkdirLock._held and not lock.exists())
 
 
 # ---------------------------------------------------------------------------

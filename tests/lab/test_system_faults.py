@@ -179,7 +179,9 @@ def test_a_workdir_moved_away_while_training_stops_the_trainer_in_one_line(text_
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"the workdir {workdir}: no such file or directory; it was deleted, moved or unmounted" in lines[0]
-    assert not workdir.exists()  # orbax would have recreated it, without config.json or metrics
+    # It stopped: no checkpoint was finished in a folder recreated under the old name (orbax recreates
+    # missing folders; a save in flight at the rename may have left some empty ones).
+    assert not workdir.exists() or not any(p.name.isdigit() for p in workdir.rglob("*") if p.is_dir())
 
 
 def test_sampling_a_live_run_leaves_the_trainer_running_and_ctrl_c_saves_a_checkpoint(text_file, tmp_path):
