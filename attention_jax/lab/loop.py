@@ -248,7 +248,7 @@ def train(
     def last_good() -> str:  # for messages about system faults
         return checkpoints.describe_latest() if checkpoints is not None else resumes_from
 
-    with storage_faults(run.path, last_good), run.lock(enabled=writer):
+    with run.lock(enabled=writer), storage_faults(run.path, last_good):
         run.check_resumable(resolved, exp.tokenizer, fingerprint)
         reader = run.checkpoints(writable=False)
         try:

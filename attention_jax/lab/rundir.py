@@ -180,7 +180,7 @@ def storage_faults(workdir: Path, last_good: Callable[[], str] = lambda: "") -> 
 
 def _vanished(workdir: Path) -> bool:
     """Whether ``workdir`` is gone, or (orbax recreates folders as it saves) is no longer the folder
-    whose lock this process holds."""
+    whose lock this process holds (so call this inside the lock's ``with`` block)."""
     lock = workdir / LOCK
     return not workdir.exists() or (str(lock) in WorkdirLock._held and not lock.exists())
 
@@ -473,8 +473,13 @@ class WorkdirLock:
         if key in self._held:
             self._held[key] += 1
             return self
-        self.run.create()
-        self._fd = self._acquire()
+        try:
+            self.run.create()
+            self._fd = self._acquire()
+        except OSError as e:
+            if e.errno in SYSTEM_ERRNOS:  # a read-only, full or forbidden workdir: one line, exit 4
+                raise StorageFault(e.errno, e.filename or self.path) from e
+            raise
         self._held[key] = 1
         return self
 

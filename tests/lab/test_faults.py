@@ -134,6 +134,16 @@ def test_an_emptied_config_json_is_named_and_left_alone(source_run, text_file, t
     assert snapshot(workdir) == before
 
 
+def test_a_damaged_summary_is_named_and_written_again(source_run, tiny_config, text_file, tmp_path, capsys):
+    workdir = copy_of(source_run, tmp_path)
+    want = json.loads((workdir / rd.SUMMARY).read_text())
+    (workdir / rd.SUMMARY).write_text('{"steps": 2')  # cut short
+    train(tiny_config(**STEPS, **{"data.dataset": str(text_file)}), workdir, progress=False)
+    assert f"note: {workdir / rd.SUMMARY} is damaged: not valid JSON" in capsys.readouterr().err
+    again = json.loads((workdir / rd.SUMMARY).read_text())
+    assert again["steps"] == 20 and again["final_val_loss"] == want["final_val_loss"]
+
+
 def test_a_damaged_metrics_row_is_dropped_on_resume_with_its_line_number(
     source_run, straight_rows, tiny_config, text_file, tmp_path, capsys
 ):

@@ -128,3 +128,22 @@ def test_a_second_trainer_is_refused_and_the_first_finishes_with_all_its_rows(tm
     train_steps = [r["step"] for r in rows if "loss" in r]
     eval_steps = [r["step"] for r in rows if "val_loss" in r]
     assert train_steps == list(range(5, 401, 5)) and eval_steps == [0, 100, 200, 300, 400]
+
+
+def test_a_workdir_moved_and_recreated_under_the_lock_is_reported_as_vanished(tmp_path):
+    """Orbax recreates missing folders while it saves: the path exists again, but it is not our workdir."""
+    run = rd.RunDir(tmp_path / "w")
+    with run.lock():
+        with pytest.raises(FileNotFoundError):  # a missing file in our own workdir is just that
+            with rd.storage_faults(run.path):
+                (run / "nothing-here").read_text()
+        run.path.rename(tmp_path / "elsewhere")
+        (run / "checkpoints" / "100.orbax-checkpoint-tmp").mkdir(parents=True)  # as orbax would
+        with pytest.raises(rd.StorageFault) as info:
+            with rd.storage_faults(run.path):
+                (run / "checkpoints" / "100.orbax-checkpoint-tmp" / "metadata").read_text()
+    assert info.value.errno == errno.ENOENT
+    assert (
+        str(info.value)
+        == f"the workdir {run.path}: no such file or directory; it was deleted, moved or unmounted while in use."
+    )
