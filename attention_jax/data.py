@@ -91,7 +91,10 @@ class CharTokenizer:
 
 def _read_utf8(path: Path) -> str:
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(
+            f"data file not found: {path} (give the path of a UTF-8 text file, "
+            f"or {' or '.join(repr(n) for n in NAMED_DATASETS)} to read or download a named dataset)"
+        )
     if path.is_dir():
         raise IsADirectoryError(f"data path is a directory, not a text file: {path}")
     raw = path.read_bytes()

@@ -39,7 +39,7 @@ def _share_compilation_cache() -> None:
 
 _share_compilation_cache()
 
-from tests.helpers import SMOKE, make_small_text  # noqa: E402
+from tests.helpers import SMOKE, TINY, make_small_text  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ def tiny_config():
 
     def make(**overrides):
         config = load_config(SMOKE)
-        apply_overrides(config, {"model.block_size": 8, "model.n_embd": 16, "model.n_layer": 1, "sample_tokens": 0})
+        apply_overrides(config, TINY)
         return apply_overrides(config, overrides)
 
     return make

@@ -12,6 +12,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, experiments/, benchmarks/
 SMOKE = "configs/shakespeare_char.py:smoke"
+TINY = {"model.block_size": 8, "model.n_embd": 16, "model.n_layer": 1, "sample_tokens": 0}  # the tiny_config fixture
 WORDS = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "good", "night", "and", "to"]
 
 
@@ -38,6 +39,13 @@ def run_entry_point(name: str, *args, env: dict | None = None, timeout: float = 
     )
 
 
+def tiny_args(workdir, text_file, overrides: dict | None = None) -> list[str]:
+    """experiments.train flags for the ``tiny_config`` fixture's config (plus ``overrides``) on ``text_file``."""
+    config = {**TINY, "data.dataset": text_file, **(overrides or {})}
+    flags = [f"--config.{key}={value}" for key, value in config.items()]
+    return ["--config", SMOKE, "--workdir", str(workdir), "--no-progress", *flags]
+
+
 def assert_one_line_error_result(result, pattern: str, code: int = 2) -> None:
     """Exit ``code``, no traceback, exactly one ``error:`` line, and it matches ``pattern``."""
     assert result.returncode == code, (result.returncode, result.stderr)
@@ -58,3 +66,39 @@ def run_losses(exp, steps_per_call: int, calls: int):
         state, out = step(state)
         losses.append(np.asarray(out["loss"]))
     return np.concatenate(losses)[:, 0], state
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file and folder under ``folder``: {relative path: (size, mtime_ns, sha256) or "dir"}.
+
+    Two equal snapshots mean nothing was created, deleted, renamed or rewritten.
+    """
+    import hashlib
+
+    out: dict[str, tuple] = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_dir():
+            out[rel] = ("dir",)
+        else:
+            st = path.stat()
+            out[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+HOLDER = """
+import sys
+from attention_jax.lab.rundir import RunDir
+with RunDir(sys.argv[1]).lock():
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def start_holder(workdir):
+    """A process holding ``workdir``'s lock (``RunDir.lock``) until its stdin closes (or it is killed)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(workdir)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

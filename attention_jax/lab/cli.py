@@ -1,22 +1,38 @@
 """Plumbing of the command-line entry points: one clear line per error, exit codes, process set-up.
 
-A user never sees a raw traceback for bad input: configuration and data
-errors print ``error: ...`` and exit 2; a diverged run exits 3; anything
-unexpected prints one line too and exits 1. Set ATTENTION_JAX_DEBUG=1 to get
-the full traceback instead.
+A user never sees a raw traceback: every failure prints one ``error: ...``
+line and exits with its code. Set ATTENTION_JAX_DEBUG=1 to get the full
+traceback (and the libraries' log lines) instead.
+
+    0    success
+    1    an internal error (a bug: please report it with ATTENTION_JAX_DEBUG=1's traceback)
+    2    bad input: a flag, config, data file, or a workdir that cannot be used as it is
+         (in use by another trainer, another dataset, a damaged file or checkpoint)
+    3    training diverged: every seed's loss became NaN/Inf
+    4    a system fault: the OS refused to read or write (disk full, quota, read-only file
+         system, permission denied, I/O error, workdir deleted while in use)
+    130  interrupted (Ctrl-C); training saves a checkpoint first
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
+import signal
+import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from attention_jax.lab.config import ConfigError, env_flag
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_SYSTEM = 4
+EXIT_INTERRUPTED = 130
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,7 +48,6 @@ def enable_compilation_cache() -> None:
     The cache lives in $ATTENTION_JAX_CACHE_DIR, else ~/.cache/attention_jax/xla;
     ATTENTION_JAX_CACHE_DIR=off disables it.
     """
-    import os
     from pathlib import Path
 
     import jax
@@ -58,7 +73,6 @@ def keep_freed_host_memory() -> None:
     """
     import ctypes
     import ctypes.util
-    import os
 
     if os.environ.get("ATTENTION_JAX_MALLOC", "").lower() == "default":
         return
@@ -72,28 +86,129 @@ def keep_freed_host_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 2**30)  # and are not trimmed back to the OS below 1 GiB of free top
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' log lines (orbax's through absl, tensorboardX's) off the terminal.
+
+    Orbax logs an error with a full traceback from its background threads for
+    a failed write, before the same error reaches us; the command then reports
+    it in one line. ATTENTION_JAX_DEBUG=1 leaves logging alone.
+    """
+    import logging
+
+    from attention_jax.lab.rundir import without_closed_loop_noise
+
+    for name in ("absl", "tensorboardX", "asyncio"):  # asyncio: orbax's failed reads of a damaged checkpoint
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = without_closed_loop_noise(sys.unraisablehook)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: its path and cause (``StorageFault`` says what to do as well)."""
+    from attention_jax.lab.rundir import StorageFault
+
+    if isinstance(e, StorageFault):
+        return str(e)
+    if not e.strerror:
+        return str(e)  # a message of ours ("data file not found: ...")
+    cause = e.strerror[0].lower() + e.strerror[1:]
+    return f"{e.filename}: {cause}" if e.filename else cause
+
+
+def system_fault(e: BaseException) -> OSError | None:
+    """The OS refusal behind ``e`` (disk full, read-only, permission, I/O error), or None."""
+    from attention_jax.lab.rundir import SYSTEM_ERRNOS, RunDirError, StorageFault, os_error_in
+
+    if isinstance(e, StorageFault):
+        return e
+    if isinstance(e, (ConfigError, RunDirError)):
+        return None  # about the input, whatever its text quotes
+    err = os_error_in(e)  # also a library's error (orbax, tensorstore) that only quotes the OS in its text
+    return err if err is not None and err.errno in SYSTEM_ERRNOS else None
+
+
+def exit_code(e: BaseException) -> int:
+    """The documented exit status of a failure (module docstring)."""
+    from attention_jax.lab.loop import TrainingDiverged
+
+    if isinstance(e, TrainingDiverged):
+        return EXIT_DIVERGED
+    if system_fault(e) is not None:
+        return EXIT_SYSTEM
+    if isinstance(e, (ConfigError, OSError, ValueError)):
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL
+
+
+def error_line(e: BaseException) -> str:
+    """``error: ...``: one line naming the file and the cause where there is one."""
+    err = system_fault(e)
+    if err is not None:
+        return f"error: {describe_os_error(err)}" + ("" if err is e else f" ({type(e).__name__})")
+    if isinstance(e, OSError):
+        return f"error: {describe_os_error(e)}"
+    if exit_code(e) != EXIT_INTERNAL:
+        return f"error: {e}"
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"error: {type(e).__name__}: {first} (set ATTENTION_JAX_DEBUG=1 for the traceback)"
+
+
 def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
-        from attention_jax.lab.loop import TrainingDiverged
-
         enable_compilation_cache()
         keep_freed_host_memory()
         if env_flag("ATTENTION_JAX_DEBUG"):
             return main(argv) or 0
+        quiet_libraries()
         try:
             return main(argv) or 0
-        except (ConfigError, OSError, ValueError) as e:  # bad input: missing, unreadable or clashing paths
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_DIVERGED
         except KeyboardInterrupt:
             print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-            return 130
-        except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
-            print(f"error: {type(e).__name__}: {e} (set ATTENTION_JAX_DEBUG=1 for the traceback)", file=sys.stderr)
-            return 1
+            return EXIT_INTERRUPTED
+        except Exception as e:  # noqa: BLE001 - every failure: one line and its documented code
+            if any(isinstance(x, KeyboardInterrupt) for x in (e.__cause__, e.__context__)):  # Ctrl-C inside C code
+                print("interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            print(error_line(e), file=sys.stderr)
+            return exit_code(e)
 
     return wrapped
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(message: str = "interrupted") -> Iterator[None]:
+    """Ctrl-C ends the process at once, even inside a long compiled call, with one line and exit 130.
+
+    For commands that write nothing (sampling): there is nothing to save, and
+    Python's own KeyboardInterrupt would wait for the running XLA computation
+    to finish. The signal's C handler writes to a socket that a watcher thread
+    reads; XLA releases the GIL while it computes, so the thread runs.
+    Main thread only; elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    stop = threading.Event()
+
+    def watch():
+        receiver.recv(1)
+        if not stop.is_set():
+            print(message, file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    previous_fd = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous_handler)
+        sender.send(b"\0")  # release the watcher
+        watcher.join(timeout=1)
+        receiver.close()
+        sender.close()

@@ -116,6 +116,11 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Load ``path/to/config.py[:ARG]`` and return ``get_config(ARG)`` (locked)."""
     config = call_config_function(spec, "get_config")
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"get_config of {spec.partition(':')[0]} returned {type(config).__name__}; it must return an "
+            "ml_collections.ConfigDict (start from attention_jax.lab.config.base_config())"
+        )
     config.lock()
     return config
 
@@ -144,6 +149,8 @@ def call_config_function(spec: str, function: str, missing_hint: str = "") -> An
         return getattr(module, function)(arg or None)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a bug in the config file: say where, in one line
+        raise ConfigError(f"{path}: {function}({arg or None!r}) failed: {type(e).__name__}: {e}") from None
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -309,7 +316,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         need(is_int(get(config, key)) and get(config, key) > 0, key, "must be a positive integer")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
         need(is_int(get(config, key)) and get(config, key) >= 0, key, "must be a non-negative integer")
-    need(config.learning_rate > 0 and math.isfinite(config.learning_rate), "learning_rate", "must be positive")
+    for key in flat_keys(config):  # inf passes every comparison below, and NaN fails them silently
+        value = get(config, key)
+        if isinstance(value, float):
+            need(math.isfinite(value), key, "must be a finite number")
+    need(config.learning_rate > 0, "learning_rate", "must be positive")
     need(0 <= config.min_lr <= config.learning_rate, "min_lr", "must be in [0, learning_rate]")
     need(config.weight_decay >= 0, "weight_decay", "must be non-negative")
     need(0 <= config.beta1 < 1, "beta1", "must be in [0, 1)")
@@ -317,6 +328,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     need(config.grad_clip >= 0, "grad_clip", "must be non-negative (0 disables clipping)")
     need(0 < config.data.train_fraction < 1, "data.train_fraction", "must be in (0, 1)")
     need(config.batch_size % device_count == 0, "batch_size", f"must be divisible by the {device_count} devices")
+    if config.model.attention_impl == "cudnn":
+        import jax
+
+        platform = jax.devices()[0].platform
+        need(platform == "gpu", "model.attention_impl", f"needs an NVIDIA GPU with cuDNN, and JAX runs on {platform} "
+             "here; use 'dense', 'xla' or 'blockwise'")  # fmt: skip
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

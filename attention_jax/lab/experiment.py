@@ -58,7 +58,7 @@ class Experiment:
         """Validate ``config``, read and tokenize its text (or ``text``), build model, optimizer and mesh."""
         pop = population.check(config, jax.device_count())
         if text is None:
-            text = data_lib.load_text(config.data.dataset)
+            text = load_dataset(config.data.dataset)
         tokenizer, train, val = data_lib.prepare(text, config.data.train_fraction)
         mcfg = model_config(config, tokenizer.vocab_size)
         T = mcfg.block_size
@@ -119,6 +119,14 @@ class Experiment:
     def flops_per_step(self) -> float:
         """Model FLOPs of one optimizer step (forward + backward), all members."""
         return self.model.flops_per_token() * self.tokens_per_step
+
+
+def load_dataset(dataset: str) -> str:
+    """The text of ``data.dataset`` (a path or a named dataset); errors name the key to set."""
+    try:
+        return data_lib.load_text(dataset)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.dataset={dataset!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -25,11 +25,15 @@ checkpoint boundary falls inside it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +46,14 @@ from attention_jax.generate import generate
 from attention_jax.lab import experiment as ex
 from attention_jax.lab import steps
 from attention_jax.lab.config import ConfigError, to_dict
-from attention_jax.lab.rundir import Checkpoints, MetricsWriter, RunDir
+from attention_jax.lab.rundir import (
+    Checkpoints,
+    MetricsWriter,
+    RunDir,
+    dataset_fingerprint,
+    set_aside,
+    storage_faults,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,9 +90,10 @@ class Progress:
     stopped: dict[int, str] = field(default_factory=dict)  # output index -> why it stopped (all members diverged)
 
     def meta(self, members: list[int]) -> dict:
-        """What a checkpoint of ``members`` records besides their state."""
+        """What a checkpoint of ``members`` records besides their state (diverged: whose arrays may be non-finite)."""
         return {"best": {"val_loss": [self.best_val_loss[i] for i in members],
-                         "step": [self.best_step[i] for i in members]}}  # fmt: skip
+                         "step": [self.best_step[i] for i in members]},
+                "diverged": [self.diverged[i] or None for i in members] if self.diverged else None}  # fmt: skip
 
 
 def _take(state: Any, members: list[int], all_members: int) -> Any:
@@ -117,7 +129,8 @@ def restore_or_start(
     best_parts = []
     for o, c, (part, meta) in zip(outputs, checkpoints, restored):
         for j, i in enumerate(o.members):
-            best_val[i], best_step[i] = meta["best"]["val_loss"][j], meta["best"]["step"][j]
+            val = meta["best"]["val_loss"][j]  # JSON null: never evaluated
+            best_val[i], best_step[i] = math.inf if val is None else val, meta["best"]["step"][j]
         best = c.restore_best(ex.abstract_state(exp, len(o.members)))
         # No best yet (killed before the first evaluation after step 0): a copy of the state, which gets donated.
         best_parts.append(best[0] if best is not None else jax.tree_util.tree_map(jnp.copy, part))
@@ -149,10 +162,26 @@ class Programs:
         # Single steps are needed only when a boundary splits a call of steps_per_call steps;
         # the shipped configs never do that, so that program is compiled on first use.
         self.single = self.many if self.steps_per_call == 1 else None
+        self.health = None  # compiled at the first checkpoint
         self.compile_seconds = time.perf_counter() - t0
 
+    def healthy(self, state: steps.TrainState) -> np.ndarray:
+        """(num_members,) bool: whether each member's state is fit to checkpoint (``health_program``)."""
+        keys = self.exp.member_inputs["key"]
+        if self.health is None:
+            t0 = time.perf_counter()
+            self.health = health_program(self.exp).lower(state, keys).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return np.asarray(jax.device_get(self.health(state, keys)))
+
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
-        """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays)."""
+        """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays).
+
+        Raises KeyboardInterrupt first when Ctrl-C was pressed (``stop_requested``):
+        here the loop's state and step agree, and nothing is donated yet.
+        """
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
             self.single = ex.train_program(self.exp, 1).lower(state).compile()
@@ -165,6 +194,99 @@ class Programs:
             n -= m
         outs = jax.device_get(outs)
         return state, {key: np.concatenate([o[key] for o in outs]) for key in ("loss", "grad_norm")}
+
+
+# Set by the first Ctrl-C during training; the loop stops at its next compiled call (Programs.advance).
+stop_requested = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_at_safe_point() -> Iterator[None]:
+    """Ctrl-C while training: the first one stops the loop before its next compiled call (within a
+    call's time: a second or so), where a checkpoint can be saved; a second one interrupts at once.
+
+    A KeyboardInterrupt raised anywhere else can land inside library code and
+    leave the state half-updated. Main thread only; an ignored SIGINT
+    (``nohup``, a background job) stays ignored.
+    """
+    stop_requested.clear()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop_requested.clear()
+
+
+def health_program(exp: ex.Experiment):
+    """A jitted function (state, member keys) -> (M,) bool: finite parameters and a finite loss on
+    the batch each member's next step trains on (that step's own loss: same keys, same dropout).
+
+    Finite parameters alone are not enough: a learning rate far too high
+    leaves them finite but so large (1e10) that the logits overflow.
+    Costs one forward pass per checkpoint.
+    """
+
+    def one_member(state: steps.TrainState, key) -> jax.Array:
+        data_key, dropout_key = steps.step_keys(key, state.step)
+        x, y = steps.batch(data_key, exp.train_data, exp.config.batch_size, exp.model_config.block_size,
+                           exp.batch_sharding)  # fmt: skip
+        loss = steps.loss_fn(state.params, exp.model, x, y, dropout_key, False)
+        finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
+        return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
+
+    return jax.jit(steps.over_members(one_member, (0, 0), exp.num_members, mesh_axis="population"))
+
+
+def save_checkpoints(
+    exp: ex.Experiment,
+    p: Progress,
+    outputs: list[Output],
+    checkpoints: list[Checkpoints],
+    healthy: Callable[[steps.TrainState], np.ndarray],
+) -> None:
+    """Save each running output's latest checkpoint, good for every member that has not diverged.
+
+    A member whose state is not good (``healthy``) is marked diverged at the
+    next step, whose loss is the one found NaN/Inf, and frozen from then on;
+    an output left with no healthy member stops (``_stop_diverged_outputs``).
+    """
+    ok = healthy(p.state)
+    bad = [i for i in range(exp.num_members) if not ok[i] and not p.diverged[i]]
+    if bad:
+        for i in bad:
+            p.diverged[i] = p.step + 1
+        p.state = p.state.replace(diverged_at=jax.device_put(np.asarray(p.diverged, np.int32), exp.member_sharding))
+        _stop_diverged_outputs(p, outputs, checkpoints)
+    for k, (o, c) in enumerate(zip(outputs, checkpoints)):
+        if k not in p.stopped:
+            c.save_latest(p.step, _take(p.state, o.members, exp.num_members), p.meta(o.members))
+
+
+def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[Output], checkpoints: list[Checkpoints]) -> None:
+    """After Ctrl-C: checkpoint the current state when it is whole, consistent with ``p.step``, and good."""
+    if any(c.saving for c in checkpoints) or p.step == 0:
+        return  # interrupted inside a save (the previous checkpoint stands), or nothing to save
+    if all(c.latest_step() == p.step for c in checkpoints):
+        return  # nothing new since the last checkpoint
+    leaves = jax.tree_util.tree_leaves(p.state)
+    if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
+        return  # interrupted inside a compiled call: the state was donated to it
+    if int(np.asarray(jax.device_get(p.state.step))[0]) != p.step:
+        return  # interrupted between the new state and the step count
+    check = health_program(exp)
+    save_checkpoints(exp, p, outputs, checkpoints, lambda state: np.asarray(check(state, exp.member_inputs["key"])))
+    print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
 
 
 def train(
@@ -195,46 +317,69 @@ def train_members(
     or ``{"diverged": message}`` for an output whose members all diverged (it
     writes no summary.json). Raises ``TrainingDiverged`` when every member did.
     """
+    if text is None:
+        text = ex.load_dataset(config.data.dataset)
     exp = ex.Experiment.from_config(config, text=text)
     outputs = [o if o.members is not None else Output(o.run, o.config, list(range(exp.num_members))) for o in outputs]
     if sorted(i for o in outputs for i in o.members) != list(range(exp.num_members)):
         raise ValueError(f"the outputs must hold each of the {exp.num_members} members exactly once")
-    for o in outputs:
-        o.run.check_same_config(to_dict(o.config))
-    # With several hosts (jax.distributed), every process runs this loop and takes
-    # part in checkpointing (orbax coordinates them); only process 0 writes files.
+    fingerprint = dataset_fingerprint(config.data.dataset, text)
+    # With several hosts (jax.distributed), every process runs this loop and takes part in
+    # checkpointing (orbax coordinates them); only process 0 holds the locks and writes files.
     writer = jax.process_index() == 0
-    for o in outputs:
-        o.run.create()
-        if writer:
-            o.run.write_config(to_dict(o.config))
-            o.run.write_tokenizer(exp.tokenizer)
-    checkpoints = [o.run.checkpoints() for o in outputs]
-    metrics: list[MetricsWriter] = []
-    try:
-        p, restored = restore_or_start(exp, outputs, checkpoints)
+    checkpoints: list[Checkpoints] = []
+    resumes_from = ""  # unknown until the checkpoints are read
+
+    def last_good() -> str:  # for messages about system faults
+        return checkpoints[0].describe_latest() if checkpoints else resumes_from
+
+    with contextlib.ExitStack() as stack:
+        for o in outputs:  # every run directory locked, and its OS faults reported in one line
+            stack.enter_context(o.run.lock(enabled=writer))
+            stack.enter_context(storage_faults(o.run.path, last_good))
+        for o in outputs:  # nothing is written before every run directory is known to be resumable
+            o.run.check_resumable(to_dict(o.config), exp.tokenizer, fingerprint)
+        readers = [o.run.checkpoints(writable=False) for o in outputs]
+        try:
+            p, restored = restore_or_start(exp, outputs, readers)
+        finally:
+            for r in readers:
+                r.close()
+        resumes_from = f"the last good checkpoint is step {p.step}" if restored else "no checkpoint was saved yet"
         if p.step >= config.max_iters and all(o.run.has_summary() for o in outputs):
             summaries = [o.run.read_summary() for o in outputs]
-            for s in summaries:
-                print_summary(s, prefix="already finished: ")
-            return summaries
-        for o in outputs:
-            if writer:
-                o.run.remove_summary()
-            keep = p.step if restored else -1
-            metrics.append(o.run.metrics_writer(o.board_names(exp), keep_up_to_step=keep, enabled=writer))
-        timing = _loop(exp, p, outputs, checkpoints, metrics, progress)
-    finally:
-        for m in metrics:
-            m.close()
-        for c in checkpoints:
-            c.close()
-    live = [k for k in range(len(outputs)) if k not in p.stopped]
-    summaries = dict(zip(live, _summaries(exp, p, [outputs[k] for k in live], timing)))
-    for k in live:
+            if all(s is not None for s in summaries):
+                for s in summaries:
+                    print_summary(s, prefix="already finished: ")
+                return summaries
         if writer:
-            outputs[k].run.write_summary(summaries[k])
-        print_summary(summaries[k])
+            for o, r in zip(outputs, readers):
+                o.run.write_start(to_dict(o.config), exp.tokenizer, fingerprint)
+                set_aside(o.run, r.damaged)
+                o.run.remove_summary()
+        metrics: list[MetricsWriter] = []
+        try:
+            checkpoints.extend(o.run.checkpoints() for o in outputs)
+            keep = p.step if restored else -1
+            for o in outputs:
+                metrics.append(o.run.metrics_writer(o.board_names(exp), keep_up_to_step=keep, enabled=writer))
+            try:
+                with stop_at_safe_point():
+                    timing = _loop(exp, p, outputs, checkpoints, metrics, progress)
+            except KeyboardInterrupt:
+                _save_on_interrupt(exp, p, outputs, checkpoints)
+                raise
+        finally:
+            for m in metrics:
+                m.close()
+            for c in checkpoints:
+                c.close()
+        live = [k for k in range(len(outputs)) if k not in p.stopped]
+        summaries = dict(zip(live, _summaries(exp, p, [outputs[k] for k in live], timing)))
+        for k in live:
+            if writer:
+                outputs[k].run.write_summary(summaries[k])
+            print_summary(summaries[k])
     return [summaries[k] if k in summaries else {"diverged": p.stopped[k]} for k in range(len(outputs))]
 
 
@@ -296,9 +441,7 @@ def _loop(
                 evaluate(exp, programs, p, outputs, metrics, checkpoints)
                 bar.write(eval_line(p.step, list(p.last_eval.values())))
             if at(p.step, config.checkpoint_every, config):
-                for k in running:
-                    o = outputs[k]
-                    checkpoints[k].save_latest(p.step, _take(p.state, o.members, exp.num_members), p.meta(o.members))
+                save_checkpoints(exp, p, outputs, checkpoints, programs.healthy)
     finally:
         bar.close()
     timing.compile_seconds = programs.compile_seconds

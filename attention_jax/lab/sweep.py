@@ -24,6 +24,7 @@ the files it would have had alone. ``group=False`` runs one program per point.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -47,7 +48,7 @@ from attention_jax.lab.config import (
     run_name,
     to_dict,
 )
-from attention_jax.lab.rundir import RunDir, write_json
+from attention_jax.lab.rundir import RunDir, WorkdirBusy, lock_holder, write_json
 
 Overrides = dict[str, Any]
 STATUS_FILE = "status.json"  # in the sweep dir: every point's status
@@ -226,9 +227,11 @@ def read_point_status(sweep_dir: str | os.PathLike, point: Point) -> dict:
     record.update(run.read_point_record() or {})
     if run.has_summary():
         record["status"] = "done"
+    elif lock_holder(run.path) is not None:
+        record["status"] = "running"  # a trainer holds the point's lock (here or on another host)
     elif record["status"] in ("running", "done"):
         # "done" without summary.json: the run's outputs were removed or are partial; rerun it
-        record["status"] = "interrupted"  # a live run elsewhere looks the same from here
+        record["status"] = "interrupted"
     record["index"] = point.index  # the sweep's current numbering wins over a stale file
     return record
 
@@ -446,14 +449,23 @@ def run_sweep(
         write_json(sweep_dir / SWEEP_FILE, payload)
     t0 = time.time()
     kw = dict(base_overrides=base_overrides, text=text, progress=progress)
-    if group and train_fn is None:
-        for points_of_one_program in group_points(spec, points, sweep_dir, base_overrides):
-            run_group(spec, points_of_one_program, sweep_dir, **kw)
-            write_status(sweep_dir, all_points)
-    else:
-        for point in points:
-            run_point(spec, point, sweep_dir, train_fn=train_fn, **kw)
-            write_status(sweep_dir, all_points)
+    programs = (
+        group_points(spec, points, sweep_dir, base_overrides) if group and train_fn is None else [[p] for p in points]
+    )
+    for points_of_one_program in programs:
+        with contextlib.ExitStack() as locks:
+            mine = []
+            for point in points_of_one_program:
+                try:  # the point's lock, around its records too: a point trained elsewhere is left alone
+                    locks.enter_context(RunDir(sweep_dir / point.name).lock(enabled=_is_writer()))
+                    mine.append(point)
+                except WorkdirBusy as e:
+                    print(f"[{point.index}] {point.name}: skipped: {e}", file=sys.stderr, flush=True)
+            if len(mine) > 1:
+                run_group(spec, mine, sweep_dir, **kw)
+            elif mine:
+                run_point(spec, mine[0], sweep_dir, train_fn=train_fn, **kw)
+        write_status(sweep_dir, all_points)
     status = write_status(sweep_dir, all_points)
     status["seconds"] = round(time.time() - t0, 1)
     return status

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from attention_jax.lab import cli
 from attention_jax.lab.config import ConfigError
 from attention_jax.lab.loop import TrainingDiverged
+from attention_jax.lab.rundir import DamagedFile, StorageFault, WorkdirBusy
 
 
 def command(exc):
@@ -27,6 +30,29 @@ def command(exc):
         (TrainingDiverged("loss became NaN/Inf at step 3"), cli.EXIT_DIVERGED, "error: loss became NaN/Inf at step 3"),
         (RuntimeError("boom"), 1, "error: RuntimeError: boom (set ATTENTION_JAX_DEBUG=1 for the traceback)"),
         (KeyboardInterrupt(), 130, "interrupted; rerun the same command to resume"),
+        # System faults: exit 4, the file and the cause; from orbax/tensorstore too, which only quote the OS.
+        (
+            StorageFault(errno.ENOSPC, "/w/checkpoints/10", "the last good checkpoint is step 5"),
+            cli.EXIT_SYSTEM,
+            "error: /w/checkpoints/10: no space left on device; free some space, then rerun the same command. The last "
+            "good checkpoint is step 5.",
+        ),
+        (OSError(errno.EROFS, "Read-only file system", "/w/x"), cli.EXIT_SYSTEM, "error: /w/x: read-only file system"),
+        (PermissionError(errno.EACCES, "Permission denied", "/w/y"), cli.EXIT_SYSTEM, "error: /w/y: permission denied"),
+        (
+            ValueError("DATA_LOSS: writing /w/ck: No space left on device [OS error]"),
+            cli.EXIT_SYSTEM,
+            "error: no space left on device (ValueError)",
+        ),
+        (RuntimeError("tensorstore: Input/output error"), cli.EXIT_SYSTEM, "error: input/output error (RuntimeError)"),
+        # Not system faults: a missing input file is bad input; a damaged run or a busy workdir too.
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/Data.txt"),
+            cli.EXIT_BAD_INPUT,
+            "error: /in/Data.txt: no such file or directory",
+        ),
+        (DamagedFile("/w/config.json is damaged: not valid JSON"), cli.EXIT_BAD_INPUT, "error: /w/config.json is dam"),
+        (WorkdirBusy("workdir /w is in use by a trainer (pid 1"), cli.EXIT_BAD_INPUT, "error: workdir /w is in use"),
     ],
 )
 def test_failures_are_one_line_with_their_exit_status(exc, code, text, capsys, monkeypatch):
@@ -35,6 +61,22 @@ def test_failures_are_one_line_with_their_exit_status(exc, code, text, capsys, m
     assert command(exc)([]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(text)
+
+
+def test_ctrl_c_caught_inside_c_code_is_still_an_interrupt(capsys, monkeypatch):
+    """A KeyboardInterrupt that lands inside a C extension can surface as a SystemError with it as context."""
+    monkeypatch.setenv("ATTENTION_JAX_CACHE_DIR", "off")
+    monkeypatch.delenv("ATTENTION_JAX_DEBUG", raising=False)
+
+    @cli.main_wrapper
+    def main(argv=None):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemError("<built-in function> returned a result with an exception set") from None
+
+    assert main([]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted"]
 
 
 def test_debug_shows_the_traceback_instead(monkeypatch):

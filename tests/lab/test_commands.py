@@ -62,6 +62,8 @@ def test_train_then_sample_end_to_end(tmp_path, text_file):
         (["--config.model.attn_scale=huge"], r"model\.attn_scale.*valid choices"),
         (["--config.model.block_size=100000"], r"model\.block_size=100000 is too long"),
         (["--bogus"], r"unrecognized argument '--bogus'"),
+        (["--config.weight_decay=inf"], r"weight_decay=inf: must be a finite number"),
+        (["--config.model.attention_impl=cudnn"], r"model\.attention_impl='cudnn': needs an NVIDIA GPU with cuDNN"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, text_file, extra, pattern):
@@ -72,7 +74,10 @@ def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, text_file, extra, pa
 
 def test_missing_data_file_says_how_to_provide_it(tmp_path):
     result = run("train", "--config", SMOKE, "--workdir", tmp_path / "w", "--config.data.dataset=/no/such.txt")
-    assert_one_line_error(result, r"data file not found: /no/such\.txt")
+    assert_one_line_error(
+        result, r"data\.dataset='/no/such\.txt': data file not found: /no/such\.txt \(give the path of a UTF-8 text "
+        r"file, or 'tinyshakespeare' to read or download a named dataset\)"
+    )  # fmt: skip
     env = {"ATTENTION_JAX_DATA_DIR": str(tmp_path / "empty"), "HOME": str(tmp_path / "home")}
     # Offline (the download is blocked by a bad proxy), tinyshakespeare explains where to put the file.
     env.update({"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"})
@@ -106,6 +111,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, text_f
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+        assert json.loads((workdir / "train.lock").read_text())["pid"] == proc.pid  # a stale lock: no obstacle
     resumed = run("train", *train_args(workdir, text_file, *extra))
     assert resumed.returncode == 0, resumed.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import pytest
 
 from attention_jax import data as data_lib
@@ -65,10 +66,16 @@ def test_override_parsing_and_types():
         ({"model.attn_scale": "sqrtt"}, r"model\.attn_scale.*'sqrt'"),
         ({"model.pos_encoding": "alibi"}, r"model\.pos_encoding"),
         ({"model.block_size": 5000}, r"model\.block_size=5000 is too long for the validation split"),
-        ({"data.dataset": "/nonexistent/file.txt"}, r"data file not found: /nonexistent/file\.txt"),
+        ({"data.dataset": "/nonexistent/file.txt"}, r"data\.dataset='/nonexistent/file\.txt': data file not found"),
+        ({"weight_decay": float("inf")}, r"weight_decay=inf: must be a finite number"),
+        ({"grad_clip": float("inf")}, r"grad_clip=inf: must be a finite number"),
+        ({"min_lr": float("-inf")}, r"min_lr=-inf: must be a finite number"),
+        ({"model.attention_impl": "cudnn"}, r"model\.attention_impl='cudnn': needs an NVIDIA GPU with cuDNN"),
     ],
 )
 def test_impossible_values_fail_before_compute(overrides, match, tiny_config, small_text):
+    if overrides.get("model.attention_impl") == "cudnn" and jax.devices()[0].platform == "gpu":
+        pytest.skip("cuDNN is available on this machine")
     config = tiny_config(**overrides)
     with pytest.raises((ConfigError, FileNotFoundError), match=match):
         Experiment.from_config(config, text=None if "data.dataset" in overrides else small_text())
@@ -104,15 +111,31 @@ def test_shipped_configs_validate_against_tiny_shakespeare(spec):
     assert exp.train_data.shape[0] == int(0.9 * len(raw.decode("utf-8")))
 
 
-def test_config_file_problems_are_one_line_errors(tmp_path):
-    broken = tmp_path / "broken.py"
-    broken.write_text("def get_config(arg):\n    return undefined_name\nx = 1/0\n")
-    with pytest.raises(ConfigError, match=r"could not load config file .*broken\.py: ZeroDivisionError"):
-        load_config(str(broken))
-    empty = tmp_path / "empty.py"
-    empty.write_text("X = 1\n")
-    with pytest.raises(ConfigError, match=r"defines no get_config\(arg\)"):
-        load_config(str(empty))
+@pytest.mark.parametrize(
+    "body, variant, match",
+    [
+        (
+            "def get_config(arg):\n    return undefined_name\nx = 1/0\n",
+            "",
+            r"could not load config file .*: ZeroDivisionError",
+        ),
+        ("X = 1\n", "", r"defines no get_config\(arg\)"),
+        (
+            "def get_config(arg):\n    return {'seed': 1}\n",
+            "",
+            r"get_config of .*\.py returned dict; it must return an ml_coll",
+        ),
+        ("def get_config(arg):\n    return {}[arg]\n", ":cpu", r"\.py: get_config\('cpu'\) failed: KeyError: 'cpu'"),
+    ],
+)
+def test_config_file_problems_are_one_line_errors(tmp_path, body, variant, match):
+    path = tmp_path / "config_file.py"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f"{path}{variant}")
+
+
+def test_not_a_sweep_and_unknown_variant_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"defines no get_sweep\(arg\): it is not a sweep"):
         load_sweep(SMOKE)
     with pytest.raises(ConfigError, match=r"unknown variant 'tpu'"):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from attention_jax.lab.config import ConfigError
-from attention_jax.lab.loop import TrainingDiverged, merge_members, train
+from attention_jax.lab.experiment import Experiment
+from attention_jax.lab.loop import TrainingDiverged, health_program, merge_members, train
 from attention_jax.lab.rundir import load_run, read_jsonl
 from attention_jax.lab.steps import TrainState
 
@@ -103,16 +104,23 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(tmp_path, tiny_
     bad = tiny_config(max_iters=40, eval_interval=10, checkpoint_every=10, **huge)
     with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step \d+.*no checkpoint was saved yet"):
         train(bad, tmp_path / "bad", text=text, progress=False)
-    bad.checkpoint_every = 1
+    # The case: a learning rate so high that parameters stay finite but grow huge, and
+    # the logits overflow one step later. The checkpoint named must be good: finite parameters
+    # and a finite loss at its next step; the state after it was checked, found bad and not saved.
+    huge = tiny_config(max_iters=40, learning_rate=100.0, checkpoint_every=1)
     with pytest.raises(TrainingDiverged) as info:
-        train(bad, tmp_path / "bad2", text=text, progress=False)
+        train(huge, tmp_path / "bad2", text=text, progress=False)
     message = str(info.value)
     step = int(message.split("at step ")[1].split(";")[0])
-    assert f"last good checkpoint is step {step - 1}" in message
-    # The last good checkpoint restores to finite parameters.
+    good = int(message.split("last good checkpoint is step ")[1].split()[0])
+    assert good == step - 2, message
     run = load_run(tmp_path / "bad2")
-    assert run.step() == step - 1
+    assert run.step() == good and run.diverged == [None]
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(run.params()))
+    exp = Experiment.from_config(huge, text=text)
+    assert np.asarray(health_program(exp)(run.state, exp.member_inputs["key"])).tolist() == [
+        True
+    ]  # its next loss is finite
 
 
 def test_best_state_is_kept_per_seed():

@@ -44,15 +44,16 @@ def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_every_file_name_is_defined_once_in_rundir():
-    names = [rd.CONFIG, rd.TOKENIZER, rd.METRICS, rd.TENSORBOARD, rd.CHECKPOINTS, rd.BEST, rd.SAMPLE, rd.SUMMARY,
-             rd.SWEEP_POINT]  # fmt: skip
+    names = [rd.CONFIG, rd.TOKENIZER, rd.DATASET, rd.METRICS, rd.TENSORBOARD, rd.CHECKPOINTS, rd.BEST, rd.SAMPLE,
+             rd.SUMMARY, rd.SWEEP_POINT, rd.LOCK, rd.DAMAGED]  # fmt: skip
     assert len(set(names)) == len(names)
     root = Path(rd.__file__).parents[1]  # attention_jax/
     for path in root.rglob("*.py"):
         if path.name == "rundir.py":
             continue
         text = path.read_text()
-        for name in ('"summary.json"', '"metrics.jsonl"', '"sweep_point.json"', '"tokenizer.json"', '"config.json"'):
+        for name in ('"summary.json"', '"metrics.jsonl"', '"sweep_point.json"', '"tokenizer.json"', '"config.json"',
+                     '"dataset.json"', '"train.lock"'):  # fmt: skip
             assert name not in text, f"{path} spells {name}: use attention_jax.lab.rundir"
 
 

@@ -10,6 +10,7 @@ import pytest
 from attention_jax.lab import sweep as sw
 from attention_jax.lab.config import ConfigError, apply_overrides, load_config, parse_override_args, to_dict
 from attention_jax.lab.rundir import RunDir
+from tests.helpers import snapshot, start_holder
 
 SPEC = "configs/ablate_scale.py:smoke"
 
@@ -196,3 +197,22 @@ def test_a_grouped_sweep_writes_what_one_program_per_point_writes(tmp_path, smal
                     assert ra[key] == pytest.approx(rb[key], rel=1e-6), (p.name, ra["step"], key)
         sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
         assert sa["seeds"] == sb["seeds"] and sa["final_val_loss"] == pytest.approx(sb["final_val_loss"], rel=1e-6)
+
+
+def test_a_point_trained_elsewhere_is_skipped_and_its_records_left_alone(tmp_path, capsys):
+    """Two sweep runners on one sweep dir: the second leaves the point the first is training alone."""
+    points = sw.load_sweep(SPEC)[:2]
+    busy = tmp_path / points[0].name
+    holder = start_holder(busy)  # another process trains this point
+    try:
+        (busy / "sweep_point.json").write_text(json.dumps({"status": "running", "started": 1.0}))
+        before = snapshot(busy)
+        train_fn, calls = fake_train()
+        status = sw.run_sweep(SPEC, points, tmp_path, train_fn=train_fn)
+        assert calls == [points[1].name]  # only the free point trained here
+        assert snapshot(busy) == before  # no record written over the other runner's
+        assert f"[0] {points[0].name}: skipped: workdir {busy} is in use" in capsys.readouterr().err
+        assert {r["name"]: r["status"] for r in status["points"]} == {points[0].name: "running", points[1].name: "done"}
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
