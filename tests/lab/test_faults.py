@@ -15,7 +15,8 @@ import pytest
 from attention_jax.lab import commands
 from attention_jax.lab import rundir as rd
 from attention_jax.lab.cli import EXIT_BAD_INPUT
-from attention_jax.lab.loop import Progress, TrainingDiverged, save_checkpoint, train
+from attention_jax.lab.experiment import Experiment
+from attention_jax.lab.loop import Output, Progress, TrainingDiverged, save_checkpoints, train
 from tests.helpers import assert_one_line_error_result, run_entry_point, snapshot, tiny_args
 
 STEPS = {"max_iters": 20, "eval_interval": 10, "checkpoint_every": 10, "log_interval": 5}
@@ -177,7 +178,7 @@ def test_every_json_file_is_strict_json(tiny_config, text_file, tmp_path, capsys
 
     run = rd.RunDir(tmp_path / "metrics")
     run.create()
-    writer = run.metrics_writer([1])
+    writer = run.metrics_writer(["seed_1"])
     writer.write_many([{"step": 1, "seed": 1, "loss": math.nan, "grad_norm": math.inf, "lr": 0.5}])
     writer.close()
     row = strict_json((run / rd.METRICS).read_text())
@@ -230,17 +231,19 @@ def test_a_diverged_seed_does_not_spoil_the_checkpoints_of_the_healthy_one(two_s
     poisoned = state.replace(
         step=jnp.full_like(state.step, 15), params=jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan), state.params)
     )
-    p = Progress(poisoned, 15, [1.0, 1.0], [10, 10], [None, None])
+    exp = Experiment.from_config(rd.load_run(workdir).config)
+    outputs = [Output(rd.RunDir(workdir), exp.config, [0, 1])]
+    p = Progress(poisoned, 15, [1.0, 1.0], [10, 10], diverged=[0, 0])
     checkpoints = rd.RunDir(workdir).checkpoints()
     try:
-        save_checkpoint(p, checkpoints, lambda s: np.asarray([False, True]))
-        assert p.diverged == [16, None]  # its next step's loss is the first non-finite one
+        save_checkpoints(exp, p, outputs, [checkpoints], lambda s: np.asarray([False, True]))
+        assert p.diverged == [16, 0]  # its next step's loss is the first non-finite one
         assert checkpoints.latest_step() == 15  # saved: seed 1 still has a use for it
         p.step = 16
         with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step 16.*last good checkpoint is step 15"):
-            save_checkpoint(p, checkpoints, lambda s: np.asarray([False, False]))  # no seed left: nothing saved
+            save_checkpoints(exp, p, outputs, [checkpoints], lambda s: np.asarray([False, False]))  # nothing saved
         assert checkpoints.latest_step() == 15
-        # A seed with NaN parameters that is *not* marked diverged cannot come from save_checkpoint:
+        # A seed with NaN parameters that is *not* marked diverged cannot come from save_checkpoints:
         # such a checkpoint (written here directly) is refused on restore, in favour of step 15.
         checkpoints.save_latest(
             20, poisoned, {"best": {"val_loss": [1.0] * 2, "step": [10] * 2}, "diverged": [None] * 2}
@@ -254,7 +257,7 @@ def test_a_diverged_seed_does_not_spoil_the_checkpoints_of_the_healthy_one(two_s
     err = capsys.readouterr().err
     assert "checkpoint step 20" in err and "non-finite parameters in seed index 0, which had not diverged" in err
     assert commands.sample(["--workdir", str(workdir), "--model_seed", "0"]) == EXIT_BAD_INPUT
-    assert "seed index 0 of" in capsys.readouterr().err
+    assert "model 0 of" in capsys.readouterr().err
     assert commands.sample(["--workdir", str(workdir), "--model_seed", "1", "--max_new_tokens", "5"]) == 0
 
 
