@@ -154,7 +154,11 @@ def plot_best(rows: list[dict], path, dpi: int = 90) -> None:
             ax.set_title(f"design {design}", fontsize=9)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
+        tried = sorted({lr for r in rows if r["design"] == design for lr in r["learning_rates"]})
         axes[i][1].set_yscale("log", base=2)
+        axes[i][1].set_yticks(tried, [f"{lr:g}" for lr in tried])
+        axes[i][1].minorticks_off()
+        axes[i][1].set_ylim(tried[0] / 1.3, tried[-1] * 1.3)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -207,8 +211,10 @@ def section(points: list[PointResult], outdir, dpi: int = 90) -> tuple[list[str]
         markdown(rows),
     ]
     figures = [
-        ("Final val loss at each arm's best learning rate, and that learning rate, against head size "
-         "(dashed: some best lr at the edge of the range)", "tuned_best_lr.png"),
+        ("Final val loss at each arm's best learning rate (error bars: std over seeds, which share data order, "
+         "so the paired differences in the table are tighter), and that learning rate, against head size "
+         "(dashed: some best lr at the edge of the range; the axis spans the learning rates tried)",
+         "tuned_best_lr.png"),
         ("Val loss curves at each arm's best learning rate (top) and their difference to sqrt (bottom)",
          "tuned_curves.png"),
     ]  # fmt: skip
