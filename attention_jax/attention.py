@@ -318,35 +318,47 @@ def project_qkv(
 ) -> tuple[Array, Array, Array]:
     """Queries, keys, values in head-major layout from one fused kernel w_qkv (C, 3, H, D).
 
-    Self-attention: inputs_q (..., T, C) -> q, k, v (..., H, T, D), straight into
-    the layout the attention einsums want (no transposes). Cross-attention:
-    queries from inputs_q, keys and values from inputs_kv (..., S, C) with the
-    same kernel's k and v slices, so inputs_kv must have the same C channels.
+    Self-attention: inputs_q (..., T, C) -> q, k, v (..., H, T, D), the layout
+    the attention einsums want. Cross-attention: queries from inputs_q, keys
+    and values from inputs_kv (..., S, C) with the same kernel's k and v
+    slices, so inputs_kv must have the same C channels.
+
+    Written as a 2-D matmul with the kernel flattened to (C, 3HD), then a
+    transpose of the (small) result: as one einsum, XLA on CPU transposed the
+    kernel itself at every call, which inside a decode loop is a 200 KB copy
+    per layer per token.
     """
     dtype = dtype or inputs_q.dtype
+    C, _, H, D = w_qkv.shape
     w = w_qkv.astype(dtype)
+    heads = lambda y, n: jnp.moveaxis(y.reshape(*y.shape[:-1], n, H, D), (-3, -2), (0, -3))  # noqa: E731
     if inputs_kv is None:
-        qkv = jnp.einsum("...tc,cnhd->n...htd", inputs_q.astype(dtype), w)  # (3, ..., H, T, D)
+        qkv = heads(inputs_q.astype(dtype) @ w.reshape(C, 3 * H * D), 3)  # (3, ..., H, T, D)
         return qkv[0], qkv[1], qkv[2]
-    if inputs_kv.shape[-1] != w.shape[0]:
+    if inputs_kv.shape[-1] != C:
         raise ValueError(
-            f"inputs_kv must have the same {w.shape[0]} channels as inputs_q (keys and values use the same "
+            f"inputs_kv must have the same {C} channels as inputs_q (keys and values use the same "
             f"fused kernel), got shape {inputs_kv.shape}"
         )
-    q = jnp.einsum("...tc,chd->...htd", inputs_q.astype(dtype), w[:, 0])  # (..., H, T, D)
-    kv = jnp.einsum("...sc,cnhd->n...hsd", inputs_kv.astype(dtype), w[:, 1:])  # (2, ..., H, S, D)
+    q = heads(inputs_q.astype(dtype) @ w[:, :1].reshape(C, H * D), 1)[0]  # (..., H, T, D)
+    kv = heads(inputs_kv.astype(dtype) @ w[:, 1:].reshape(C, 2 * H * D), 2)  # (2, ..., H, S, D)
     return q, kv[0], kv[1]
 
 
 def project_out(out: Array, w_out: Array, bias: Array | None = None, dtype: jnp.dtype | None = None) -> Array:
-    """Heads back to channels: out (..., H, T, D), w_out (H, D, C') -> (..., T, C'), plus bias (C',)."""
+    """Heads back to channels: out (..., H, T, D), w_out (H, D, C') -> (..., T, C'), plus bias (C',).
+
+    A 2-D matmul over the flattened (H*D, C') kernel, for the reason given in ``project_qkv``.
+    """
     dtype = dtype or out.dtype
-    y = jnp.einsum("...htd,hdc->...tc", out.astype(dtype), w_out.astype(dtype))
+    H, D, C_out = w_out.shape
+    out = jnp.swapaxes(out.astype(dtype), -3, -2)  # (..., T, H, D)
+    y = out.reshape(*out.shape[:-2], H * D) @ w_out.astype(dtype).reshape(H * D, C_out)
     return y if bias is None else y + bias.astype(dtype)
 
 
 def cache_append(cached_k: Array, cached_v: Array, index: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
-    """Write T new keys/values (..., T, D) into slots [index, index + T) of the caches (..., S, D).
+    """Write T new keys/values (N, T, D) into slots [index, index + T) of the caches (N, S, D).
 
     Returns the updated caches and index + T. The caller keeps index + T <= S
     (``lax.dynamic_update_slice`` would clamp, silently overwriting the last slots).
@@ -354,6 +366,16 @@ def cache_append(cached_k: Array, cached_v: Array, index: Array, k: Array, v: Ar
     k_all = lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), index, axis=-2)
     v_all = lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=-2)
     return k_all, v_all, index + k.shape[-2]
+
+
+def cache_shape(k: Array) -> tuple[int, int, int]:
+    """The (N, S, D) shape of a cache for keys k (..., S, D): every leading axis (batch, heads) in N.
+
+    One flat leading axis, not (B, H): on CPU, XLA updated a (1, H, S, D) cache in
+    place only after copying it several times per step (the attention's matmul
+    reads it reshaped); a (B·H, S, D) cache is read as it is stored.
+    """
+    return math.prod(k.shape[:-2]), k.shape[-2], k.shape[-1]
 
 
 def decode_mask(index: Array, T: int, S: int, *, causal: bool = True) -> Array:
@@ -385,13 +407,15 @@ def attention_heads(
     """One attention layer after the projections (and the optional q/k norms).
 
     q (..., T, D), k, v (..., S, D) -> (out (..., T, D), new cache). Applies
-    rotary encoding when ``rope``, then, with ``cache = (cached_k, cached_v,
-    index)`` (decode mode; k, v then hold the T new positions), writes k and v
-    into the cache and attends over it; then attends with ``impl``.
+    rotary encoding when ``rope``, then attends with ``impl``; with ``cache =
+    (cached_k, cached_v, index)`` (decode mode: caches (N, S_cache, D) with N
+    the product of q's leading axes, see ``cache_shape``; k, v hold the T new
+    positions) it first writes k and v into the cache and attends over it.
 
-    In decode mode the positions of the new tokens are index..index+T-1 (rope
+    In decode mode the new tokens' positions are index..index+T-1 (rope
     rotates by them before caching), the mask is ``decode_mask`` combined with
-    ``mask`` (broadcastable to (..., T, S_cache)), and "blockwise" and "cudnn"
+    ``mask`` (broadcastable to (..., T, S_cache)), an array scale must
+    broadcast to (..., 1, 1) (one per head, say), and "blockwise" and "cudnn"
     run as "dense" (a decode step's few query rows need no tiling). Writing past
     the end of the cache is a caller error; the output is then NaN, not wrong
     numbers.
@@ -403,12 +427,29 @@ def attention_heads(
     if cache is None:
         out = attend(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook)
         return out, None
-    T, S = q.shape[-2], cache[0].shape[-2]
-    k, v, new_index = cache_append(cache[0], cache[1], index, k, v)
-    mask = _and(as_mask(mask), decode_mask(index, T, S, causal=causal))
+    *lead, T, _ = q.shape
+    N, S, _ = cache[0].shape
+    if math.prod(lead) != N:
+        raise ValueError(
+            f"decode: the cache holds {N} rows (batch x heads), the queries {q.shape} need {math.prod(lead)}; "
+            "initialize the cache for this batch size"
+        )
+    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # noqa: E731  -> (N, *tail)
+    flat_mask = decode_mask(index, T, S, causal=causal)  # (T, S)
+    if mask is not None:
+        flat_mask = rows(as_mask(mask), T, S) & flat_mask
+    flat_bias = None if bias is None else rows(bias, T, S)
+    if not _is_static(scale) and jnp.ndim(scale):
+        scale = rows(scale, 1, 1)
+    hook = None
+    if weights_hook is not None:  # the hook sees the weights in their (..., T, S) shape
+        hook = lambda w: weights_hook(w.reshape(*lead, T, S)).reshape(N, T, S)  # noqa: E731
+    k, v, new_index = cache_append(cache[0], cache[1], index, rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]))
     impl = "dense" if impl in ("blockwise", "cudnn") else impl
-    out = attend(q, k, v, scale=scale, mask=mask, bias=bias, impl=impl, weights_hook=weights_hook)
-    out = jnp.where(new_index <= S, out, jnp.nan)  # overflowing the cache: loud, not silently wrong
+    out = attend(
+        rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook
+    )
+    out = jnp.where(new_index <= S, out, jnp.nan).reshape(*lead, T, -1)  # overflowing the cache: loud
     return out, (k, v, new_index)
 
 

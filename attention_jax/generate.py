@@ -98,21 +98,40 @@ def _generate(model, params, tokens, key, temperature, *, max_new_tokens, top_k,
     prefill = min(T0, W)  # a prompt longer than the cache: its last W tokens, as the full window sees them
     logits, cache = refill(buf, T0, prefill)
 
-    def step(pos, carry):
-        """Sample token pos, then feed it: the logits for pos + 1."""
-        buf, key, cache, filled, logits = carry
+    # Sampling position pos gives the token that is fed next: into the cache while it has room,
+    # else by a refill. That schedule is static, so it is laid out as loops with no branch in
+    # them (a lax.cond carrying the cache costs a copy of it per step on CPU): feeds until the
+    # cache is full, then segments of one refill and W - refill_to feeds, then a shorter one.
+    def feed_step(pos, carry):
+        buf, key, cache, logits = carry
+        nxt, key = _sample(logits, key, temperature, top_k)
+        logits, cache = run(cache, nxt[:, None].astype(buf.dtype))
+        return write(buf, nxt, pos), key, cache, logits
+
+    def refill_step(pos, carry):
+        buf, key, _, logits = carry
         nxt, key = _sample(logits, key, temperature, top_k)
         buf = write(buf, nxt, pos)
-        feed = lambda: (*run(cache, nxt[:, None].astype(buf.dtype)), filled + 1)  # noqa: E731
-        if L > W:  # the text can outgrow the cache: refill when it is full
-            again = lambda: (*refill(buf, pos + 1, refill_to), jnp.asarray(refill_to, jnp.int32))  # noqa: E731
-            logits, cache, filled = jax.lax.cond(filled < W, feed, again)
-        else:
-            logits, cache, filled = feed()
-        return buf, key, cache, filled, logits
+        return (buf, key, *reversed(refill(buf, pos + 1, refill_to)))
 
-    carry = (buf, key, cache, jnp.asarray(prefill, jnp.int32), logits)
-    buf, key, _, _, logits = jax.lax.fori_loop(T0, L - 1, step, carry)
+    def feeds(carry, pos, n):
+        return jax.lax.fori_loop(pos, pos + n, feed_step, carry) if n else carry
+
+    def segment(pos, carry, n_feeds):
+        return feeds(refill_step(pos, carry), pos + 1, n_feeds)
+
+    steps = L - 1 - T0  # sample-and-feed steps; the last token is only sampled
+    head = min(W - prefill, steps)
+    per_segment = 1 + W - refill_to
+    full, rest = divmod(steps - head, per_segment)
+    carry = feeds((buf, key, cache, logits), T0, head)
+    pos = T0 + head
+    if full:
+        carry = jax.lax.fori_loop(0, full, lambda i, c: segment(pos + i * per_segment, c, W - refill_to), carry)
+        pos += full * per_segment
+    if rest:
+        carry = segment(pos, carry, rest - 1)
+    buf, key, _, logits = carry
     nxt, _ = _sample(logits, key, temperature, top_k)  # the last token needs no feeding
     return write(buf, nxt, L - 1)
 

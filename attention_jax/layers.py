@@ -137,11 +137,12 @@ def _cache(module: nn.Module, k: Array, v: Array):
 
     Flax's convention: the first decode call (``init``) creates zeros shaped like
     its keys, so the input's length is the cache's max length; it attends as
-    usual and leaves the cache empty (index 0). Layout (..., [H,] S, D).
+    usual and leaves the cache empty (index 0). Layout (N, S, D): N = batch x heads
+    (``attention.cache_shape``).
     """
     initialized = module.has_variable("cache", "cached_key")
-    ck = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cv = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    ck = module.variable("cache", "cached_key", jnp.zeros, attention.cache_shape(k), k.dtype)
+    cv = module.variable("cache", "cached_value", jnp.zeros, attention.cache_shape(v), v.dtype)
     ci = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     return (ck, cv, ci) if initialized else None
 
@@ -268,7 +269,8 @@ class MultiHeadAttention(nn.Module):
         memory). The others drop out the output only.
       ``decode``: KV-cache decoding, Flax's convention (also a call argument,
         which wins): the ``"cache"`` collection holds ``cached_key``,
-        ``cached_value`` (..., H, S, D) and ``cache_index``; the first decode
+        ``cached_value`` (B·H, S, D), batch and heads in one axis, and
+        ``cache_index``; the first decode
         call (``init``) sizes it from its input, later calls append their T
         tokens and attend over everything cached.
       ``dtype`` (compute), ``param_dtype``: JAX dtypes or their names.

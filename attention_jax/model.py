@@ -238,7 +238,7 @@ class TransformerLM(nn.Module):
         """An empty ``"cache"`` collection for ``batch_size`` sequences of up to ``max_length`` tokens.
 
         max_length defaults to, and may not exceed, block_size. Holds, per
-        attention layer, ``cached_key`` and ``cached_value`` (B, H, max_length,
+        attention layer, ``cached_key`` and ``cached_value`` (B·H, max_length,
         D) in the compute dtype and ``cache_index``, plus the positions'
         ``cache_index`` for learned and sinusoidal encodings. Built from shapes
         alone: no parameter is initialized.

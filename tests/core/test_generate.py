@@ -153,9 +153,11 @@ def test_samples_follow_the_tempered_model_distribution(temperature):
     np.testing.assert_allclose(freq, p, atol=0.03)  # ~4 binomial standard deviations at n = 4000
 
 
-# Model traces per compile: the full window traces the model once; the cache path four times
-# (the cache's shapes, the prompt's prefill, the one-token step, the refill), for any number of tokens.
-@pytest.mark.parametrize("use_cache, n_traces", [(False, 1), (True, 4)])
+# Model traces per compile: the full window traces the model once. The cache path traces it six
+# times here (the cache's shapes, the prompt's prefill, the feed loop before the first refill, a
+# refill and the feed loop of the repeated segment, the refill of the last, shorter segment),
+# and as often for 10 tokens as for 30: the loops are lax loops, not Python ones.
+@pytest.mark.parametrize("use_cache, n_traces", [(False, 1), (True, 6)])
 def test_one_compile_and_a_fixed_number_of_model_traces_for_many_tokens(use_cache, n_traces):
     # A config no other test uses, so the first call really compiles.
     cfg = CFG.replace(block_size=6)
@@ -175,11 +177,14 @@ def test_one_compile_and_a_fixed_number_of_model_traces_for_many_tokens(use_cach
     with nn.intercept_methods(count):
         generate(model, params, jnp.zeros((1, 2), jnp.int32), 10, jax.random.key(0), use_cache=use_cache)
         assert _generate._cache_size() == before + 1
-        assert len(traces) == n_traces  # for all 10 tokens: a lax loop, not a Python one
+        assert len(traces) == n_traces  # for all 10 tokens
         # new key, new prompt, new temperature: no new compile
         generate(model, params, jnp.ones((1, 2), jnp.int32), 10, jax.random.key(1), 0.5, use_cache=use_cache)
-    assert _generate._cache_size() == before + 1
-    assert len(traces) == n_traces
+        assert _generate._cache_size() == before + 1
+        assert len(traces) == n_traces
+        generate(model, params, jnp.ones((1, 2), jnp.int32), 30, jax.random.key(1), use_cache=use_cache)
+    assert _generate._cache_size() == before + 2  # 30 tokens: a new program, traced as often as for 10
+    assert len(traces) == 2 * n_traces
 
 
 def test_one_dimensional_prompt_and_zero_new_tokens(lm):
