@@ -16,9 +16,13 @@ NNX model through its Linen twin (one compiled loop, the KV cache).
 NNX conventions: ``rngs=nnx.Rngs(...)`` at construction (``params`` for
 initialization, ``dropout`` for dropout); dropout is on until ``model.eval()``
 or ``deterministic=True``; ``decode`` is an attribute and a call argument (the
-call wins), and ``model.init_cache(...)`` must come before decoding; the
-attention weights of the dense path are sown as ``nnx.Intermediate``
-``attention_weights`` (``nnx.pop(model, nnx.Intermediate)``).
+call wins), and ``model.init_cache(...)`` must come before decoding; with
+``sow_weights`` (``model.set_attributes(sow_weights=True)``) the attention
+weights of the dense path are sown as ``nnx.Intermediate``
+``attention_weights``: ``logits, inter = nnx.capture(model,
+nnx.Intermediate)(tokens)``. It is off by default because a sow outside
+``nnx.capture`` mutates the model (and Flax 0.12 deprecates it), which plain
+``jax.grad``/``jax.jit`` over a call refuse.
 
 This module imports ``flax.nnx``, which imports optax: that is why
 ``import attention_jax`` does not import it.
@@ -58,7 +62,8 @@ class _Attention(nnx.Module):
 
     def _hook(self, deterministic: bool | None) -> Callable[[Array], Array]:
         def hook(w: Array) -> Array:
-            self.sow(nnx.Intermediate, "attention_weights", w)
+            if self.sow_weights:  # a sow mutates the module: only on request, so plain jax.grad/jit work
+                self.sow(nnx.Intermediate, "attention_weights", w)
             return self.dropout(w, deterministic=deterministic)
 
         return hook
@@ -74,7 +79,7 @@ class _Attention(nnx.Module):
         if decode:
             if getattr(self, "cached_key", None) is None:
                 raise ValueError(f"{type(self).__name__}: decode needs a cache; call init_cache first")
-            cache = (self.cached_key.value, self.cached_value.value, self.cache_index.value)
+            cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
         out, new = attention.attention_heads(
             q,
             k,
@@ -89,7 +94,7 @@ class _Attention(nnx.Module):
             weights_hook=self._hook(deterministic),
         )
         if new is not None:
-            self.cached_key.value, self.cached_value.value, self.cache_index.value = new
+            self.cached_key[...], self.cached_value[...], self.cache_index[...] = new
         return out
 
 
@@ -123,17 +128,15 @@ class Head(_Attention):
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
         kernel_init: Initializer = default_init,
+        sow_weights: bool = False,
         rngs: nnx.Rngs,
     ):
         _attention_options("Head", head_size, scale, pos_encoding, attention_impl)
+        # the options, by the Linen field names (to_linen reads them back)
         self.head_size, self.scale, self.causal, self.dropout_rate = head_size, scale, causal, dropout_rate
-        self.qk_norm, self.pos_encoding, self.attention_impl, self.decode = (
-            qk_norm,
-            pos_encoding,
-            attention_impl,
-            decode,
-        )
-        self.dtype, self.param_dtype, self.kernel_init = dtype, param_dtype, kernel_init
+        self.qk_norm, self.pos_encoding, self.attention_impl = qk_norm, pos_encoding, attention_impl
+        self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
+        self.kernel_init, self.sow_weights = kernel_init, sow_weights
         linear = lambda: nnx.Linear(  # noqa: E731
             in_features,
             head_size,
@@ -199,19 +202,17 @@ class MultiHeadAttention(_Attention):
         param_dtype: DTypeLike = jnp.float32,
         kernel_init: Initializer = default_init,
         out_init: Initializer = default_init,
+        sow_weights: bool = False,
         rngs: nnx.Rngs,
     ):
         attention.as_int("MultiHeadAttention.num_heads", num_heads)
         _attention_options("MultiHeadAttention", head_size, scale, pos_encoding, attention_impl)
+        # the options, by the Linen field names (to_linen reads them back)
         self.num_heads, self.head_size, self.scale, self.causal = num_heads, head_size, scale, causal
         self.dropout_rate, self.qk_norm, self.pos_encoding = dropout_rate, qk_norm, pos_encoding
-        self.attention_impl, self.out_features, self.use_bias, self.decode = (
-            attention_impl,
-            out_features,
-            use_bias,
-            decode,
-        )
-        self.dtype, self.param_dtype, self.kernel_init, self.out_init = dtype, param_dtype, kernel_init, out_init
+        self.attention_impl, self.out_features, self.use_bias = attention_impl, out_features, use_bias
+        self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
+        self.kernel_init, self.out_init, self.sow_weights = kernel_init, out_init, sow_weights
         C, H, D, C_out = in_features, num_heads, head_size, out_features or in_features
         self.qkv_kernel = nnx.Param(kernel_init(rngs.params(), (C, 3, H, D), param_dtype))
         self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
@@ -240,11 +241,11 @@ class MultiHeadAttention(_Attention):
         decode = self.decode if decode is None else decode
         check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.pos_encoding)
         dtype = jnp.dtype(self.dtype)
-        q, k, v = attention.project_qkv(self.qkv_kernel.value, inputs_q, inputs_kv, dtype)  # (..., H, T, D)
+        q, k, v = attention.project_qkv(self.qkv_kernel[...], inputs_q, inputs_kv, dtype)  # (..., H, T, D)
         q, k = self._norms(q, k)
         out = self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic)
-        b_out = None if self.proj_bias is None else self.proj_bias.value
-        y = attention.project_out(out, self.proj_kernel.value, b_out, dtype)
+        b_out = None if self.proj_bias is None else self.proj_bias[...]
+        y = attention.project_out(out, self.proj_kernel[...], b_out, dtype)
         return self.dropout(y, deterministic=deterministic)  # (..., T, C')
 
 
@@ -294,10 +295,10 @@ class AddPositions(nnx.Module):
         if decode:
             if self.cache_index is None:
                 raise ValueError("AddPositions: decode needs a cache; call init_cache first")
-            start = self.cache_index.value
-            self.cache_index.value = start + T
+            start = self.cache_index[...]
+            self.cache_index[...] = start + T
         if self.kind == "learned":
-            table = self.embedding.value
+            table = self.embedding[...]
             rows = jax.lax.dynamic_slice_in_dim(table, start, T) if decode else table[:T]
             return x + rows.astype(x.dtype)
         return x + sinusoidal_encoding(T, C, offset=start).astype(x.dtype)
@@ -468,13 +469,14 @@ def _paths(tree: Any) -> set[tuple]:
 def from_linen(linen_module: nn.Module, params: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     """The NNX twin of a Linen ``Head``, ``MultiHeadAttention``, ``Block`` or ``TransformerLM`` with ``params``.
 
-    ``rngs`` seeds the twin's dropout (default ``nnx.Rngs(0)``). Raises
+    ``rngs`` (with a ``params`` stream, used and then overwritten) seeds the
+    twin's dropout (default ``nnx.Rngs(0)``). Raises
     ``ValueError`` naming the parameters that do not match the twin's.
     """
     params = params.get("params", params) if isinstance(params, dict) and set(params) == {"params"} else params
     twin = _twin_of_linen(linen_module, params, rngs or nnx.Rngs(0))
     state = nnx.state(twin, nnx.Param)
-    want, got = _paths(state.to_pure_dict()), _paths(params)
+    want, got = _paths(nnx.to_pure_dict(state)), _paths(params)
     if want != got:
         raise ValueError(
             f"params do not fit {type(linen_module).__name__}: missing {sorted(want - got)}, "
@@ -488,7 +490,7 @@ def from_linen(linen_module: nn.Module, params: Any, *, rngs: nnx.Rngs | None = 
 def to_linen(nnx_module: nnx.Module) -> tuple[nn.Module, Any]:
     """``(linen_module, params)``: the Linen twin of an NNX module of this package, and its weights."""
     linen_module = _linen_twin(nnx_module)
-    return linen_module, nnx.state(nnx_module, nnx.Param).to_pure_dict()
+    return linen_module, nnx.to_pure_dict(nnx.state(nnx_module, nnx.Param))
 
 
 def generate(
