@@ -1,0 +1,187 @@
+"""One attention layer against Flax's and jax.nn's, timed side by side in one run.
+
+    python -m benchmarks.attention_layers                  # B 8, T 256, C 128, 4 heads, causal, float32
+    python -m benchmarks.attention_layers --repeats 7 --json layers.json
+
+Two measurements, each a median of ``--repeats`` timed calls after a compiling one:
+
+- ``train``: forward + backward (gradients w.r.t. the input and every
+  parameter) of one causal self-attention layer with its projections, at (B, T,
+  C): ``attention_jax.MultiHeadAttention`` ("dense" and "xla" paths), its NNX
+  twin, ``flax.linen.MultiHeadDotProductAttention`` and
+  ``flax.nnx.MultiHeadAttention`` (both with ``nn.make_causal_mask``); and the
+  attention core alone on (B, H, T, D): ``attention_jax.attend`` against
+  ``jax.nn.dot_product_attention(is_causal=True)``.
+- ``decode``: one layer's KV-cache decoding, ``--steps`` one-token steps in a
+  ``lax.fori_loop`` against a cache of ``--cache`` slots, batch 1 and
+  ``--batch``: ours (Linen), Flax Linen's (``decode=True``) and Flax NNX's
+  (``init_cache``). jax.nn.dot_product_attention has no cache.
+
+All with the same weights where the parameter layouts allow (Flax's are
+separate q/k/v kernels; the timing does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention_jax import attention
+from attention_jax import nnx as ajx
+from attention_jax.layers import MultiHeadAttention
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def linen_train_step(module, params, x, **kwargs):
+    loss = lambda p, x: jnp.sum(module.apply({"params": p}, x, **kwargs) ** 2)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), params, x
+
+
+def nnx_train_step(model, x, **kwargs):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # gradients w.r.t. the parameters only
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x, **kwargs) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), params, x
+
+
+def train_rows(B: int, T: int, C: int, H: int, repeats: int) -> dict[str, float]:
+    D = C // H
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (B, T, C))
+    causal = nn.make_causal_mask(jnp.ones((B, T)))  # (B, 1, T, T)
+    rows = {}
+    for impl in ("dense", "xla"):
+        ours = MultiHeadAttention(H, D, attention_impl=impl)
+        rows[f"attention_jax MultiHeadAttention ({impl})"] = median_ms(
+            *linen_train_step(ours, ours.init(key, x)["params"], x), repeats=repeats
+        )
+    twin = ajx.MultiHeadAttention(C, H, D, rngs=nnx.Rngs(0))
+    rows["attention_jax.nnx MultiHeadAttention (dense)"] = median_ms(*nnx_train_step(twin, x), repeats=repeats)
+    flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=C)
+    fl_params = flax_linen.init(key, x, mask=causal)["params"]
+    rows["flax.linen.MultiHeadDotProductAttention"] = median_ms(
+        *linen_train_step(flax_linen, fl_params, x, mask=causal), repeats=repeats
+    )
+    flax_nnx = nnx.MultiHeadAttention(num_heads=H, in_features=C, decode=False, rngs=nnx.Rngs(0))
+    rows["flax.nnx.MultiHeadAttention"] = median_ms(*nnx_train_step(flax_nnx, x, mask=causal), repeats=repeats)
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, T, D)) for i in (1, 2, 3))
+    core = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))  # noqa: E731
+    for impl in ("dense", "xla"):
+        f = lambda q, k, v, impl=impl: attention.attend(q, k, v, scale=D**-0.5, causal=True, impl=impl)  # noqa: E731
+        rows[f"core: attention_jax.attend ({impl})"] = median_ms(core(f), q, k, v, repeats=repeats)
+    bthd = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  jax.nn wants (B, T, H, D)
+    f = lambda q, k, v: jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True)  # noqa: E731
+    rows["core: jax.nn.dot_product_attention"] = median_ms(core(f), q, k, v, repeats=repeats)
+    return rows
+
+
+def decode_rows(B: int, S: int, C: int, H: int, steps: int, repeats: int) -> dict[str, float]:
+    """Microseconds per one-token step of one layer with a KV cache of S slots."""
+    D = C // H
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (B, 1, C))
+    rows = {}
+
+    ours = MultiHeadAttention(H, D, decode=True)
+    variables = ours.init(key, jnp.zeros((B, S, C)))  # Flax's convention: sizes the cache
+
+    @jax.jit
+    def ours_loop(variables, x):
+        def step(_, carry):
+            cache, y = carry
+            y, state = ours.apply({"params": variables["params"], "cache": cache}, y, mutable=["cache"])
+            return state["cache"], y
+
+        return jax.lax.fori_loop(0, steps, step, (variables["cache"], x))[1]
+
+    rows["attention_jax MultiHeadAttention"] = median_ms(ours_loop, variables, x, repeats=repeats)
+
+    flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=C, decode=True)
+    fl_vars = flax_linen.init(key, jnp.zeros((B, S, C)))
+
+    @jax.jit
+    def flax_linen_loop(variables, x):
+        def step(_, carry):
+            cache, y = carry
+            y, state = flax_linen.apply({"params": variables["params"], "cache": cache}, y, mutable=["cache"])
+            return state["cache"], y
+
+        return jax.lax.fori_loop(0, steps, step, (variables["cache"], x))[1]
+
+    rows["flax.linen.MultiHeadDotProductAttention"] = median_ms(flax_linen_loop, fl_vars, x, repeats=repeats)
+
+    flax_nnx = nnx.MultiHeadAttention(num_heads=H, in_features=C, decode=True, rngs=nnx.Rngs(0))
+    flax_nnx.init_cache((B, S, C))
+    graphdef, state = nnx.split(flax_nnx)
+
+    @jax.jit
+    def flax_nnx_loop(state, x):
+        def step(_, carry):
+            state, y = carry
+            model = nnx.merge(graphdef, state)
+            y = model(y)
+            return nnx.state(model), y
+
+        return jax.lax.fori_loop(0, steps, step, (state, x))[1]
+
+    rows["flax.nnx.MultiHeadAttention"] = median_ms(flax_nnx_loop, state, x, repeats=repeats)
+    return {name: 1e3 * ms / steps for name, ms in rows.items()}  # us per step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--B", type=int, default=8)
+    parser.add_argument("--T", type=int, default=256)
+    parser.add_argument("--C", type=int, default=128)
+    parser.add_argument("--H", type=int, default=4)
+    parser.add_argument("--cache", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=255)
+    parser.add_argument("--batch", type=int, default=8, help="the larger decode batch (the other is 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; median of {args.repeats}; "
+        f"load average at start {load:.2f}"
+    )
+    result = {"load_average": load, "train_ms": train_rows(args.B, args.T, args.C, args.H, args.repeats)}
+    print(f"\nforward+backward, B={args.B} T={args.T} C={args.C} H={args.H}, causal: ms")
+    for name, ms in result["train_ms"].items():
+        print(f"  {name:<48} {ms:9.2f}")
+    result["decode_us_per_step"] = {}
+    for batch in (1, args.batch):
+        rows = decode_rows(batch, args.cache, args.C, args.H, args.steps, args.repeats)
+        result["decode_us_per_step"][str(batch)] = rows
+        print(f"\ndecode, one layer, cache {args.cache}, batch {batch}: us per one-token step")
+        for name, us in rows.items():
+            print(f"  {name:<48} {us:9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
