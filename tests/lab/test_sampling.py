@@ -37,3 +37,23 @@ def test_greedy_sampling_is_deterministic_and_bad_prompts_are_refused(run):
         sample_text(run, "", max_new_tokens=1)
     with pytest.raises(ValueError, match="character 'Z' is not in the tokenizer"):
         sample_text(run, "Zebra", max_new_tokens=1)
+
+
+def test_sampling_decodes_with_the_kv_cache(run):
+    """experiments.sample decodes with the cache: the model runs in decode mode, and within the
+    block the text is the full-window path's, token for token."""
+    import flax.linen as nn
+
+    decode_calls = []
+
+    def spy(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and type(context.module).__name__ == "TransformerLM":
+            decode_calls.append(kwargs.get("decode", False))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):  # 5 new tokens: a length no other test compiles, so it is traced here
+        text = sample_text(run, "the", max_new_tokens=5, temperature=0.0)  # 3 + 5 <= block_size 8
+    assert decode_calls and all(decode_calls)
+    tokens = jnp.asarray(run.tokenizer.encode("the"))[None]
+    full = generate(run.model, run.params(0), tokens, 5, jax.random.key(0), 0.0, use_cache=False)
+    assert text == run.tokenizer.decode(full[0])
