@@ -15,6 +15,7 @@ copy of the model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -147,11 +148,27 @@ def _cache(module: nn.Module, k: Array, v: Array):
     return (ck, cv, ci) if initialized else None
 
 
-def _attend_with_cache(module: nn.Module, q, k, v, decode: bool, **kwargs):
+def core_options(module: Any) -> dict[str, Any]:
+    """What ``attention.attention_heads`` takes from an attention shell's options.
+
+    Linen and NNX shells keep their options under the same attribute names.
+    """
+    return dict(
+        scale=attention.resolve_scale(module.scale, module.head_size),
+        causal=module.causal,
+        impl=module.attention_impl,
+        rope=module.pos_encoding == "rope",
+    )
+
+
+def _attend_with_cache(module: nn.Module, q, k, v, *, decode: bool, mask, bias, deterministic: bool):
     """``attention.attention_heads`` with the cache read from and written to ``module``'s variables."""
     variables = _cache(module, k, v) if decode else None
     cache = None if variables is None else tuple(var.value for var in variables)
-    out, new = attention.attention_heads(q, k, v, cache=cache, **kwargs)
+    hook = _dense_weights_hook(module, module.dropout_rate, deterministic)
+    out, new = attention.attention_heads(
+        q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, **core_options(module)
+    )
     if variables is not None:
         for var, value in zip(variables, new):
             var.value = value
@@ -227,18 +244,7 @@ class Head(nn.Module):
         if self.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         return _attend_with_cache(
-            self,
-            q,
-            k,
-            v,
-            decode,
-            scale=attention.resolve_scale(self.scale, self.head_size),
-            causal=self.causal,
-            impl=self.attention_impl,
-            rope=self.pos_encoding == "rope",
-            mask=mask,
-            bias=bias,
-            weights_hook=_dense_weights_hook(self, self.dropout_rate, deterministic),
+            self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
         )  # (..., T, D)
 
 
@@ -328,18 +334,7 @@ class MultiHeadAttention(nn.Module):
         if self.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         out = _attend_with_cache(
-            self,
-            q,
-            k,
-            v,
-            decode,
-            scale=attention.resolve_scale(self.scale, D),
-            causal=self.causal,
-            impl=self.attention_impl,
-            rope=self.pos_encoding == "rope",
-            mask=mask,
-            bias=bias,
-            weights_hook=_dense_weights_hook(self, self.dropout_rate, deterministic),
+            self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
         )  # (..., H, T, D)
         out_features = self.out_features or C
         w_out = self.param("proj_kernel", self.out_init, (H, D, out_features), self.param_dtype)

@@ -141,40 +141,43 @@ class Block(nn.Module):
         decode: bool = False,
     ) -> Array:
         cfg = self.model_config
-        dtype = jnp.dtype(cfg.dtype)
-        # Each block adds two residual branches; with 2*n_layer branches summed,
-        # the stream's variance would grow ~linearly with depth at init. Scaling
-        # the branch outputs by 1/sqrt(2*n_layer) keeps it O(1) (GPT-2).
-        out_init = nn.initializers.normal(stddev=0.02 / (2 * max(cfg.n_layer, 1)) ** 0.5)
+        attn, mlp = block_options(cfg)
         norm = lambda name: nn.LayerNorm(  # noqa: E731
-            epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name=name
+            epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype, name=name
         )
         h = norm("ln_attn")(x)
-        x = x + MultiHeadAttention(
-            num_heads=cfg.n_head,
-            head_size=cfg.head_dim,
-            scale=cfg.attn_scale,
-            causal=cfg.causal,
-            dropout_rate=cfg.dropout,
-            qk_norm=cfg.qk_norm,
-            pos_encoding=cfg.pos_encoding,
-            attention_impl=cfg.attention_impl,
-            use_bias=cfg.bias,
-            dtype=dtype,
-            param_dtype=cfg.param_dtype,
-            out_init=out_init,
-            name="attn",
-        )(h, mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+        x = x + MultiHeadAttention(**attn, name="attn")(
+            h, mask=mask, bias=bias, deterministic=deterministic, decode=decode
+        )
         h = norm("ln_mlp")(x)
-        return x + FeedForward(
-            hidden=4 * cfg.n_embd,
-            dropout_rate=cfg.dropout,
-            use_bias=cfg.bias,
-            dtype=dtype,
-            param_dtype=cfg.param_dtype,
-            out_init=out_init,
-            name="mlp",
-        )(h, deterministic=deterministic)
+        return x + FeedForward(**mlp, name="mlp")(h, deterministic=deterministic)
+
+
+def block_options(model_config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword arguments of a Block's attention and MLP, for the Linen and the NNX Block alike."""
+    cfg = model_config
+    # Each block adds two residual branches; with 2*n_layer branches summed,
+    # the stream's variance would grow ~linearly with depth at init. Scaling
+    # the branch outputs by 1/sqrt(2*n_layer) keeps it O(1) (GPT-2).
+    out_init = nn.initializers.normal(stddev=0.02 / (2 * max(cfg.n_layer, 1)) ** 0.5)
+    common = dict(
+        dropout_rate=cfg.dropout,
+        use_bias=cfg.bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        out_init=out_init,
+    )
+    attn = dict(
+        num_heads=cfg.n_head,
+        head_size=cfg.head_dim,
+        scale=cfg.attn_scale,
+        causal=cfg.causal,
+        qk_norm=cfg.qk_norm,
+        pos_encoding=cfg.pos_encoding,
+        attention_impl=cfg.attention_impl,
+        **common,
+    )
+    return attn, dict(hidden=4 * cfg.n_embd, **common)
 
 
 class TransformerLM(nn.Module):

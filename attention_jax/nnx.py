@@ -43,7 +43,7 @@ from jax.typing import ArrayLike, DTypeLike
 from attention_jax import attention, layers, model
 from attention_jax.attention import ScaleLike
 from attention_jax.generate import generate as _generate_linen
-from attention_jax.layers import check_attention_options, check_call, default_init
+from attention_jax.layers import check_attention_options, check_call, core_options, default_init
 from attention_jax.model import ModelConfig
 from attention_jax.positions import sinusoidal_encoding
 
@@ -81,17 +81,7 @@ class _Attention(nnx.Module):
                 raise ValueError(f"{type(self).__name__}: decode needs a cache; call init_cache first")
             cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
         out, new = attention.attention_heads(
-            q,
-            k,
-            v,
-            scale=attention.resolve_scale(self.scale, self.head_size),
-            causal=self.causal,
-            impl=self.attention_impl,
-            rope=self.pos_encoding == "rope",
-            mask=mask,
-            bias=bias,
-            cache=cache,
-            weights_hook=self._hook(deterministic),
+            q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic), **core_options(self)
         )
         if new is not None:
             self.cached_key[...], self.cached_value[...], self.cache_index[...] = new
@@ -309,39 +299,19 @@ class Block(nnx.Module):
 
     def __init__(self, model_config: ModelConfig, *, rngs: nnx.Rngs):
         cfg = self.model_config = model_config
-        dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        out_init = nn.initializers.normal(stddev=0.02 / (2 * max(cfg.n_layer, 1)) ** 0.5)  # as in model.Block
+        attn, mlp = model.block_options(cfg)
         norm = lambda: nnx.LayerNorm(  # noqa: E731
-            cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=pdt, rngs=rngs
+            cfg.n_embd,
+            epsilon=1e-5,
+            use_bias=cfg.bias,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
         )
         self.ln_attn = norm()
-        self.attn = MultiHeadAttention(
-            cfg.n_embd,
-            cfg.n_head,
-            cfg.head_dim,
-            scale=cfg.attn_scale,
-            causal=cfg.causal,
-            dropout_rate=cfg.dropout,
-            qk_norm=cfg.qk_norm,
-            pos_encoding=cfg.pos_encoding,
-            attention_impl=cfg.attention_impl,
-            use_bias=cfg.bias,
-            dtype=dtype,
-            param_dtype=pdt,
-            out_init=out_init,
-            rngs=rngs,
-        )
+        self.attn = MultiHeadAttention(cfg.n_embd, **attn, rngs=rngs)
         self.ln_mlp = norm()
-        self.mlp = FeedForward(
-            cfg.n_embd,
-            4 * cfg.n_embd,
-            dropout_rate=cfg.dropout,
-            use_bias=cfg.bias,
-            dtype=dtype,
-            param_dtype=pdt,
-            out_init=out_init,
-            rngs=rngs,
-        )
+        self.mlp = FeedForward(cfg.n_embd, **mlp, rngs=rngs)
 
     def __call__(
         self,

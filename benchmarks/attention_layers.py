@@ -95,6 +95,21 @@ def train_rows(B: int, T: int, C: int, H: int, repeats: int) -> dict[str, float]
     return rows
 
 
+def linen_decode_loop(module: nn.Module, steps: int):
+    """A jitted loop of ``steps`` one-token decode calls of a Linen layer, feeding each output back in."""
+
+    @jax.jit
+    def loop(variables, x):
+        def step(_, carry):
+            cache, y = carry
+            y, state = module.apply({"params": variables["params"], "cache": cache}, y, mutable=["cache"])
+            return state["cache"], y
+
+        return jax.lax.fori_loop(0, steps, step, (variables["cache"], x))[1]
+
+    return loop
+
+
 def decode_rows(B: int, S: int, C: int, H: int, steps: int, repeats: int) -> dict[str, float]:
     """Microseconds per one-token step of one layer with a KV cache of S slots."""
     D = C // H
@@ -102,33 +117,15 @@ def decode_rows(B: int, S: int, C: int, H: int, steps: int, repeats: int) -> dic
     x = jax.random.normal(key, (B, 1, C))
     rows = {}
 
+    # Both Linen layers follow Flax's convention: init on (B, S, C) sizes the cache, steps append.
     ours = MultiHeadAttention(H, D, decode=True)
-    variables = ours.init(key, jnp.zeros((B, S, C)))  # Flax's convention: sizes the cache
-
-    @jax.jit
-    def ours_loop(variables, x):
-        def step(_, carry):
-            cache, y = carry
-            y, state = ours.apply({"params": variables["params"], "cache": cache}, y, mutable=["cache"])
-            return state["cache"], y
-
-        return jax.lax.fori_loop(0, steps, step, (variables["cache"], x))[1]
-
-    rows["attention_jax MultiHeadAttention"] = median_ms(ours_loop, variables, x, repeats=repeats)
-
+    rows["attention_jax MultiHeadAttention"] = median_ms(
+        linen_decode_loop(ours, steps), ours.init(key, jnp.zeros((B, S, C))), x, repeats=repeats
+    )
     flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=C, decode=True)
-    fl_vars = flax_linen.init(key, jnp.zeros((B, S, C)))
-
-    @jax.jit
-    def flax_linen_loop(variables, x):
-        def step(_, carry):
-            cache, y = carry
-            y, state = flax_linen.apply({"params": variables["params"], "cache": cache}, y, mutable=["cache"])
-            return state["cache"], y
-
-        return jax.lax.fori_loop(0, steps, step, (variables["cache"], x))[1]
-
-    rows["flax.linen.MultiHeadDotProductAttention"] = median_ms(flax_linen_loop, fl_vars, x, repeats=repeats)
+    rows["flax.linen.MultiHeadDotProductAttention"] = median_ms(
+        linen_decode_loop(flax_linen, steps), flax_linen.init(key, jnp.zeros((B, S, C))), x, repeats=repeats
+    )
 
     flax_nnx = nnx.MultiHeadAttention(num_heads=H, in_features=C, decode=True, rngs=nnx.Rngs(0))
     flax_nnx.init_cache((B, S, C))
