@@ -3,7 +3,8 @@
     python -m benchmarks.attention_layers                  # B 8, T 256, C 128, 4 heads, causal, float32
     python -m benchmarks.attention_layers --repeats 7 --json layers.json
 
-Two measurements, each a median of ``--repeats`` timed calls after a compiling one:
+Two measurements, each the best of ``--repeats`` timed calls after a compiling one, the
+calls of a measurement interleaved round by round (see ``race``):
 
 - ``train``: forward + backward (gradients w.r.t. the input and every
   parameter) of one causal self-attention layer with its projections, at (B, T,
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import flax.linen as nn
@@ -39,14 +39,23 @@ from attention_jax import nnx as ajx
 from attention_jax.layers import MultiHeadAttention
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def race(calls: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Milliseconds per call, each the best of ``repeats``, the calls interleaved round by round.
+
+    ``calls`` maps a row name to (function, *args). Each function is compiled by
+    one untimed call first. Round-robin timing puts every row under the same
+    background load (the machine is shared), and the best of several rounds is
+    the least disturbed one.
+    """
+    for fn, *args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, *args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * min(ts) for name, ts in times.items()}
 
 
 def linen_train_step(module, params, x, **kwargs):
@@ -68,31 +77,27 @@ def train_rows(B: int, T: int, C: int, H: int, repeats: int) -> dict[str, float]
     key = jax.random.key(0)
     x = jax.random.normal(key, (B, T, C))
     causal = nn.make_causal_mask(jnp.ones((B, T)))  # (B, 1, T, T)
-    rows = {}
+    calls = {}
     for impl in ("dense", "xla"):
         ours = MultiHeadAttention(H, D, attention_impl=impl)
-        rows[f"attention_jax MultiHeadAttention ({impl})"] = median_ms(
-            *linen_train_step(ours, ours.init(key, x)["params"], x), repeats=repeats
-        )
+        calls[f"attention_jax MultiHeadAttention ({impl})"] = linen_train_step(ours, ours.init(key, x)["params"], x)
     twin = ajx.MultiHeadAttention(C, H, D, rngs=nnx.Rngs(0))
-    rows["attention_jax.nnx MultiHeadAttention (dense)"] = median_ms(*nnx_train_step(twin, x), repeats=repeats)
+    calls["attention_jax.nnx MultiHeadAttention (dense)"] = nnx_train_step(twin, x)
     flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=C)
     fl_params = flax_linen.init(key, x, mask=causal)["params"]
-    rows["flax.linen.MultiHeadDotProductAttention"] = median_ms(
-        *linen_train_step(flax_linen, fl_params, x, mask=causal), repeats=repeats
-    )
+    calls["flax.linen.MultiHeadDotProductAttention"] = linen_train_step(flax_linen, fl_params, x, mask=causal)
     flax_nnx = nnx.MultiHeadAttention(num_heads=H, in_features=C, decode=False, rngs=nnx.Rngs(0))
-    rows["flax.nnx.MultiHeadAttention"] = median_ms(*nnx_train_step(flax_nnx, x, mask=causal), repeats=repeats)
+    calls["flax.nnx.MultiHeadAttention"] = nnx_train_step(flax_nnx, x, mask=causal)
 
     q, k, v = (jax.random.normal(jax.random.key(i), (B, H, T, D)) for i in (1, 2, 3))
     core = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))  # noqa: E731
     for impl in ("dense", "xla"):
         f = lambda q, k, v, impl=impl: attention.attend(q, k, v, scale=D**-0.5, causal=True, impl=impl)  # noqa: E731
-        rows[f"core: attention_jax.attend ({impl})"] = median_ms(core(f), q, k, v, repeats=repeats)
+        calls[f"core: attention_jax.attend ({impl})"] = (core(f), q, k, v)
     bthd = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  jax.nn wants (B, T, H, D)
     f = lambda q, k, v: jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True)  # noqa: E731
-    rows["core: jax.nn.dot_product_attention"] = median_ms(core(f), q, k, v, repeats=repeats)
-    return rows
+    calls["core: jax.nn.dot_product_attention"] = (core(f), q, k, v)
+    return race(calls, repeats)
 
 
 def linen_decode_loop(module: nn.Module, steps: int):
@@ -115,18 +120,10 @@ def decode_rows(B: int, S: int, C: int, H: int, steps: int, repeats: int) -> dic
     D = C // H
     key = jax.random.key(0)
     x = jax.random.normal(key, (B, 1, C))
-    rows = {}
 
     # Both Linen layers follow Flax's convention: init on (B, S, C) sizes the cache, steps append.
     ours = MultiHeadAttention(H, D, decode=True)
-    rows["attention_jax MultiHeadAttention"] = median_ms(
-        linen_decode_loop(ours, steps), ours.init(key, jnp.zeros((B, S, C))), x, repeats=repeats
-    )
     flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=C, decode=True)
-    rows["flax.linen.MultiHeadDotProductAttention"] = median_ms(
-        linen_decode_loop(flax_linen, steps), flax_linen.init(key, jnp.zeros((B, S, C))), x, repeats=repeats
-    )
-
     flax_nnx = nnx.MultiHeadAttention(num_heads=H, in_features=C, decode=True, rngs=nnx.Rngs(0))
     flax_nnx.init_cache((B, S, C))
     graphdef, state = nnx.split(flax_nnx)
@@ -141,8 +138,16 @@ def decode_rows(B: int, S: int, C: int, H: int, steps: int, repeats: int) -> dic
 
         return jax.lax.fori_loop(0, steps, step, (state, x))[1]
 
-    rows["flax.nnx.MultiHeadAttention"] = median_ms(flax_nnx_loop, state, x, repeats=repeats)
-    return {name: 1e3 * ms / steps for name, ms in rows.items()}  # us per step
+    calls = {
+        "attention_jax MultiHeadAttention": (linen_decode_loop(ours, steps), ours.init(key, jnp.zeros((B, S, C))), x),
+        "flax.linen.MultiHeadDotProductAttention": (
+            linen_decode_loop(flax_linen, steps),
+            flax_linen.init(key, jnp.zeros((B, S, C))),
+            x,
+        ),
+        "flax.nnx.MultiHeadAttention": (flax_nnx_loop, state, x),
+    }
+    return {name: 1e3 * ms / steps for name, ms in race(calls, repeats).items()}  # us per step
 
 
 def main(argv=None) -> dict:
@@ -160,7 +165,7 @@ def main(argv=None) -> dict:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; median of {args.repeats}; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; float32; best of {args.repeats}, interleaved; "
         f"load average at start {load:.2f}"
     )
     result = {"load_average": load, "train_ms": train_rows(args.B, args.T, args.C, args.H, args.repeats)}
