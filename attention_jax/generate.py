@@ -48,17 +48,23 @@ def _block_size(model: nn.Module) -> int | None:
 def _sample(logits: Array, key: Array, temperature: Array, top_k: int | None) -> tuple[Array, Array]:
     """The next token (B,) from logits (B, V), and the next key. Temperature 0 is argmax.
 
-    The temperature is a runtime value (it may be traced); both the argmax and
-    the sample are computed and one is selected, which costs one (B, V) sample.
+    The temperature is a runtime value (it may be traced), so a ``lax.cond``
+    picks the branch: greedy decoding draws no random numbers (in a one-token
+    decode step on CPU, the draw costs as much as a layer).
     """
-    key, sub = jax.random.split(key)
-    greedy = jnp.argmax(logits, axis=-1)
-    logits = logits / jnp.where(temperature > 0, temperature, 1.0)
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    sampled = jax.random.categorical(sub, logits, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy), key
+
+    def sample(logits, key):
+        key, sub = jax.random.split(key)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(sub, logits, axis=-1), key
+
+    def greedy(logits, key):
+        return jnp.argmax(logits, axis=-1), key
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits, key)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "use_cache", "refill_to"))
