@@ -1,4 +1,4 @@
-"""attention_jax: masked (causal) self-attention in JAX and Flax Linen.
+"""attention_jax: masked (causal) self-attention in JAX and Flax (Linen here; NNX twins in ``attention_jax.nnx``).
 
 Shape legend, used in every docstring and shape comment of the package:
 
@@ -10,8 +10,9 @@ Shape legend, used in every docstring and shape comment of the package:
 The core depends on jax, flax and numpy only. Math lives in pure functions
 (:mod:`attention_jax.attention`, :mod:`attention_jax.positions`,
 :mod:`attention_jax.blockwise`, :mod:`attention_jax.stats`); Flax modules
-(:mod:`attention_jax.layers`, :mod:`attention_jax.model`) are thin shells that
-create parameters and call them. The experiment toolkit,
+(:mod:`attention_jax.layers`, :mod:`attention_jax.model`, and their NNX twins in
+:mod:`attention_jax.nnx`, imported explicitly because flax.nnx loads optax) are
+thin shells that create parameters and call them. The experiment toolkit,
 :mod:`attention_jax.lab`, is an install extra (``attention_jax[experiments]``)
 and is never imported from here.
 """
@@ -27,6 +28,7 @@ from attention_jax.attention import (
     causal_mask,
     dot_product_attention,
     masked_softmax,
+    padding_mask,
     resolve_scale,
 )
 from attention_jax.blockwise import blockwise_causal_attention
@@ -77,6 +79,7 @@ __all__ = [
     "init_params",
     "load_text",
     "masked_softmax",
+    "padding_mask",
     "resolve_scale",
     "sinusoidal_encoding",
     "split",

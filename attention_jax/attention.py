@@ -16,21 +16,49 @@ weighted average of the values.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
 
 from attention_jax.blockwise import blockwise_causal_attention
+from attention_jax.positions import apply_rope
 
 Array = jax.Array
+# A scale: a rule's name, a number (Python or numpy), or an array (numpy or JAX, possibly a
+# tracer inside jit/vmap/grad, possibly learnable); see ``resolve_scale``.
+ScaleLike = str | float | ArrayLike
 
-# Named scaling rules. A number is accepted too (see ``resolve_scale``).
+# Named scaling rules. A number or an array is accepted too (see ``resolve_scale``).
 SCALES: dict[str, Callable[[int], float]] = {
     "sqrt": lambda d: d**-0.5,  # Vaswani et al. 2017: keeps logit variance ~1
     "none": lambda d: 1.0,  # unscaled: logit variance grows like head_size
     "mup": lambda d: 1.0 / d,  # muP (Yang et al. 2022): 1/d, width-transferable
 }
+
+
+def check_choice(where: str, value: object, choices: tuple) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is one of ``choices`` (string options)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{where}: unknown {value!r}, valid choices are {choices}")
+
+
+def as_int(where: str, value: object, minimum: int = 1) -> int:
+    """``value`` as a Python int (numpy integers accepted), at least ``minimum``; else ``ValueError``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{where} must be {what}, got {value!r}")
+    return operator.index(value)
+
+
+# ---------------------------------------------------------------------------
+# Masks and scales
+# ---------------------------------------------------------------------------
 
 
 def causal_mask(T: int, S: int | None = None) -> Array:
@@ -39,35 +67,105 @@ def causal_mask(T: int, S: int | None = None) -> Array:
     With S > T the queries are the *last* T positions of S keys (as when a
     prefix is cached), so query t sees keys s <= t + (S - T).
     """
-    S = T if S is None else S
+    T = operator.index(T)
+    S = T if S is None else operator.index(S)
     return jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
 
 
-def resolve_scale(scale: str | float | int, head_size: int) -> float:
-    """Turn a scaling rule into the number that multiplies q·kᵀ.
+def padding_mask(lengths: ArrayLike, max_length: int, *, mask_queries: bool = False) -> Array:
+    """Boolean mask from sequence lengths: (B,) -> (B, 1, 1, S), or (B, 1, T, S) with ``mask_queries``.
+
+    True where key s < lengths[b] (S = T = ``max_length``), so padded keys get no
+    weight. With ``mask_queries`` the rows of padded queries are masked too: they
+    have no key at all, and their outputs are exactly zero. The head axis (size 1)
+    makes it broadcastable to (B, H, T, S) for ``MultiHeadAttention``; for a
+    single ``Head`` (weights (B, T, S)) take ``mask[:, 0]``.
+    """
+    lengths = jnp.asarray(lengths)
+    if lengths.ndim != 1 or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be a (B,) integer array, got shape {lengths.shape} dtype {lengths.dtype}")
+    pos = jnp.arange(operator.index(max_length))
+    keys = pos[None, :] < lengths[:, None]  # (B, S)
+    if not mask_queries:
+        return keys[:, None, None, :]  # (B, 1, 1, S)
+    return (keys[:, :, None] & keys[:, None, :])[:, None]  # (B, 1, T, S)
+
+
+def as_mask(mask: ArrayLike | None) -> Array | None:
+    """Check that ``mask`` is boolean (True = attend) and return it as an array; None passes through.
+
+    A float mask is refused rather than guessed at: an additive mask
+    (0 = keep, -inf = drop) read as boolean would be inverted.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"mask must be a boolean array (True = attend), got dtype {mask.dtype}; for an additive mask "
+            "(0 = keep, -inf = drop) pass mask=(additive == 0), or pass a float bias as bias=... instead"
+        )
+    return mask
+
+
+def resolve_scale(scale: ScaleLike, head_size: int) -> float | Array:
+    """Turn a scaling rule into what multiplies q·kᵀ.
 
     ``"sqrt"`` -> head_size**-0.5, ``"none"`` -> 1.0, ``"mup"`` -> 1/head_size,
-    a number -> itself.
+    a number (Python or numpy scalar) -> itself as a float. An array (numpy or
+    JAX, a scalar or broadcastable to the (..., T, S) logits, e.g. (H, 1, 1) per
+    head) is returned as a floating JAX array: a learnable temperature, or a
+    scale vmapped over a population. Concrete values must be positive and
+    finite; traced values (inside jit, vmap, grad) cannot be checked and pass.
     """
-    if isinstance(scale, bool):  # bool is an int; True is never meant as a scale
-        raise ValueError(f"attention scale must be one of {sorted(SCALES)} or a number, got {scale!r}")
-    if isinstance(scale, (int, float)):
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(
+                f"unknown attention scale {scale!r}: valid choices are "
+                f"{', '.join(repr(s) for s in sorted(SCALES))}, a positive number or an array"
+            )
+        if isinstance(head_size, (bool, np.bool_)) or not isinstance(head_size, numbers.Integral) or head_size <= 0:
+            raise ValueError(f"head_size must be a positive integer, got {head_size!r}")
+        return float(SCALES[scale](operator.index(head_size)))
+    if isinstance(scale, (bool, np.bool_)):  # bool is an int; True is never meant as a scale
+        raise ValueError(f"attention scale must be one of {sorted(SCALES)}, a number or an array, got {scale!r}")
+    if isinstance(scale, numbers.Real):  # Python and numpy scalars: a static float
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"attention scale must be a positive finite number, got {scale!r}")
         return float(scale)
-    if isinstance(scale, str) and scale in SCALES:
-        if head_size <= 0:
-            raise ValueError(f"head_size must be positive, got {head_size}")
-        return float(SCALES[scale](head_size))
-    raise ValueError(
-        f"unknown attention scale {scale!r}: valid choices are "
-        f"{', '.join(repr(s) for s in sorted(SCALES))} or a positive number"
-    )
+    if isinstance(scale, jax.core.Tracer):  # a runtime value: nothing to check before it runs
+        return scale if jnp.issubdtype(scale.dtype, jnp.floating) else scale.astype(jnp.float32)
+    if isinstance(scale, (np.ndarray, jax.Array)):
+        values = np.asarray(scale)
+        if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"attention scale array must be numeric, got dtype {values.dtype}")
+        if not np.all(np.isfinite(values)) or not np.all(values > 0):
+            raise ValueError(f"attention scale must be positive and finite, got {values!r}")
+        scale = jnp.asarray(scale)
+        return scale if jnp.issubdtype(scale.dtype, jnp.floating) else scale.astype(jnp.float32)
+    raise ValueError(f"attention scale must be one of {sorted(SCALES)}, a positive number or an array, got {scale!r}")
 
 
-def attention_logits(q: Array, k: Array, *, scale: float) -> Array:
-    """Scaled affinities q·kᵀ·scale: (..., T, D), (..., S, D) -> (..., T, S)."""
-    return jnp.einsum("...td,...sd->...ts", q, k) * jnp.asarray(scale, q.dtype)
+def _is_static(scale: float | Array) -> bool:
+    return isinstance(scale, (int, float))
+
+
+# ---------------------------------------------------------------------------
+# Weights and the weighted average
+# ---------------------------------------------------------------------------
+
+
+def attention_logits(q: Array, k: Array, *, scale: float | Array) -> Array:
+    """Scaled affinities q·kᵀ·scale: (..., T, D), (..., S, D) -> (..., T, S), at least float32.
+
+    The dot products accumulate in float32 (as jax.nn.dot_product_attention's
+    do): in float16 a sum of D products overflows its 65504 range long before
+    the inputs do. Float32 logits cost 4 bytes per (t, s) entry; the softmax
+    needs them in float32 anyway.
+    """
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=acc)
+    return logits * jnp.asarray(scale, acc)
 
 
 def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
@@ -77,7 +175,7 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
     every entry is masked would otherwise give exp(-inf - -inf) = NaN, and NaN
     poisons gradients even where the output is discarded. After the softmax the
     masked entries are set to exactly 0 (they are already ~0; this makes it
-    exact, which the causality tests rely on).
+    exact, which the causality tests rely on). A fully masked row is all zeros.
     """
     logits = logits.astype(jnp.float32)
     if mask is None:
@@ -86,13 +184,21 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
     return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
-def attention_weights(q: Array, k: Array, *, scale: float, mask: Array | None = None) -> Array:
-    """softmax(q·kᵀ·scale) over keys: (..., T, D), (..., S, D) -> (..., T, S) float32.
+def attention_weights(
+    q: Array, k: Array, *, scale: float | Array, mask: Array | None = None, bias: Array | None = None
+) -> Array:
+    """softmax(q·kᵀ·scale + bias) over keys: (..., T, D), (..., S, D) -> (..., T, S) float32.
 
-    ``mask`` (broadcastable to (..., T, S), True = keep) zeroes the weights of
-    the edges it removes; every row with at least one kept entry sums to 1.
+    ``mask`` (boolean, broadcastable to (..., T, S), True = keep) zeroes the
+    weights of the edges it removes; every row with at least one kept entry sums
+    to 1, a row with none is all zeros. ``bias`` (float, broadcastable to
+    (..., T, S)) is added to the scaled logits; a -inf in it acts as the most
+    negative float32 (no NaN), but only ``mask`` makes a weight exactly 0.
     """
-    return masked_softmax(attention_logits(q, k, scale=scale), mask)
+    logits = attention_logits(q, k, scale=scale)
+    if bias is not None:
+        logits = jnp.maximum(logits + jnp.asarray(bias, logits.dtype), jnp.finfo(logits.dtype).min)
+    return masked_softmax(logits, as_mask(mask))
 
 
 def dot_product_attention(
@@ -100,8 +206,9 @@ def dot_product_attention(
     k: Array,
     v: Array,
     *,
-    scale: float,
+    scale: float | Array,
     mask: Array | None = None,
+    bias: Array | None = None,
     weights_hook: Callable[[Array], Array] | None = None,
 ) -> Array:
     """Weighted average of values: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
@@ -110,7 +217,7 @@ def dot_product_attention(
     ``weights_hook`` (if given) sees them before they average the values: the
     Flax modules record them there and apply attention-weight dropout.
     """
-    w = attention_weights(q, k, scale=scale, mask=mask)  # (..., T, S) float32
+    w = attention_weights(q, k, scale=scale, mask=mask, bias=bias)  # (..., T, S) float32
     if weights_hook is not None:
         w = weights_hook(w)
     return jnp.einsum("...ts,...sd->...td", w.astype(v.dtype), v)
@@ -123,7 +230,8 @@ def dot_product_attention(
 # "dense": the functions above; the only backend that materializes the weights, so the
 #          only one that records them and applies dropout to them.
 # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cudnn: GPU only).
-# "blockwise": flash-style tiles in pure JAX (attention_jax.blockwise), causal only, O(T) memory.
+# "blockwise": flash-style tiles in pure JAX (attention_jax.blockwise), causal self-attention
+#              without mask or bias only, O(T) memory.
 ATTENTION_IMPLS = ("dense", "xla", "cudnn", "blockwise")
 
 
@@ -132,49 +240,231 @@ def attend(
     k: Array,
     v: Array,
     *,
-    scale: float,
+    scale: float | Array,
     mask: Array | None = None,
+    bias: Array | None = None,
     causal: bool = False,
     impl: str = "dense",
     weights_hook: Callable[[Array], Array] | None = None,
 ) -> Array:
     """Attention by one of ``ATTENTION_IMPLS``: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
-    ``mask`` (broadcastable to (..., T, S), True = attend) and ``causal`` (the
-    lower-triangular mask) combine. ``weights_hook`` runs on the dense path only.
+    ``impl``: ``"dense"`` (hand-written; the only one that calls
+    ``weights_hook``), ``"xla"`` or ``"cudnn"`` (jax.nn.dot_product_attention;
+    cudnn needs a GPU and float16/bfloat16), ``"blockwise"`` (flash-style, causal
+    self-attention only: it refuses a mask or bias). ``mask`` (boolean,
+    broadcastable to (..., T, S), True = attend) and ``causal`` (the
+    lower-triangular mask, aligned so the last query sees the last key) combine;
+    a query row with no key left gives exactly zero output on every impl.
+    ``bias`` (float, broadcastable to (..., T, S)) is added to the logits.
     """
-    if impl == "dense":
-        if causal:
-            mask = _and(mask, causal_mask(q.shape[-2], k.shape[-2]))
-        return dot_product_attention(q, k, v, scale=scale, mask=mask, weights_hook=weights_hook)
-    if impl in ("xla", "cudnn"):
-        if causal and q.shape[-2] != k.shape[-2]:  # jax.nn's is_causal aligns the first, not the last, query
-            mask, causal = _and(mask, causal_mask(q.shape[-2], k.shape[-2])), False
-        return _jax_nn_attention(q, k, v, scale=scale, mask=mask, causal=causal, implementation=impl)
+    check_choice("attention impl", impl, ATTENTION_IMPLS)
+    mask = as_mask(mask)
+    T, S = q.shape[-2], k.shape[-2]
+    for name, extra in (("mask", mask), ("bias", bias)):
+        if extra is not None and jnp.ndim(extra) > q.ndim:
+            raise ValueError(
+                f"{name} of shape {jnp.shape(extra)} has more axes than the weights (..., T, S) of queries "
+                f"{q.shape}; it must broadcast to (..., {T}, {S})"
+            )
     if impl == "blockwise":
-        if not causal or mask is not None or q.shape[-2] != k.shape[-2]:
-            raise ValueError("impl='blockwise' supports causal self-attention without a mask only")
+        if not causal or mask is not None or bias is not None or T != S:
+            raise ValueError(
+                "attention impl 'blockwise' computes causal self-attention only and takes no mask or bias; "
+                "use impl='dense' or 'xla' for masks, biases, cross-attention or causal=False"
+            )
+        if not _is_static(scale):  # its custom VJP takes a static scale: fold a runtime one into q
+            q, scale = (q * scale).astype(q.dtype), 1.0
         return blockwise_causal_attention(q, k, v, scale=scale)
-    raise ValueError(f"unknown attention impl {impl!r}: valid choices are {ATTENTION_IMPLS}")
+    if causal:
+        mask = _and(mask, causal_mask(T, S))
+    if impl == "dense":
+        return dot_product_attention(q, k, v, scale=scale, mask=mask, bias=bias, weights_hook=weights_hook)
+    if not _is_static(scale):  # jax.nn wants one number; an array (per head, traced) goes into q
+        q, scale = (q * scale).astype(q.dtype), 1.0
+    out = _jax_nn_attention(q, k, v, scale=scale, mask=mask, bias=bias, implementation=impl)
+    if mask is not None:  # jax.nn averages a row with no key uniformly; make it zero like "dense"
+        out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, 0.0).astype(out.dtype)
+    return out
 
 
 def _and(mask: Array | None, other: Array) -> Array:
     return other if mask is None else jnp.logical_and(mask, other)
 
 
-def _jax_nn_attention(q, k, v, *, scale, mask, causal, implementation):
+def _jax_nn_attention(q, k, v, *, scale, mask, bias, implementation):
     """jax.nn.dot_product_attention on (..., T, D) arrays: leading axes become its batch, one head each."""
     *lead, T, D = q.shape
     S, Dv = k.shape[-2], v.shape[-1]
     n = math.prod(lead)
     as_bthd = lambda a, t, d: a.reshape(n, t, 1, d)  # noqa: E731  (..., t, d) -> (N, t, 1, d)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (*lead, T, S)).reshape(n, 1, T, S)
+    as_bnts = lambda a: None if a is None else jnp.broadcast_to(a, (*lead, T, S)).reshape(n, 1, T, S)  # noqa: E731
     out = jax.nn.dot_product_attention(
         as_bthd(q, T, D), as_bthd(k, S, D), as_bthd(v, S, Dv),
-        scale=scale, mask=mask, is_causal=causal, implementation=implementation,
+        scale=scale, mask=as_bnts(mask), bias=as_bnts(bias), implementation=implementation,
     )  # fmt: skip
     return out.reshape(*lead, T, Dv)
+
+
+# ---------------------------------------------------------------------------
+# Shared by the Linen and NNX shells: projections into heads, the decode cache,
+# and one attention layer's core. The shells only own parameters, norms,
+# dropout and where the cache lives.
+# ---------------------------------------------------------------------------
+
+
+def _heads_in(x: Array, w: Array) -> Array:
+    """x (..., T, C) times w (C, n, H, D) -> (n, ..., H, T, D), the head-major layout.
+
+    Two forms of the same product, picked by XLA's behaviour on CPU: for a
+    single position (a decode step) a 2-D matmul against the kernel flattened
+    to (C, nHD), because as an einsum XLA transposed the kernel itself at every
+    call (in a decode loop, a 200 KB copy per layer per token, and 5x the
+    projection's time); for longer inputs the einsum, which XLA lays out about
+    10% faster there (forward+backward of a layer at B 8, T 256).
+    """
+    C, n, H, D = w.shape
+    if x.shape[-2] != 1:
+        return jnp.einsum("...tc,cnhd->n...htd", x, w)
+    y = (x @ w.reshape(C, n * H * D)).reshape(*x.shape[:-1], n, H, D)  # (..., 1, n, H, D)
+    return jnp.moveaxis(y, (-3, -2), (0, -3))
+
+
+def project_qkv(
+    w_qkv: Array, inputs_q: Array, inputs_kv: Array | None = None, dtype: jnp.dtype | None = None
+) -> tuple[Array, Array, Array]:
+    """Queries, keys, values in head-major layout from one fused kernel w_qkv (C, 3, H, D).
+
+    Self-attention: inputs_q (..., T, C) -> q, k, v (..., H, T, D), the layout
+    the attention einsums want. Cross-attention: queries from inputs_q, keys
+    and values from inputs_kv (..., S, C) with the same kernel's k and v
+    slices, so inputs_kv must have the same C channels.
+    """
+    dtype = dtype or inputs_q.dtype
+    w = w_qkv.astype(dtype)
+    if inputs_kv is None:
+        q, k, v = _heads_in(inputs_q.astype(dtype), w)
+        return q, k, v
+    if inputs_kv.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"inputs_kv must have the same {w.shape[0]} channels as inputs_q (keys and values use the same "
+            f"fused kernel), got shape {inputs_kv.shape}"
+        )
+    (q,) = _heads_in(inputs_q.astype(dtype), w[:, :1])  # (..., H, T, D)
+    k, v = _heads_in(inputs_kv.astype(dtype), w[:, 1:])  # (..., H, S, D) each
+    return q, k, v
+
+
+def project_out(out: Array, w_out: Array, bias: Array | None = None, dtype: jnp.dtype | None = None) -> Array:
+    """Heads back to channels: out (..., H, T, D), w_out (H, D, C') -> (..., T, C'), plus bias (C',).
+
+    Like ``_heads_in``: a 2-D matmul for a single position, an einsum otherwise.
+    """
+    dtype = dtype or out.dtype
+    H, D, C_out = w_out.shape
+    out, w_out = out.astype(dtype), w_out.astype(dtype)
+    if out.shape[-2] != 1:
+        y = jnp.einsum("...htd,hdc->...tc", out, w_out)
+    else:
+        out = jnp.swapaxes(out, -3, -2)  # (..., 1, H, D)
+        y = out.reshape(*out.shape[:-2], H * D) @ w_out.reshape(H * D, C_out)
+    return y if bias is None else y + bias.astype(dtype)
+
+
+def cache_append(cached_k: Array, cached_v: Array, index: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+    """Write T new keys/values (N, T, D) into slots [index, index + T) of the caches (N, S, D).
+
+    Returns the updated caches and index + T. The caller keeps index + T <= S
+    (``lax.dynamic_update_slice`` would clamp, silently overwriting the last slots).
+    """
+    k_all = lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), index, axis=-2)
+    v_all = lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=-2)
+    return k_all, v_all, index + k.shape[-2]
+
+
+def cache_shape(k: Array) -> tuple[int, int, int]:
+    """The (N, S, D) shape of a cache for keys k (..., S, D): every leading axis (batch, heads) in N.
+
+    One flat leading axis, not (B, H): on CPU, XLA updated a (1, H, S, D) cache in
+    place only after copying it several times per step (the attention's matmul
+    reads it reshaped); a (B·H, S, D) cache is read as it is stored.
+    """
+    return math.prod(k.shape[:-2]), k.shape[-2], k.shape[-1]
+
+
+def decode_mask(index: Array, T: int, S: int, *, causal: bool = True) -> Array:
+    """(T, S) mask of T new queries at positions index..index+T-1 over S cache slots.
+
+    Slots not yet written (s >= index + T) are masked; with ``causal`` query t
+    also sees no slot after its own position (s <= index + t).
+    """
+    s = jnp.arange(S)[None, :]
+    if causal:
+        return s <= index + jnp.arange(T)[:, None]
+    return jnp.broadcast_to(s < index + T, (T, S))
+
+
+def attention_heads(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float | Array,
+    causal: bool,
+    impl: str,
+    rope: bool,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    cache: tuple[Array, Array, Array] | None = None,
+    weights_hook: Callable[[Array], Array] | None = None,
+) -> tuple[Array, tuple[Array, Array, Array] | None]:
+    """One attention layer after the projections (and the optional q/k norms).
+
+    q (..., T, D), k, v (..., S, D) -> (out (..., T, D), new cache). Applies
+    rotary encoding when ``rope``, then attends with ``impl``; with ``cache =
+    (cached_k, cached_v, index)`` (decode mode: caches (N, S_cache, D) with N
+    the product of q's leading axes, see ``cache_shape``; k, v hold the T new
+    positions) it first writes k and v into the cache and attends over it.
+
+    In decode mode the new tokens' positions are index..index+T-1 (rope
+    rotates by them before caching), the mask is ``decode_mask`` combined with
+    ``mask`` (broadcastable to (..., T, S_cache)), an array scale must
+    broadcast to (..., 1, 1) (one per head, say), and "blockwise" and "cudnn"
+    run as "dense" (a decode step's few query rows need no tiling). Writing past
+    the end of the cache is a caller error; the output is then NaN, not wrong
+    numbers.
+    """
+    index = 0 if cache is None else cache[2]
+    if rope:
+        q = apply_rope(q, index + jnp.arange(q.shape[-2]))
+        k = apply_rope(k, index + jnp.arange(k.shape[-2]))
+    if cache is None:
+        out = attend(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook)
+        return out, None
+    *lead, T, _ = q.shape
+    N, S, _ = cache[0].shape
+    if math.prod(lead) != N:
+        raise ValueError(
+            f"decode: the cache holds {N} rows (batch x heads), the queries {q.shape} need {math.prod(lead)}; "
+            "initialize the cache for this batch size"
+        )
+    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # noqa: E731  -> (N, *tail)
+    flat_mask = decode_mask(index, T, S, causal=causal)  # (T, S)
+    if mask is not None:
+        flat_mask = rows(as_mask(mask), T, S) & flat_mask
+    flat_bias = None if bias is None else rows(bias, T, S)
+    if not _is_static(scale) and jnp.ndim(scale):
+        scale = rows(scale, 1, 1)
+    hook = None
+    if weights_hook is not None:  # the hook sees the weights in their (..., T, S) shape
+        hook = lambda w: weights_hook(w.reshape(*lead, T, S)).reshape(N, T, S)  # noqa: E731
+    k, v, new_index = cache_append(cache[0], cache[1], index, rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]))
+    impl = "dense" if impl in ("blockwise", "cudnn") else impl
+    out = attend(
+        rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook
+    )
+    out = jnp.where(new_index <= S, out, jnp.nan).reshape(*lead, T, -1)  # overflowing the cache: loud
+    return out, (k, v, new_index)
 
 
 # ---------------------------------------------------------------------------

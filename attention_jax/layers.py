@@ -20,12 +20,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from attention_jax import attention
-from attention_jax.positions import apply_rope, sinusoidal_encoding
+from attention_jax.attention import ScaleLike
+from attention_jax.positions import POS_ENCODINGS, sinusoidal_encoding
 
 Array = jax.Array
-Dtype = Any
 Initializer = Callable[..., Array]
 
 # GPT-2 initialization: N(0, 0.02) everywhere. Residual output projections are
@@ -33,38 +34,93 @@ Initializer = Callable[..., Array]
 default_init = nn.initializers.normal(stddev=0.02)
 
 
-class AddPositions(nn.Module):
-    """Adds an absolute positional encoding to token embeddings (B, T, C).
+def check_attention_options(
+    where: str, *, head_size: int, scale: ScaleLike, pos_encoding: str, attention_impl: str, scale_field: str = "scale"
+) -> None:
+    """The checks every attention shell (Linen, NNX) and ``ModelConfig`` make at construction.
 
-    ``"learned"``: a trainable (max_len, C) table; ``"sinusoidal"``: the fixed
-    table; ``"rope"`` and ``"none"``: nothing here (rope acts inside attention).
+    ``where`` names the owner in the message (``MultiHeadAttention``, ``ModelConfig``).
+    """
+    attention.as_int(f"{where}.head_size", head_size)
+    try:
+        attention.resolve_scale(scale, head_size)
+    except ValueError as e:
+        raise ValueError(f"{where}.{scale_field}: {e}") from None
+    attention.check_choice(f"{where}.pos_encoding", pos_encoding, POS_ENCODINGS)
+    if pos_encoding == "rope" and head_size % 2:
+        raise ValueError(f"{where}.head_size must be even for rope, got {head_size}")
+    attention.check_choice(f"{where}.attention_impl", attention_impl, attention.ATTENTION_IMPLS)
+
+
+def check_call(where: str, *, inputs_kv: Array | None, decode: bool, pos_encoding: str) -> None:
+    """What a call may not combine: cross-attention with rope or with the decode cache."""
+    if inputs_kv is None:
+        return
+    if pos_encoding == "rope":
+        raise ValueError(
+            f"{where}: rope rotates queries and keys by their positions in one sequence; cross-attention "
+            "(inputs_kv) relates two sequences, so use pos_encoding='none' there"
+        )
+    if decode:
+        raise ValueError(
+            f"{where}: decode caches self-attention keys; for cross-attention pass the same inputs_kv "
+            "at every step without decode"
+        )
+
+
+def positions_offset(module: nn.Module, T: int, decode: bool) -> Array | int:
+    """Where the T new positions start: 0, or (decode) the ``cache_index`` this module keeps in ``"cache"``.
+
+    The index is created, as Flax's attention does, by the first decode call
+    (``init`` or ``TransformerLM.init_cache``), which leaves it at 0; every later
+    decode call advances it by T.
+    """
+    if not decode:
+        return 0
+    initialized = module.has_variable("cache", "cache_index")
+    index = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+        return 0
+    start = index.value
+    index.value = start + T
+    return start
+
+
+class AddPositions(nn.Module):
+    """Adds an absolute positional encoding to token embeddings (..., T, C).
+
+    ``kind``, one of ``POS_ENCODINGS``: ``"learned"`` (a trainable (max_len, C)
+    table), ``"sinusoidal"`` (the fixed table), ``"rope"`` and ``"none"``
+    (nothing here: rope acts inside attention). With ``decode=True`` the
+    positions continue from a ``cache_index`` in the ``"cache"`` collection.
     """
 
     kind: str
     max_len: int
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self):
+        attention.check_choice("AddPositions.kind", self.kind, POS_ENCODINGS)
+        super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, decode: bool = False) -> Array:
         T, C = x.shape[-2:]
+        if self.kind not in ("learned", "sinusoidal"):
+            return x
+        start = positions_offset(self, T, decode)
         if self.kind == "learned":
-            table = self.param("embedding", default_init, (self.max_len, C), jnp.float32)
-            return x + table[:T].astype(x.dtype)
-        if self.kind == "sinusoidal":
-            return x + sinusoidal_encoding(T, C).astype(x.dtype)
-        return x
+            table = self.param("embedding", default_init, (self.max_len, C), self.param_dtype)
+            rows = jax.lax.dynamic_slice_in_dim(table, start, T) if decode else table[:T]
+            return x + rows.astype(x.dtype)
+        return x + sinusoidal_encoding(T, C, offset=start).astype(x.dtype)
 
 
-def _prepare_qk(q: Array, k: Array, *, qk_norm: bool, pos_encoding: str):
-    """Optional QK-LayerNorm then optional rotary encoding. q, k (..., T, D)."""
-    if qk_norm:
-        # QK-LayerNorm (Dehghani et al. 2023; Wortsman et al. 2023) bounds the
-        # logits' scale regardless of the projections' growth.
-        q = nn.LayerNorm(epsilon=1e-5, dtype=q.dtype, name="query_norm")(q)
-        k = nn.LayerNorm(epsilon=1e-5, dtype=k.dtype, name="key_norm")(k)
-    if pos_encoding == "rope":
-        positions = jnp.arange(q.shape[-2])
-        q, k = apply_rope(q, positions), apply_rope(k, positions)
-    return q, k
+def _qk_norms(module: nn.Module, q: Array, k: Array, param_dtype: DTypeLike) -> tuple[Array, Array]:
+    """QK-LayerNorm (Dehghani et al. 2023; Wortsman et al. 2023): bounds the logits' scale
+    regardless of the projections' growth. q, k (..., T, D)."""
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=q.dtype, param_dtype=param_dtype, name=name)  # noqa: E731
+    return norm("query_norm")(q), norm("key_norm")(k)
 
 
 def _dense_weights_hook(module: nn.Module, dropout_rate: float, deterministic: bool):
@@ -77,62 +133,162 @@ def _dense_weights_hook(module: nn.Module, dropout_rate: float, deterministic: b
     return hook
 
 
+def _cache(module: nn.Module, k: Array, v: Array):
+    """The decode cache in the ``"cache"`` collection: (cached_key, cached_value, cache_index), or None.
+
+    Flax's convention: the first decode call (``init``) creates zeros shaped like
+    its keys, so the input's length is the cache's max length; it attends as
+    usual and leaves the cache empty (index 0). Layout (N, S, D): N = batch x heads
+    (``attention.cache_shape``).
+    """
+    initialized = module.has_variable("cache", "cached_key")
+    ck = module.variable("cache", "cached_key", jnp.zeros, attention.cache_shape(k), k.dtype)
+    cv = module.variable("cache", "cached_value", jnp.zeros, attention.cache_shape(v), v.dtype)
+    ci = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    return (ck, cv, ci) if initialized else None
+
+
+def core_options(module: Any) -> dict[str, Any]:
+    """What ``attention.attention_heads`` takes from an attention shell's options.
+
+    Linen and NNX shells keep their options under the same attribute names.
+    """
+    return dict(
+        scale=attention.resolve_scale(module.scale, module.head_size),
+        causal=module.causal,
+        impl=module.attention_impl,
+        rope=module.pos_encoding == "rope",
+    )
+
+
+def _attend_with_cache(module: nn.Module, q, k, v, *, decode: bool, mask, bias, deterministic: bool):
+    """``attention.attention_heads`` with the cache read from and written to ``module``'s variables."""
+    variables = _cache(module, k, v) if decode else None
+    cache = None if variables is None else tuple(var.value for var in variables)
+    hook = _dense_weights_hook(module, module.dropout_rate, deterministic)
+    out, new = attention.attention_heads(
+        q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, **core_options(module)
+    )
+    if variables is not None:
+        for var, value in zip(variables, new):
+            var.value = value
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Attention modules
 # ---------------------------------------------------------------------------
 
 
 class Head(nn.Module):
-    """One head of self-attention: (B, T, C) -> (B, T, head_size).
+    """One head of self-attention: (..., T, C) -> (..., T, head_size).
 
     The lecture's ``Head``: bias-free ``key``, ``query``, ``value`` projections,
     a causal mask, softmax, dropout on the weights, weighted sum of values.
+
+    Options: ``scale`` ``"sqrt"`` | ``"none"`` | ``"mup"`` | a number or array
+    (see ``attention.resolve_scale``); ``pos_encoding`` one of ``POS_ENCODINGS``
+    (only ``"rope"`` acts here); ``attention_impl`` one of
+    ``attention.ATTENTION_IMPLS`` (``"dense"``, ``"xla"``, ``"cudnn"``,
+    ``"blockwise"``); ``decode`` (also a call argument, which wins) uses the
+    ``"cache"`` collection (``cached_key``/``cached_value`` (..., S, D),
+    ``cache_index``). Call: ``mask`` boolean, broadcastable to (..., T, S),
+    True = attend, combined with the causal mask; ``bias`` float, added to the logits.
     """
 
     head_size: int
-    scale: str | float = "sqrt"
+    scale: ScaleLike = "sqrt"
     causal: bool = True
     dropout_rate: float = 0.0
     qk_norm: bool = False
-    pos_encoding: str = "none"  # only "rope" acts here
-    dtype: Dtype = jnp.float32
+    pos_encoding: str = "none"
+    attention_impl: str = "dense"
+    decode: bool = False
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
     kernel_init: Initializer = default_init
 
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        dense = lambda name: nn.Dense(  # noqa: E731
-            self.head_size, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype, name=name
+    def __post_init__(self):
+        check_attention_options(
+            "Head",
+            head_size=self.head_size,
+            scale=self.scale,
+            pos_encoding=self.pos_encoding,
+            attention_impl=self.attention_impl,
         )
-        k = dense("key")(x)  # (B, T, D)
-        q = dense("query")(x)  # (B, T, D)
-        v = dense("value")(x)  # (B, T, D)
-        q, k = _prepare_qk(q, k, qk_norm=self.qk_norm, pos_encoding=self.pos_encoding)
-        return attention.attend(
-            q,
-            k,
-            v,
-            scale=attention.resolve_scale(self.scale, self.head_size),
-            causal=self.causal,
-            weights_hook=_dense_weights_hook(self, self.dropout_rate, deterministic),
-        )  # (B, T, D)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        decode: bool | None = None,
+    ) -> Array:
+        decode = self.decode if decode is None else decode
+        dtype = jnp.dtype(self.dtype)
+        dense = lambda name: nn.Dense(  # noqa: E731
+            self.head_size,
+            use_bias=False,
+            kernel_init=self.kernel_init,
+            dtype=dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        k = dense("key")(x)  # (..., T, D)
+        q = dense("query")(x)  # (..., T, D)
+        v = dense("value")(x)  # (..., T, D)
+        if self.qk_norm:
+            q, k = _qk_norms(self, q, k, self.param_dtype)
+        return _attend_with_cache(
+            self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
+        )  # (..., T, D)
 
 
 class MultiHeadAttention(nn.Module):
     """All heads in one batched einsum, then an output projection.
 
-    (B, T, C) -> (B, T, out_features or C). Query, key and value for all heads
-    come from one fused kernel of shape (C, 3, H, D), projected straight into
-    the head-major layout (B, H, T, D) that the attention einsums want, so no
-    transposes are needed. Equal to running ``num_heads`` ``Head``s and
-    concatenating their outputs (tested with shared weights).
-    ``attention_impl`` is one of ``attention.ATTENTION_IMPLS``; only
-    ``"dense"`` records the weights and applies dropout to them (the others
-    drop out the output only).
+    Self-attention (..., T, C) -> (..., T, out_features or C); cross-attention
+    with ``inputs_kv`` (..., S, C): queries from ``inputs_q``, keys and values
+    from ``inputs_kv`` (Flax's argument names). Query, key and value for all
+    heads come from one fused kernel ``qkv_kernel`` of shape (C, 3, H, D),
+    projected straight into the head-major layout (..., H, T, D) that the
+    attention einsums want; cross-attention uses the same kernel's k and v
+    slices, so ``inputs_kv`` must have C channels. Equal to running
+    ``num_heads`` ``Head``s and concatenating their outputs (tested with shared
+    weights).
+
+    Options:
+      ``scale``: ``"sqrt"`` (1/sqrt(D)) | ``"none"`` (1) | ``"mup"`` (1/D) | a
+        positive number | an array (scalar, or broadcastable to (..., H, T, S);
+        may be traced or learnable).
+      ``causal``: combine the lower-triangular mask (aligned so the last query
+        sees the last key; set False for an encoder or cross-attention).
+      ``pos_encoding``: one of ``POS_ENCODINGS``; only ``"rope"`` acts here
+        (``"learned"``/``"sinusoidal"`` are added to the embeddings).
+      ``attention_impl``: ``"dense"`` (records the weights as
+        ``intermediates/attention_weights`` and applies dropout to them) |
+        ``"xla"`` | ``"cudnn"`` (GPU) | ``"blockwise"`` (causal, no mask; O(T)
+        memory). The others drop out the output only.
+      ``decode``: KV-cache decoding, Flax's convention (also a call argument,
+        which wins): the ``"cache"`` collection holds ``cached_key``,
+        ``cached_value`` (B·H, S, D), batch and heads in one axis, and
+        ``cache_index``; the first decode
+        call (``init``) sizes it from its input, later calls append their T
+        tokens and attend over everything cached.
+      ``dtype`` (compute), ``param_dtype``: JAX dtypes or their names.
+
+    Call: ``mask`` boolean, broadcastable to (..., H, T, S) (e.g.
+    ``attention.padding_mask``), True = attend; ``bias`` float, same shape rule,
+    added to the logits. A query row with no key left gives zero output.
     """
 
     num_heads: int
     head_size: int
-    scale: str | float = "sqrt"
+    scale: ScaleLike = "sqrt"
     causal: bool = True
     dropout_rate: float = 0.0
     qk_norm: bool = False
@@ -140,37 +296,57 @@ class MultiHeadAttention(nn.Module):
     attention_impl: str = "dense"
     out_features: int | None = None
     use_bias: bool = True  # bias of the output projection
-    dtype: Dtype = jnp.float32
+    decode: bool = False
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
     kernel_init: Initializer = default_init
     out_init: Initializer = default_init
 
+    def __post_init__(self):
+        attention.as_int("MultiHeadAttention.num_heads", self.num_heads)
+        check_attention_options(
+            "MultiHeadAttention",
+            head_size=self.head_size,
+            scale=self.scale,
+            pos_encoding=self.pos_encoding,
+            attention_impl=self.attention_impl,
+        )
+        super().__post_init__()
+
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        C = x.shape[-1]
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        decode: bool | None = None,
+    ) -> Array:
+        decode = self.decode if decode is None else decode
+        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.pos_encoding)
+        C = inputs_q.shape[-1]
         H, D = self.num_heads, self.head_size
-        w_qkv = self.param("qkv_kernel", self.kernel_init, (C, 3, H, D), jnp.float32)
-        qkv = jnp.einsum("btc,cnhd->nbhtd", x.astype(self.dtype), w_qkv.astype(self.dtype))
-        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, D)
-        q, k = _prepare_qk(q, k, qk_norm=self.qk_norm, pos_encoding=self.pos_encoding)
-        out = attention.attend(
-            q,
-            k,
-            v,
-            scale=attention.resolve_scale(self.scale, D),
-            causal=self.causal,
-            impl=self.attention_impl,
-            weights_hook=_dense_weights_hook(self, self.dropout_rate, deterministic),
-        )  # (B, H, T, D)
-        w_out = self.param("proj_kernel", self.out_init, (H, D, self.out_features or C), jnp.float32)
-        y = jnp.einsum("bhtd,hdc->btc", out, w_out.astype(self.dtype))
+        dtype = jnp.dtype(self.dtype)
+        w_qkv = self.param("qkv_kernel", self.kernel_init, (C, 3, H, D), self.param_dtype)
+        q, k, v = attention.project_qkv(w_qkv, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., H, S, D)
+        if self.qk_norm:
+            q, k = _qk_norms(self, q, k, self.param_dtype)
+        out = _attend_with_cache(
+            self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
+        )  # (..., H, T, D)
+        out_features = self.out_features or C
+        w_out = self.param("proj_kernel", self.out_init, (H, D, out_features), self.param_dtype)
+        b_out = None
         if self.use_bias:
-            bias = self.param("proj_bias", nn.initializers.zeros, (self.out_features or C,), jnp.float32)
-            y = y + bias.astype(self.dtype)
-        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # (B, T, C)
+            b_out = self.param("proj_bias", nn.initializers.zeros, (out_features,), self.param_dtype)
+        y = attention.project_out(out, w_out, b_out, dtype)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # (..., T, C)
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: (B, T, C) -> Dense(hidden) -> GELU -> Dense(C) -> dropout.
+    """Position-wise MLP: (..., T, C) -> Dense(hidden) -> GELU -> Dense(C) -> dropout.
 
     This is where each token "thinks" about what it gathered by attention.
     """
@@ -178,13 +354,21 @@ class FeedForward(nn.Module):
     hidden: int
     dropout_rate: float = 0.0
     use_bias: bool = True
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
     out_init: Initializer = default_init
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         C = x.shape[-1]
-        h = nn.Dense(self.hidden, use_bias=self.use_bias, kernel_init=default_init, dtype=self.dtype, name="fc")(x)
-        h = nn.gelu(h)
-        y = nn.Dense(C, use_bias=self.use_bias, kernel_init=self.out_init, dtype=self.dtype, name="proj")(h)
+        dense = lambda features, init, name: nn.Dense(  # noqa: E731
+            features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=init,
+            name=name,
+        )
+        h = nn.gelu(dense(self.hidden, default_init, "fc")(x))
+        y = dense(C, self.out_init, "proj")(h)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)

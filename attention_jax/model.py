@@ -12,13 +12,26 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
 
 from attention_jax import attention
-from attention_jax.layers import AddPositions, FeedForward, MultiHeadAttention, default_init
-from attention_jax.positions import POS_ENCODINGS
+from attention_jax.attention import ScaleLike
+from attention_jax.layers import AddPositions, FeedForward, MultiHeadAttention, check_attention_options, default_init
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(where: str, value: DTypeLike) -> str:
+    """A compute or parameter dtype, given as a JAX dtype or its name, as one of ``DTYPES``' names."""
+    try:
+        name = jnp.dtype(value).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"{where}: unknown {value!r}, valid choices are {DTYPES} (names or JAX dtypes)")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +39,15 @@ class ModelConfig:
     """Architecture of a ``TransformerLM``. Immutable; derive variants with ``.replace``.
 
     Checked at construction: an impossible combination raises ``ValueError``
-    naming the field, before any compute.
+    naming the field, before any compute. Integers may be numpy integers
+    (stored as ints); dtypes may be JAX dtypes (stored as their names).
+
+    Choices: ``attn_scale`` ``"sqrt"`` | ``"none"`` | ``"mup"`` | a positive
+    number | a JAX scalar array (e.g. traced, one scale per vmapped model;
+    concrete values are checked, traced ones cannot be); ``pos_encoding``
+    ``"learned"`` | ``"sinusoidal"`` | ``"rope"`` | ``"none"``; ``dtype`` and
+    ``param_dtype`` ``"float32"`` | ``"bfloat16"`` | ``"float16"``;
+    ``attention_impl`` ``"dense"`` | ``"xla"`` | ``"cudnn"`` | ``"blockwise"``.
     """
 
     vocab_size: int  # V: number of distinct tokens
@@ -35,26 +56,24 @@ class ModelConfig:
     n_head: int = 6  # H: heads per attention layer
     n_layer: int = 6  # number of Blocks
     head_size: int | None = None  # D; None: n_embd // n_head. Settable independently of n_embd
-    attn_scale: str | float = "sqrt"  # "sqrt" | "none" | "mup" | a positive number
+    attn_scale: ScaleLike = "sqrt"  # "sqrt" | "none" | "mup" | a positive number | a JAX scalar array
     pos_encoding: str = "learned"  # "learned" | "sinusoidal" | "rope" | "none"
     qk_norm: bool = False  # LayerNorm on q and k before q·kᵀ
     dropout: float = 0.0  # on attention weights, residual branches
-    dtype: str = "float32"  # compute dtype; params always float32
+    dtype: DTypeLike = "float32"  # compute dtype
     # "dense" (hand-written; records weights, attention dropout) | "xla" | "cudnn" |
     # "blockwise" (fused or flash-style; no attention-weight dropout, no recorded weights)
     attention_impl: str = "dense"
     bias: bool = True  # biases in LayerNorms, output projections, MLP and LM head (nanoGPT: False)
     tie_embeddings: bool = False  # LM head = token embedding transposed (nanoGPT and GPT-2: True)
+    causal: bool = True  # False: every token sees every token (an encoder; not for next-token training)
+    param_dtype: DTypeLike = "float32"  # dtype the parameters are stored in
 
     def __post_init__(self):
-        def positive_int(name, value):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
         for name in ("vocab_size", "block_size", "n_embd", "n_head"):
-            positive_int(name, getattr(self, name))
-        if isinstance(self.n_layer, bool) or not isinstance(self.n_layer, int) or self.n_layer < 0:
-            raise ValueError(f"ModelConfig.n_layer must be a non-negative integer, got {self.n_layer!r}")
+            set_(name, attention.as_int(f"ModelConfig.{name}", getattr(self, name)))
+        set_("n_layer", attention.as_int("ModelConfig.n_layer", self.n_layer, minimum=0))
         if self.head_size is None:
             if self.n_embd % self.n_head:
                 raise ValueError(
@@ -62,29 +81,32 @@ class ModelConfig:
                     f"n_head={self.n_head}; set head_size explicitly or change n_head"
                 )
         else:
-            positive_int("head_size", self.head_size)
-        try:
-            attention.resolve_scale(self.attn_scale, self.head_dim)
-        except ValueError as e:
-            raise ValueError(f"ModelConfig.attn_scale: {e}") from None
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(
-                f"ModelConfig.pos_encoding: unknown {self.pos_encoding!r}, valid choices are {POS_ENCODINGS}"
-            )
-        if self.pos_encoding == "rope" and self.head_dim % 2:
-            raise ValueError(f"ModelConfig.head_size must be even for rope, got {self.head_dim}")
-        for name in ("bias", "tie_embeddings", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
+            set_("head_size", attention.as_int("ModelConfig.head_size", self.head_size))
+        if not isinstance(self.attn_scale, str) and np.ndim(self.attn_scale) != 0:
+            shape = np.shape(self.attn_scale)
+            raise ValueError(f"ModelConfig.attn_scale: an array scale must be a scalar, got shape {shape}")
+        check_attention_options(
+            "ModelConfig",
+            head_size=self.head_dim,
+            scale=self.attn_scale,
+            pos_encoding=self.pos_encoding,
+            attention_impl=self.attention_impl,
+            scale_field="attn_scale",
+        )
+        for name in ("bias", "tie_embeddings", "qk_norm", "causal"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            set_(name, bool(getattr(self, name)))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype: unknown {self.dtype!r}, valid choices are {DTYPES}")
-        if self.attention_impl not in attention.ATTENTION_IMPLS:
-            raise ValueError(
-                f"ModelConfig.attention_impl: unknown {self.attention_impl!r}, "
-                f"valid choices are {attention.ATTENTION_IMPLS}"
-            )
+        set_("dtype", dtype_name("ModelConfig.dtype", self.dtype))
+        set_("param_dtype", dtype_name("ModelConfig.param_dtype", self.param_dtype))
+
+    def __hash__(self) -> int:
+        # A config is a static argument of jit (through the model); an array scale is
+        # unhashable, so it is hashed by identity (equal configs share arrays when copied).
+        key = lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else id(v)  # noqa: E731
+        return hash(tuple(key(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     @property
     def head_dim(self) -> int:
@@ -97,95 +119,171 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). (..., T, C) -> (..., T, C).
 
     Communication (attention) followed by computation (MLP). The residual
-    stream lets gradients flow straight from the loss to every block.
+    stream lets gradients flow straight from the loss to every block. ``mask``
+    (boolean, broadcastable to (..., H, T, S), True = attend) and ``bias`` go
+    to the attention, combined with the causal mask when
+    ``model_config.causal``; ``decode`` uses the attention's KV cache.
     """
 
     model_config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         cfg = self.model_config
-        dtype = jnp.dtype(cfg.dtype)
-        # Each block adds two residual branches; with 2*n_layer branches summed,
-        # the stream's variance would grow ~linearly with depth at init. Scaling
-        # the branch outputs by 1/sqrt(2*n_layer) keeps it O(1) (GPT-2).
-        out_init = nn.initializers.normal(stddev=0.02 / (2 * max(cfg.n_layer, 1)) ** 0.5)
-        h = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, name="ln_attn")(x)
-        x = x + MultiHeadAttention(
-            num_heads=cfg.n_head,
-            head_size=cfg.head_dim,
-            scale=cfg.attn_scale,
-            dropout_rate=cfg.dropout,
-            qk_norm=cfg.qk_norm,
-            pos_encoding=cfg.pos_encoding,
-            attention_impl=cfg.attention_impl,
-            use_bias=cfg.bias,
-            dtype=dtype,
-            out_init=out_init,
-            name="attn",
-        )(h, deterministic=deterministic)
-        h = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, name="ln_mlp")(x)
-        return x + FeedForward(
-            hidden=4 * cfg.n_embd,
-            dropout_rate=cfg.dropout,
-            use_bias=cfg.bias,
-            dtype=dtype,
-            out_init=out_init,
-            name="mlp",
-        )(h, deterministic=deterministic)
+        attn, mlp = block_options(cfg)
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype, name=name
+        )
+        h = norm("ln_attn")(x)
+        x = x + MultiHeadAttention(**attn, name="attn")(
+            h, mask=mask, bias=bias, deterministic=deterministic, decode=decode
+        )
+        h = norm("ln_mlp")(x)
+        return x + FeedForward(**mlp, name="mlp")(h, deterministic=deterministic)
+
+
+def block_options(model_config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword arguments of a Block's attention and MLP, for the Linen and the NNX Block alike."""
+    cfg = model_config
+    # Each block adds two residual branches; with 2*n_layer branches summed,
+    # the stream's variance would grow ~linearly with depth at init. Scaling
+    # the branch outputs by 1/sqrt(2*n_layer) keeps it O(1) (GPT-2).
+    out_init = nn.initializers.normal(stddev=0.02 / (2 * max(cfg.n_layer, 1)) ** 0.5)
+    common = dict(
+        dropout_rate=cfg.dropout,
+        use_bias=cfg.bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        out_init=out_init,
+    )
+    attn = dict(
+        num_heads=cfg.n_head,
+        head_size=cfg.head_dim,
+        scale=cfg.attn_scale,
+        causal=cfg.causal,
+        qk_norm=cfg.qk_norm,
+        pos_encoding=cfg.pos_encoding,
+        attention_impl=cfg.attention_impl,
+        **common,
+    )
+    return attn, dict(hidden=4 * cfg.n_embd, **common)
 
 
 class TransformerLM(nn.Module):
-    """GPT-style decoder: tokens (B, T) -> logits (B, T, V), with T <= block_size.
+    """GPT-style decoder: tokens (..., T) -> logits (..., T, V) float32, with T <= block_size.
 
     token embedding + positions -> n_layer pre-LN Blocks -> LayerNorm -> LM head.
+    ``mask``/``bias`` go to every attention layer (see ``Block``).
+
+    Decoding with a KV cache (Flax's convention): ``cache = model.init_cache(B,
+    max_length)``, then ``model.apply({"params": params, "cache": cache},
+    tokens, decode=True, mutable=["cache"])`` feeds T new tokens (a prompt, then
+    one at a time) and returns (logits, {"cache": updated}). Positions continue
+    from the cache index; max_length <= block_size, and running past it gives
+    NaN logits (``generate`` refills the cache instead; see there).
     """
 
     model_config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         cfg = self.model_config
         T = tokens.shape[-1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         dtype = jnp.dtype(cfg.dtype)
-        embed = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=default_init, name="token_embedding")
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=default_init, param_dtype=cfg.param_dtype, name="token_embedding"
+        )
         x = embed(tokens)
-        x = AddPositions(cfg.pos_encoding, cfg.block_size, name="positions")(x)  # (B, T, C)
+        x = AddPositions(cfg.pos_encoding, cfg.block_size, param_dtype=cfg.param_dtype, name="positions")(
+            x, decode=decode
+        )  # (..., T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic).astype(dtype)
         for i in range(cfg.n_layer):
-            x = Block(cfg, name=f"block_{i}")(x, deterministic=deterministic)
-        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, name="ln_final")(x)
+            x = Block(cfg, name=f"block_{i}")(x, mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final")(x)
         if cfg.tie_embeddings:  # one (V, C) matrix reads tokens in and writes logits out
             logits = embed.attend(x.astype(jnp.float32))
         else:
-            lm_head = nn.Dense(cfg.vocab_size, use_bias=cfg.bias, kernel_init=default_init, dtype=dtype, name="lm_head")
+            lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=cfg.bias,
+                kernel_init=default_init,
+                dtype=dtype,
+                param_dtype=cfg.param_dtype,
+                name="lm_head",
+            )
             logits = lm_head(x)
-        return logits.astype(jnp.float32)  # (B, T, V)
+        return logits.astype(jnp.float32)  # (..., T, V)
+
+    @nn.nowrap
+    def init_cache(self, batch_size: int, max_length: int | None = None) -> Any:
+        """An empty ``"cache"`` collection for ``batch_size`` sequences of up to ``max_length`` tokens.
+
+        max_length defaults to, and may not exceed, block_size. Holds, per
+        attention layer, ``cached_key`` and ``cached_value`` (B·H, max_length,
+        D) in the compute dtype and ``cache_index``, plus the positions'
+        ``cache_index`` for learned and sinusoidal encodings. Built from shapes
+        alone: no parameter is initialized.
+        """
+        return empty_cache(self, batch_size, max_length or self.model_config.block_size, self.model_config.block_size)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward = 3x forward); see :func:`flops_per_token`."""
         return flops_per_token(self.model_config)
 
 
+def empty_cache(model: nn.Module, batch_size: int, max_length: int, block_size: int | None = None) -> Any:
+    """The ``"cache"`` collection that ``model.init(..., decode=True)`` on (batch_size, max_length) tokens makes."""
+    batch_size = attention.as_int("batch_size", batch_size)
+    max_length = attention.as_int("max_length", max_length)
+    if block_size is not None and max_length > block_size:
+        raise ValueError(f"max_length {max_length} exceeds block_size {block_size}")
+    tokens = jnp.zeros((batch_size, max_length), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True)).get("cache", {})
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 class BigramLM(nn.Module):
     """The lecture's baseline: the next token depends on the current one only.
 
     A (V, V) table of logits: row i is the distribution after token i.
-    tokens (B, T) -> logits (B, T, V). No attention, no context.
+    tokens (..., T) -> logits (..., T, V). No attention, no context (so
+    ``decode`` needs no cache: its cache is empty).
     """
 
     vocab_size: int
 
     @nn.compact
-    def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
-        del deterministic  # no dropout; same signature as TransformerLM
+    def __call__(self, tokens: Array, *, deterministic: bool = True, decode: bool = False) -> Array:
+        del deterministic, decode  # no dropout, no context; same signature as TransformerLM
         table = nn.Embed(self.vocab_size, self.vocab_size, embedding_init=default_init, name="logits_table")
         return table(tokens).astype(jnp.float32)
+
+    @nn.nowrap
+    def init_cache(self, batch_size: int, max_length: int) -> Any:
+        """An empty cache: a bigram sees only the current token."""
+        return empty_cache(self, batch_size, max_length)
 
     def flops_per_token(self) -> float:
         """A table lookup: no matmul FLOPs."""

@@ -19,9 +19,12 @@ Array = jax.Array
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 
 
-def sinusoidal_encoding(T: int, C: int, base: float = 10000.0) -> Array:
-    """Fixed (T, C) table of Vaswani et al.: sin on even channels, cos on odd."""
-    pos = jnp.arange(T, dtype=jnp.float32)[:, None]  # (T, 1)
+def sinusoidal_encoding(T: int, C: int, base: float = 10000.0, offset: int | Array = 0) -> Array:
+    """Fixed (T, C) table of Vaswani et al.: sin on even channels, cos on odd.
+
+    Rows are positions offset..offset+T-1 (``offset`` may be traced: a decode step's cache index).
+    """
+    pos = (offset + jnp.arange(T)).astype(jnp.float32)[:, None]  # (T, 1)
     freq = base ** (-jnp.arange(0, C, 2, dtype=jnp.float32) / C)  # (ceil(C/2),)
     angles = pos * freq  # (T, ceil(C/2))
     table = jnp.zeros((T, C), jnp.float32)

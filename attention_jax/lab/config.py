@@ -336,6 +336,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
              "here; use 'dense', 'xla' or 'blockwise'")  # fmt: skip
 
 
+# ModelConfig fields that are not config keys: the vocabulary comes from the data; a causal=False
+# model cannot be trained on next tokens; parameters stay float32 for the optimizer.
+NOT_IN_CONFIG = ("vocab_size", "causal", "param_dtype")
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     """The frozen ModelConfig described by ``config.model``; errors name the field."""
     m = config.model
@@ -345,8 +350,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
             scale = float(scale)
         except ValueError:
             pass
-    # config.model holds every ModelConfig field by the same name (base_config), plus "type".
-    kwargs = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"}
+    # config.model holds every ModelConfig field by the same name (base_config), plus "type";
+    # except the library-only fields, which keep their defaults in training runs.
+    kwargs = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name not in NOT_IN_CONFIG}
     try:
         return ModelConfig(vocab_size=vocab_size, **{**kwargs, "attn_scale": scale})
     except ValueError as e:

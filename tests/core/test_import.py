@@ -18,6 +18,16 @@ def test_import_attention_jax_loads_no_toolkit_dependency():
     assert "attention_jax.lab" not in out.stdout
 
 
+def test_the_nnx_twins_are_imported_explicitly_only():
+    # flax.nnx imports optax: attention_jax.nnx must stay out of ``import attention_jax``
+    code = "import sys, attention_jax; print('attention_jax.nnx' in sys.modules, 'flax.nnx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    code = "import sys, attention_jax.nnx as m; print(m.TransformerLM.__module__, 'optax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["attention_jax.nnx", "True"]  # as documented: NNX brings optax along
+
+
 def test_core_modules_import_nothing_from_the_lab():
     from pathlib import Path
 

@@ -143,13 +143,20 @@ def test_not_a_sweep_and_unknown_variant_are_one_line_errors():
 
 
 def test_every_model_config_field_is_a_config_key_and_maps_through():
-    """config.model holds each ModelConfig field by the same name (plus "type"): one schema, mapped by name."""
+    """config.model holds each ModelConfig field by the same name (plus "type"): one schema, mapped by name.
+
+    Except the library-only fields (NOT_IN_CONFIG: the vocabulary, causal, param_dtype), which keep
+    their defaults in a training run.
+    """
     import dataclasses
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    from attention_jax.lab.config import NOT_IN_CONFIG
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(NOT_IN_CONFIG)
     assert set(base_config().model.keys()) == fields | {"type"}
     config = apply_overrides(load_config(SMOKE), {"model.head_size": "8", "model.attn_scale": "0.5"})
     mc = model_config(config, vocab_size=7)
     assert (mc.vocab_size, mc.head_size, mc.head_dim, mc.attn_scale) == (7, 8, 8, 0.5)  # "0.5" read as a number
+    assert (mc.causal, mc.param_dtype) == (True, "float32")
     with pytest.raises(ConfigError, match=r"^model\.pos_encoding"):  # the field named by its config key
         model_config(apply_overrides(load_config(SMOKE), {"model.pos_encoding": "alibi"}), vocab_size=7)

@@ -40,6 +40,8 @@ def test_the_core_requires_jax_flax_and_numpy_only(installed):
     extras = {r.split("extra ==")[1].strip().strip('"') for r in requires if "extra ==" in r}
     assert extras == {"experiments", "torch", "dev"}
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "experiments/", "configs/"))]
+    # typed (PEP 561: type checkers read the package's hints), and the NNX twins ship beside the core
+    assert {"attention_jax/py.typed", "attention_jax/nnx.py"} <= set(names)
 
 
 @pytest.mark.slow

@@ -37,3 +37,23 @@ def test_greedy_sampling_is_deterministic_and_bad_prompts_are_refused(run):
         sample_text(run, "", max_new_tokens=1)
     with pytest.raises(ValueError, match="character 'Z' is not in the tokenizer"):
         sample_text(run, "Zebra", max_new_tokens=1)
+
+
+def test_sampling_decodes_with_the_kv_cache(run, monkeypatch):
+    """experiments.sample decodes with the cache (generate's default path; calls are recorded, not
+    traced, so a program compiled by another test cannot hide them), and within the block the text
+    is the full-window path's, token for token."""
+    from attention_jax.lab import sampling
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("use_cache", True))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", recording)
+    text = sample_text(run, "the", max_new_tokens=5, temperature=0.0)  # 3 + 5 <= block_size 8
+    assert calls == [True]
+    tokens = jnp.asarray(run.tokenizer.encode("the"))[None]
+    full = generate(run.model, run.params(0), tokens, 5, jax.random.key(0), 0.0, use_cache=False)
+    assert text == run.tokenizer.decode(full[0])

@@ -1,0 +1,493 @@
+"""NNX twins of the Linen modules: ``Head``, ``MultiHeadAttention``, ``Block``, ``TransformerLM``.
+
+    from attention_jax import nnx as ajx        # not imported by ``import attention_jax``
+    model = ajx.TransformerLM(model_config, rngs=flax.nnx.Rngs(0))
+    logits = model(tokens)                       # (..., T) -> (..., T, V)
+
+The same options as the Linen modules (scale rules, positions, qk_norm,
+attention_impl, masks, cross-attention, the decode cache), over the same pure
+functions (:mod:`attention_jax.attention`: projections, the cache, attention);
+these classes only own parameters, norms, dropout and where the cache lives.
+Parameters have the Linen names, so ``nnx.state(model, nnx.Param)`` is the
+Linen parameter tree: ``from_linen(linen_module, params)`` and
+``to_linen(nnx_module)`` convert either way, and ``generate`` samples from an
+NNX model through its Linen twin (one compiled loop, the KV cache).
+
+NNX conventions: ``rngs=nnx.Rngs(...)`` at construction (``params`` for
+initialization, ``dropout`` for dropout); dropout is on until ``model.eval()``
+or ``deterministic=True``; ``decode`` is an attribute and a call argument (the
+call wins), and ``model.init_cache(...)`` must come before decoding; with
+``sow_weights`` (``model.set_attributes(sow_weights=True)``) the attention
+weights of the dense path are sown as ``nnx.Intermediate``
+``attention_weights``: ``logits, inter = nnx.capture(model,
+nnx.Intermediate)(tokens)``. It is off by default because a sow outside
+``nnx.capture`` mutates the model (and Flax 0.12 deprecates it), which plain
+``jax.grad``/``jax.jit`` over a call refuse.
+
+This module imports ``flax.nnx``, which imports optax: that is why
+``import attention_jax`` does not import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike, DTypeLike
+
+from attention_jax import attention, layers, model
+from attention_jax.attention import ScaleLike
+from attention_jax.generate import generate as _generate_linen
+from attention_jax.layers import check_attention_options, check_call, core_options, default_init
+from attention_jax.model import ModelConfig
+from attention_jax.positions import sinusoidal_encoding
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+__all__ = ["AddPositions", "Block", "FeedForward", "Head", "MultiHeadAttention", "TransformerLM"]
+__all__ += ["from_linen", "generate", "to_linen"]
+
+
+class _Attention(nnx.Module):
+    """What Head and MultiHeadAttention share: the dense-path hook, the q/k norms and the decode cache."""
+
+    def _norms(self, q: Array, k: Array) -> tuple[Array, Array]:
+        return (self.query_norm(q), self.key_norm(k)) if self.qk_norm else (q, k)
+
+    def _hook(self, deterministic: bool | None) -> Callable[[Array], Array]:
+        def hook(w: Array) -> Array:
+            if self.sow_weights:  # a sow mutates the module: only on request, so plain jax.grad/jit work
+                self.sow(nnx.Intermediate, "attention_weights", w)
+            return self.dropout(w, deterministic=deterministic)
+
+        return hook
+
+    def _init_cache_for(self, k_shape: tuple[int, ...], dtype: DTypeLike) -> None:
+        shape = attention.cache_shape(jax.ShapeDtypeStruct(k_shape, dtype))
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def _attend(self, q, k, v, *, decode, mask, bias, deterministic):
+        cache = None
+        if decode:
+            if getattr(self, "cached_key", None) is None:
+                raise ValueError(f"{type(self).__name__}: decode needs a cache; call init_cache first")
+            cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        out, new = attention.attention_heads(
+            q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic), **core_options(self)
+        )
+        if new is not None:
+            self.cached_key[...], self.cached_value[...], self.cache_index[...] = new
+        return out
+
+
+def _attention_options(where, head_size, scale, pos_encoding, attention_impl):
+    check_attention_options(
+        where, head_size=head_size, scale=scale, pos_encoding=pos_encoding, attention_impl=attention_impl
+    )
+
+
+class Head(_Attention):
+    """One head of self-attention: (..., T, in_features) -> (..., T, head_size). The twin of ``layers.Head``.
+
+    Options as there: ``scale`` ``"sqrt"`` | ``"none"`` | ``"mup"`` | a number
+    or array; ``pos_encoding`` one of ``POS_ENCODINGS`` (only ``"rope"`` acts
+    here); ``attention_impl`` ``"dense"`` | ``"xla"`` | ``"cudnn"`` |
+    ``"blockwise"``; ``decode`` with ``init_cache``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        head_size: int,
+        *,
+        scale: ScaleLike = "sqrt",
+        causal: bool = True,
+        dropout_rate: float = 0.0,
+        qk_norm: bool = False,
+        pos_encoding: str = "none",
+        attention_impl: str = "dense",
+        decode: bool = False,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        kernel_init: Initializer = default_init,
+        sow_weights: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        _attention_options("Head", head_size, scale, pos_encoding, attention_impl)
+        # the options, by the Linen field names (to_linen reads them back)
+        self.head_size, self.scale, self.causal, self.dropout_rate = head_size, scale, causal, dropout_rate
+        self.qk_norm, self.pos_encoding, self.attention_impl = qk_norm, pos_encoding, attention_impl
+        self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
+        self.kernel_init, self.sow_weights = kernel_init, sow_weights
+        linear = lambda: nnx.Linear(  # noqa: E731
+            in_features,
+            head_size,
+            use_bias=False,
+            kernel_init=kernel_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.key, self.query, self.value = linear(), linear(), linear()
+        if qk_norm:
+            norm = lambda: nnx.LayerNorm(head_size, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+            self.query_norm, self.key_norm = norm(), norm()
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
+
+    def init_cache(self, batch_shape: int | tuple[int, ...], max_length: int, dtype: DTypeLike | None = None) -> None:
+        """Empty ``nnx.Cache`` variables for inputs (*batch_shape, T, C) of up to ``max_length`` tokens."""
+        batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        self._init_cache_for((*batch_shape, max_length, self.head_size), dtype or self.dtype)
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+    ) -> Array:
+        k, q, v = self.key(x), self.query(x), self.value(x)  # (..., T, D)
+        q, k = self._norms(q, k)
+        decode = self.decode if decode is None else decode
+        return self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic)
+
+
+class MultiHeadAttention(_Attention):
+    """The twin of ``layers.MultiHeadAttention``: (..., T, in_features) -> (..., T, out_features or in_features).
+
+    Cross-attention with ``inputs_kv`` (..., S, in_features); ``qkv_kernel``
+    (C, 3, H, D), ``proj_kernel`` (H, D, C'), ``proj_bias``; every option as
+    documented there (``scale``, ``causal``, ``pos_encoding``,
+    ``attention_impl`` ``"dense"`` | ``"xla"`` | ``"cudnn"`` | ``"blockwise"``,
+    ``decode``). Cache: ``init_cache(batch_shape, max_length)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        head_size: int,
+        *,
+        scale: ScaleLike = "sqrt",
+        causal: bool = True,
+        dropout_rate: float = 0.0,
+        qk_norm: bool = False,
+        pos_encoding: str = "none",
+        attention_impl: str = "dense",
+        out_features: int | None = None,
+        use_bias: bool = True,
+        decode: bool = False,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        kernel_init: Initializer = default_init,
+        out_init: Initializer = default_init,
+        sow_weights: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        attention.as_int("MultiHeadAttention.num_heads", num_heads)
+        _attention_options("MultiHeadAttention", head_size, scale, pos_encoding, attention_impl)
+        # the options, by the Linen field names (to_linen reads them back)
+        self.num_heads, self.head_size, self.scale, self.causal = num_heads, head_size, scale, causal
+        self.dropout_rate, self.qk_norm, self.pos_encoding = dropout_rate, qk_norm, pos_encoding
+        self.attention_impl, self.out_features, self.use_bias = attention_impl, out_features, use_bias
+        self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
+        self.kernel_init, self.out_init, self.sow_weights = kernel_init, out_init, sow_weights
+        C, H, D, C_out = in_features, num_heads, head_size, out_features or in_features
+        self.qkv_kernel = nnx.Param(kernel_init(rngs.params(), (C, 3, H, D), param_dtype))
+        self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
+        self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
+        if qk_norm:
+            norm = lambda: nnx.LayerNorm(D, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+            self.query_norm, self.key_norm = norm(), norm()
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
+
+    def init_cache(self, batch_shape: int | tuple[int, ...], max_length: int, dtype: DTypeLike | None = None) -> None:
+        """Empty ``nnx.Cache`` variables for inputs (*batch_shape, T, C) of up to ``max_length`` tokens."""
+        batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        self._init_cache_for((*batch_shape, self.num_heads, max_length, self.head_size), dtype or self.dtype)
+
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+    ) -> Array:
+        decode = self.decode if decode is None else decode
+        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.pos_encoding)
+        dtype = jnp.dtype(self.dtype)
+        q, k, v = attention.project_qkv(self.qkv_kernel[...], inputs_q, inputs_kv, dtype)  # (..., H, T, D)
+        q, k = self._norms(q, k)
+        out = self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic)
+        b_out = None if self.proj_bias is None else self.proj_bias[...]
+        y = attention.project_out(out, self.proj_kernel[...], b_out, dtype)
+        return self.dropout(y, deterministic=deterministic)  # (..., T, C')
+
+
+class FeedForward(nnx.Module):
+    """The twin of ``layers.FeedForward``: (..., T, C) -> fc -> GELU -> proj -> dropout."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        *,
+        dropout_rate: float = 0.0,
+        use_bias: bool = True,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        out_init: Initializer = default_init,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc = nnx.Linear(in_features, hidden, kernel_init=default_init, **kw)
+        self.proj = nnx.Linear(hidden, in_features, kernel_init=out_init, **kw)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
+        return self.dropout(self.proj(nnx.gelu(self.fc(x))), deterministic=deterministic)
+
+
+class AddPositions(nnx.Module):
+    """The twin of ``layers.AddPositions``: ``kind`` ``"learned"`` | ``"sinusoidal"`` | ``"rope"`` | ``"none"``."""
+
+    def __init__(self, kind: str, max_len: int, features: int, *, param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+        attention.check_choice("AddPositions.kind", kind, layers.POS_ENCODINGS)
+        self.kind, self.max_len = kind, max_len
+        if kind == "learned":
+            self.embedding = nnx.Param(default_init(rngs.params(), (max_len, features), param_dtype))
+        self.cache_index = nnx.data(None)
+
+    def init_cache(self) -> None:
+        if self.kind in ("learned", "sinusoidal"):
+            self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, x: Array, *, decode: bool = False) -> Array:
+        T, C = x.shape[-2:]
+        if self.kind not in ("learned", "sinusoidal"):
+            return x
+        start = 0
+        if decode:
+            if self.cache_index is None:
+                raise ValueError("AddPositions: decode needs a cache; call init_cache first")
+            start = self.cache_index[...]
+            self.cache_index[...] = start + T
+        if self.kind == "learned":
+            table = self.embedding[...]
+            rows = jax.lax.dynamic_slice_in_dim(table, start, T) if decode else table[:T]
+            return x + rows.astype(x.dtype)
+        return x + sinusoidal_encoding(T, C, offset=start).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """The twin of ``model.Block``: pre-LayerNorm x + attn(ln(x)), then x + mlp(ln(x)). (..., T, C) -> (..., T, C)."""
+
+    def __init__(self, model_config: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = self.model_config = model_config
+        attn, mlp = model.block_options(cfg)
+        norm = lambda: nnx.LayerNorm(  # noqa: E731
+            cfg.n_embd,
+            epsilon=1e-5,
+            use_bias=cfg.bias,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+        )
+        self.ln_attn = norm()
+        self.attn = MultiHeadAttention(cfg.n_embd, **attn, rngs=rngs)
+        self.ln_mlp = norm()
+        self.mlp = FeedForward(cfg.n_embd, **mlp, rngs=rngs)
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+    ) -> Array:
+        x = x + self.attn(self.ln_attn(x), mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+        return x + self.mlp(self.ln_mlp(x), deterministic=deterministic)
+
+
+class TransformerLM(nnx.Module):
+    """The twin of ``model.TransformerLM``: tokens (..., T) -> logits (..., T, V) float32, T <= block_size.
+
+    Decoding: ``model.init_cache(B, max_length)``, then ``model(tokens,
+    decode=True)`` feeds T new tokens at a time; positions continue from the
+    cache index.
+    """
+
+    def __init__(self, model_config: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = self.model_config = model_config
+        dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.token_embedding = nnx.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=default_init, param_dtype=pdt, rngs=rngs
+        )
+        self.positions = AddPositions(cfg.pos_encoding, cfg.block_size, cfg.n_embd, param_dtype=pdt, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        for i in range(cfg.n_layer):  # attributes block_0, block_1, ...: the Linen names
+            setattr(self, f"block_{i}", Block(cfg, rngs=rngs))
+        self.ln_final = nnx.LayerNorm(
+            cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=pdt, rngs=rngs
+        )
+        self.lm_head = nnx.data(None)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.n_embd,
+                cfg.vocab_size,
+                use_bias=cfg.bias,
+                kernel_init=default_init,
+                dtype=dtype,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+
+    def blocks(self) -> list[Block]:
+        return [getattr(self, f"block_{i}") for i in range(self.model_config.n_layer)]
+
+    def init_cache(self, batch_size: int, max_length: int | None = None) -> None:
+        """Empty caches in every attention layer (and the positions) for ``batch_size`` x ``max_length`` tokens."""
+        cfg = self.model_config
+        max_length = attention.as_int("max_length", max_length or cfg.block_size)
+        if max_length > cfg.block_size:
+            raise ValueError(f"max_length {max_length} exceeds block_size {cfg.block_size}")
+        self.positions.init_cache()
+        for block in self.blocks():
+            block.attn.init_cache(attention.as_int("batch_size", batch_size), max_length)
+
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool | None = None,
+        decode: bool = False,
+    ) -> Array:
+        cfg = self.model_config
+        if tokens.shape[-1] > cfg.block_size:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds block_size {cfg.block_size}")
+        x = self.positions(self.token_embedding(tokens), decode=decode)  # (..., T, C)
+        x = self.dropout(x, deterministic=deterministic).astype(jnp.dtype(cfg.dtype))
+        for block in self.blocks():
+            x = block(x, mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+        x = self.ln_final(x)
+        if self.lm_head is None:
+            logits = self.token_embedding.attend(x.astype(jnp.float32))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)  # (..., T, V)
+
+
+# ---------------------------------------------------------------------------
+# Linen <-> NNX
+# ---------------------------------------------------------------------------
+
+
+def _layer_fields(module: nn.Module) -> dict[str, Any]:
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+
+
+def _twin_of_linen(module: nn.Module, params: Any, rngs: nnx.Rngs) -> nnx.Module:
+    if isinstance(module, (model.TransformerLM, model.Block)):
+        twin = TransformerLM if isinstance(module, model.TransformerLM) else Block
+        return twin(module.model_config, rngs=rngs)
+    if isinstance(module, layers.MultiHeadAttention):
+        return MultiHeadAttention(params["qkv_kernel"].shape[0], **_layer_fields(module), rngs=rngs)
+    if isinstance(module, layers.Head):
+        return Head(params["key"]["kernel"].shape[0], **_layer_fields(module), rngs=rngs)
+    raise TypeError(
+        f"from_linen converts Head, MultiHeadAttention, Block and TransformerLM, got {type(module).__name__}"
+    )
+
+
+def _linen_twin(module: nnx.Module) -> nn.Module:
+    if isinstance(module, TransformerLM):
+        return model.TransformerLM(module.model_config)
+    if isinstance(module, Block):
+        return model.Block(module.model_config)
+    linen_type = {MultiHeadAttention: layers.MultiHeadAttention, Head: layers.Head}.get(type(module))
+    if linen_type is None:
+        raise TypeError(
+            f"to_linen converts Head, MultiHeadAttention, Block and TransformerLM, got {type(module).__name__}"
+        )
+    names = [f.name for f in dataclasses.fields(linen_type) if f.name not in ("parent", "name")]
+    return linen_type(**{name: getattr(module, name) for name in names})
+
+
+def _paths(tree: Any) -> set[tuple]:
+    return {tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def from_linen(linen_module: nn.Module, params: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """The NNX twin of a Linen ``Head``, ``MultiHeadAttention``, ``Block`` or ``TransformerLM`` with ``params``.
+
+    ``rngs`` (with a ``params`` stream, used and then overwritten) seeds the
+    twin's dropout (default ``nnx.Rngs(0)``). Raises
+    ``ValueError`` naming the parameters that do not match the twin's.
+    """
+    params = params.get("params", params) if isinstance(params, dict) and set(params) == {"params"} else params
+    twin = _twin_of_linen(linen_module, params, rngs or nnx.Rngs(0))
+    state = nnx.state(twin, nnx.Param)
+    want, got = _paths(nnx.to_pure_dict(state)), _paths(params)
+    if want != got:
+        raise ValueError(
+            f"params do not fit {type(linen_module).__name__}: missing {sorted(want - got)}, "
+            f"unexpected {sorted(got - want)}"
+        )
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
+    nnx.update(twin, state)
+    return twin
+
+
+def to_linen(nnx_module: nnx.Module) -> tuple[nn.Module, Any]:
+    """``(linen_module, params)``: the Linen twin of an NNX module of this package, and its weights."""
+    linen_module = _linen_twin(nnx_module)
+    return linen_module, nnx.to_pure_dict(nnx.state(nnx_module, nnx.Param))
+
+
+def generate(
+    model: TransformerLM,
+    tokens: ArrayLike,
+    max_new_tokens: int,
+    key: Array,
+    temperature: float | ArrayLike = 1.0,
+    top_k: int | None = None,
+    *,
+    use_cache: bool | None = None,
+    refill_to: int | None = None,
+) -> Array:
+    """``attention_jax.generate`` for an NNX ``TransformerLM``: (B, T0) -> (B, T0 + max_new_tokens).
+
+    Runs the Linen twin with the model's current weights (the same compiled
+    loop and KV cache); the NNX model itself is left untouched.
+    """
+    linen_module, params = to_linen(model)
+    return _generate_linen(
+        linen_module,
+        params,
+        tokens,
+        max_new_tokens,
+        key,
+        temperature,
+        top_k,
+        use_cache=use_cache,
+        refill_to=refill_to,
+    )
