@@ -36,9 +36,12 @@ Variants (the ``:ARG`` suffix):
 
 The tuned question (``tuned``, ``tuned_cpu``, ``tuned_smoke``): the learning rate tuned per
 arm and head size, at a horizon 4x (cpu) or 8x (accelerator) the 250 steps of ``cpu``.
-Every point is (arm, D, learning rate) with 3 seeds; the points of one (arm, D) differ
-only in learning_rate and min_lr, so the sweep trains each (arm, D) as one population
-in one compiled program (attention_jax.lab.population).
+Every point is (arm, D, learning rate) with 3 seeds. Points that differ only in
+learning_rate, min_lr and the attention scale (a number once D is fixed) train as one
+population in one compiled program (attention_jax.lab.population): one program per
+(D, qk_norm), since QK-norm adds parameters. (The tuned_cpu results in docs/ablations.md
+were trained one program per (arm, D), before the scale could ride the member axis;
+grouping changes no number beyond float noise: tests/lab/test_sweep.py.)
   tuned       accelerator: the model of (none), 2000 steps, designs a and b,
               D in {8, ..., 128}, 6 learning rates 5e-4 ... 1.6e-2 (factor 2).
               Prepared for a GPU: benchmarks/gpu_population.py runs it.

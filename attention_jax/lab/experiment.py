@@ -51,7 +51,8 @@ class Experiment:
     train_data: Array  # (N_train,) int32 token ids, replicated
     val_data: Array  # (N_val,)
     members: list[population.Member]
-    member_inputs: dict[str, Any]  # {"key": (M,) PRNG keys, "hparams": {name: (M,) float32}}
+    # {"key": (M,) PRNG keys, "hparams": {name: (M,) float32}, and "attn_scale": (M,) when members differ in it}
+    member_inputs: dict[str, Any]
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, text: str | None = None) -> Experiment:
@@ -75,6 +76,9 @@ class Experiment:
             "key": jnp.stack([jax.random.key(m.seed) for m in pop]),
             "hparams": {k: jnp.asarray(v) for k, v in population.hparams(config, pop).items()},
         }
+        scales = population.attention_scales(config, pop, mcfg.head_dim)
+        if scales is not None:  # the members' scales differ: each one's is a runtime number
+            member_inputs["attn_scale"] = jnp.asarray(scales)
         return cls(
             config=config,
             tokenizer=tokenizer,
@@ -182,17 +186,24 @@ def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
         batch_sharding=exp.batch_sharding,
     )
     all_members = _over_members(exp, one_member, (0, 0, None))
-    keys = exp.member_inputs["key"]
+    members = exp.member_inputs
 
     def evaluate(params):
-        return {"train": all_members(params, keys, exp.train_data), "val": all_members(params, keys, exp.val_data)}
+        return {
+            "train": all_members(params, members, exp.train_data),
+            "val": all_members(params, members, exp.val_data),
+        }
 
     return jax.jit(evaluate)
 
 
 def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
     """Loss over the whole split ``data`` of every member's params -> (M,); see ``steps.full_split_loss``."""
-    one_member = functools.partial(
-        steps.full_split_loss, model=exp.model, batch_size=exp.config.batch_size, block_size=exp.model_config.block_size
-    )
-    return jax.jit(_over_members(exp, one_member, (0, None)))(params, data)
+
+    def one_member(params, member, data):
+        return steps.full_split_loss(
+            params, data, model=exp.model, batch_size=exp.config.batch_size,
+            block_size=exp.model_config.block_size, member=member,
+        )  # fmt: skip
+
+    return jax.jit(_over_members(exp, one_member, (0, 0, None)))(params, exp.member_inputs, data)

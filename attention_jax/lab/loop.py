@@ -167,12 +167,12 @@ class Programs:
 
     def healthy(self, state: steps.TrainState) -> np.ndarray:
         """(num_members,) bool: whether each member's state is fit to checkpoint (``health_program``)."""
-        keys = self.exp.member_inputs["key"]
+        members = self.exp.member_inputs
         if self.health is None:
             t0 = time.perf_counter()
-            self.health = health_program(self.exp).lower(state, keys).compile()
+            self.health = health_program(self.exp).lower(state, members).compile()
             self.compile_seconds += time.perf_counter() - t0
-        return np.asarray(jax.device_get(self.health(state, keys)))
+        return np.asarray(jax.device_get(self.health(state, members)))
 
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
         """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays).
@@ -229,7 +229,7 @@ def stop_at_safe_point() -> Iterator[None]:
 
 
 def health_program(exp: ex.Experiment):
-    """A jitted function (state, member keys) -> (M,) bool: finite parameters and a finite loss on
+    """A jitted function (state, member inputs) -> (M,) bool: finite parameters and a finite loss on
     the batch each member's next step trains on (that step's own loss: same keys, same dropout).
 
     Finite parameters alone are not enough: a learning rate far too high
@@ -237,11 +237,11 @@ def health_program(exp: ex.Experiment):
     Costs one forward pass per checkpoint.
     """
 
-    def one_member(state: steps.TrainState, key) -> jax.Array:
-        data_key, dropout_key = steps.step_keys(key, state.step)
+    def one_member(state: steps.TrainState, member) -> jax.Array:
+        data_key, dropout_key = steps.step_keys(member["key"], state.step)
         x, y = steps.batch(data_key, exp.train_data, exp.config.batch_size, exp.model_config.block_size,
                            exp.batch_sharding)  # fmt: skip
-        loss = steps.loss_fn(state.params, exp.model, x, y, dropout_key, False)
+        loss = steps.loss_fn(state.params, steps.member_model(exp.model, member), x, y, dropout_key, False)
         finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
         return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
 
@@ -285,7 +285,7 @@ def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[Output], c
     if int(np.asarray(jax.device_get(p.state.step))[0]) != p.step:
         return  # interrupted between the new state and the step count
     check = health_program(exp)
-    save_checkpoints(exp, p, outputs, checkpoints, lambda state: np.asarray(check(state, exp.member_inputs["key"])))
+    save_checkpoints(exp, p, outputs, checkpoints, lambda state: np.asarray(check(state, exp.member_inputs)))
     print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
 
 
@@ -561,8 +561,9 @@ def write_samples(exp: ex.Experiment, p: Progress, outputs: list[Output], writer
     texts = [""] * exp.num_members
     for i in sorted(i for o in outputs for i in o.members):
         params = jax.tree_util.tree_map(lambda a: a[i], p.state.params)
-        key = jax.random.fold_in(exp.member_inputs["key"][i], steps.SAMPLE)
-        out = generate(exp.model, params, prompt, n, key, temperature=1.0)
+        member = jax.tree_util.tree_map(lambda a: a[i], exp.member_inputs)
+        key = jax.random.fold_in(member["key"], steps.SAMPLE)
+        out = generate(steps.member_model(exp.model, member), params, prompt, n, key, temperature=1.0)
         texts[i] = exp.tokenizer.decode(out[0])
     if writer:
         for o in outputs:

@@ -29,11 +29,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from attention_jax.attention import resolve_scale
 from attention_jax.lab.config import ConfigError, apply_overrides, flat_keys, get, unknown_key_message, validate
 from attention_jax.lab.steps import HPARAM_KEYS
 
-# Config keys a member may set: the seed and the runtime scalars of the optimizer and its schedule.
-MEMBER_KEYS = ("seed", *HPARAM_KEYS)
+# Config keys a member may set: the seed, the runtime scalars of the optimizer and its schedule, and
+# the attention scale (a rule or a number: with the head size fixed, every rule is a number).
+MEMBER_KEYS = ("seed", *HPARAM_KEYS, "model.attn_scale")
 _LOOP_KEYS = (
     "num_seeds", "max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_every", "steps_per_call",
     "sample_tokens", "grad_clip", "distributed", "population",
@@ -77,9 +79,11 @@ def _check_member_key(key: str, valid: list[str]) -> None:
     if key not in valid:
         raise ConfigError("population: " + unknown_key_message(key, valid))
     if key.startswith("model.") or key in ("batch_size", "data.dataset", "data.train_fraction"):
+        # model.dropout too: Flax's Dropout takes its rate as a Python number (it branches on it).
         raise ConfigError(
-            f"population: '{key}' changes the shapes or the data of the program; members of one population "
-            f"share them (vary it across sweep points instead). Members may vary: {', '.join(MEMBER_KEYS)}"
+            f"population: '{key}' is part of the compiled program (shapes, structure, data or a static value); "
+            f"members of one population share it (vary it across sweep points instead). Members may vary: "
+            f"{', '.join(MEMBER_KEYS)}"
         )
     why = "it sets the loop" if key in _LOOP_KEYS else "it is not a per-member value"
     raise ConfigError(
@@ -125,6 +129,21 @@ def hparams(config: ml_collections.ConfigDict, pop: list[Member]) -> dict[str, n
     return {
         key: np.asarray([float(m.values.get(key, get(config, key))) for m in pop], np.float32) for key in HPARAM_KEYS
     }
+
+
+def attention_scales(config: ml_collections.ConfigDict, pop: list[Member], head_dim: int) -> np.ndarray | None:
+    """Each member's attention scale as a number (M,) float32, or None when every member has the config's."""
+    if not any("model.attn_scale" in m.values for m in pop):
+        return None
+    scales = []
+    for m in pop:
+        value = m.values.get("model.attn_scale", config.model.attn_scale)
+        try:
+            value = float(value)  # a number given as text, as on the command line
+        except (TypeError, ValueError):
+            pass
+        scales.append(resolve_scale(value, head_dim))
+    return np.asarray(scales, np.float32)
 
 
 def mesh_shape(num_members: int, device_count: int) -> tuple[int, int]:

@@ -1005,6 +1005,14 @@ class Run:
     def step(self, member: int = 0) -> int:
         return int(self.state.step[member])
 
+    def model_for(self, member: int = 0) -> nn.Module:
+        """The model of one member: ``model``, with the member's attention scale where a population sets it."""
+        pop = population.members(self.config)
+        scales = population.attention_scales(self.config, pop, self.model.model_config.head_dim)
+        if scales is None:
+            return self.model
+        return self.model.clone(model_config=self.model.model_config.replace(attn_scale=float(scales[member])))
+
 
 def load_run(workdir: str | os.PathLike, which: str = "latest") -> Run:
     """The config, model, tokenizer and state of a run's latest or best checkpoint; reads only.

@@ -24,5 +24,5 @@ def sample_text(
         raise ValueError("--prompt must not be empty")
     tokens = jnp.asarray(run.tokenizer.encode(prompt))[None]  # (1, T0)
     params = run.params(member)
-    out = generate(run.model, params, tokens, max_new_tokens, jax.random.key(seed), temperature, top_k)
+    out = generate(run.model_for(member), params, tokens, max_new_tokens, jax.random.key(seed), temperature, top_k)
     return run.tokenizer.decode(out[0])

@@ -11,7 +11,8 @@ a leading member axis of their arguments (``jax.vmap``), so the seeds of a run,
 or a whole population of models with their own optimizer values
 (:mod:`attention_jax.lab.population`), train in one compiled program. What
 makes one member differ from another enters as data, ``member = {"key": its
-PRNG key, "hparams": its optimizer scalars}``, never as a Python constant.
+PRNG key, "hparams": its optimizer scalars}`` (plus ``"attn_scale"`` when the
+members' attention scales differ), never as a Python constant.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ def batch(key: Array, data: Array, batch_size: int, block_size: int, sharding=No
     return jax.lax.with_sharding_constraint(x, sharding), jax.lax.with_sharding_constraint(y, sharding)
 
 
+def member_model(model: nn.Module, member: dict[str, Any]) -> nn.Module:
+    """``model``, with the member's own attention scale when it has one (a runtime number, see ``population``)."""
+    if "attn_scale" not in member:
+        return model
+    return model.clone(model_config=model.model_config.replace(attn_scale=member["attn_scale"]))
+
+
 def loss_fn(params: Any, model: nn.Module, x: Array, y: Array, dropout_key: Array, deterministic: bool) -> Array:
     """Mean next-token loss of ``model`` on (x, y)."""
     logits = model.apply({"params": params}, x, deterministic=deterministic, rngs={"dropout": dropout_key})
@@ -169,7 +177,7 @@ def train_step(
     """
     data_key, dropout_key = step_keys(member["key"], state.step)
     x, y = batch(data_key, data, batch_size, block_size, batch_sharding)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, model, x, y, dropout_key, False)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, member_model(model, member), x, y, dropout_key, False)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer(member["hparams"]).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -187,7 +195,7 @@ def train_step(
 
 def eval_loss(
     params: Any,
-    key: Array,
+    member: dict[str, Any],
     data: Array,
     *,
     model: nn.Module,
@@ -197,7 +205,8 @@ def eval_loss(
     batch_sharding=None,
 ) -> Array:
     """Mean loss over ``eval_iters`` fixed batches of ``data`` (the same batches at every evaluation) -> ()."""
-    eval_key = jax.random.fold_in(key, EVAL)
+    eval_key = jax.random.fold_in(member["key"], EVAL)
+    model = member_model(model, member)
 
     def one(i):
         x, y = batch(jax.random.fold_in(eval_key, i), data, batch_size, block_size, batch_sharding)
@@ -206,12 +215,22 @@ def eval_loss(
     return jnp.mean(jax.lax.map(one, jnp.arange(eval_iters)))
 
 
-def full_split_loss(params: Any, data: Array, *, model: nn.Module, batch_size: int, block_size: int) -> Array:
+def full_split_loss(
+    params: Any,
+    data: Array,
+    *,
+    model: nn.Module,
+    batch_size: int,
+    block_size: int,
+    member: dict[str, Any] | None = None,
+) -> Array:
     """Mean loss over a whole split, as non-overlapping windows of block_size -> ().
 
     Unlike the ``eval_iters`` random-crop estimate, this has no sampling
     noise: every token of the split (but the first) is predicted exactly once.
+    ``member`` (optional) gives the model its member's attention scale.
     """
+    model = member_model(model, member or {})
     T, B = block_size, batch_size
     n_windows = (data.shape[0] - 1) // T
     n_chunks = -(-n_windows // B)

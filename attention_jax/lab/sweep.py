@@ -371,7 +371,8 @@ def group_points(
 
 def group_config(configs: list) -> Any:
     """The config of one program for the points of ``configs``: the first, with a population entry per point."""
-    entries = tuple({"seed": c.seed, **{k: get(c, k) for k in population.HPARAM_KEYS}} for c in configs)
+    keys = [k for k in population.MEMBER_KEYS if k != "seed"]
+    entries = tuple({"seed": c.seed, **{k: get(c, k) for k in keys}} for c in configs)
     config = configs[0].copy_and_resolve_references()
     config.lock()
     return apply_overrides(config, {"population": entries})

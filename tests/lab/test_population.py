@@ -15,6 +15,7 @@ from attention_jax.lab import population
 from attention_jax.lab.config import ConfigError, apply_overrides, parse_override_args
 from attention_jax.lab.loop import train
 from attention_jax.lab.rundir import RunDir, load_run
+from attention_jax.lab.sampling import sample_text
 from attention_jax.lab.sweep import product, sweep
 from tests.helpers import ROOT
 
@@ -49,14 +50,20 @@ def test_members_are_entries_times_seeds_with_the_config_filling_in(tiny_config)
     np.testing.assert_allclose(hp["learning_rate"], [1e-3] * 4 + [3e-3] * 4, rtol=1e-6)
     np.testing.assert_allclose(hp["min_lr"], [c.min_lr] * 8, rtol=1e-6)  # not varied: the config's value
     assert pop[5].label() == "learning_rate=0.003,seed=1"
+    scales = population.attention_scales(tiny_config(population=({"model.attn_scale": "mup"}, {})), [
+        population.Member(0, 0, {"model.attn_scale": "mup"}), population.Member(1, 0, {"model.attn_scale": "0.5"}),
+        population.Member(2, 0, {})], head_dim=16)  # fmt: skip
+    np.testing.assert_allclose(scales, [1 / 16, 0.5, 16**-0.5], rtol=1e-6)  # rules as numbers; the config's sqrt
+    assert population.attention_scales(c, pop, head_dim=16) is None  # not varied: the model keeps its static scale
     assert [m.seed for m in population.members(tiny_config(num_seeds=3))] == [1337, 1338, 1339]  # plain run
 
 
 @pytest.mark.parametrize(
     "entry, match",
     [
-        ({"model.head_size": 8}, r"'model\.head_size' changes the shapes or the data"),
-        ({"batch_size": 8}, r"'batch_size' changes the shapes or the data"),
+        ({"model.head_size": 8}, r"'model\.head_size' is part of the compiled program"),
+        ({"model.dropout": 0.1}, r"'model\.dropout' is part of the compiled program"),
+        ({"batch_size": 8}, r"'batch_size' is part of the compiled program"),
         ({"max_iters": 5}, r"'max_iters' is the same for every member \(it sets the loop\)"),
         ({"learnig_rate": 1e-3}, r"population: unknown config key 'learnig_rate'; did you mean learning_rate"),
         ({"learning_rate": 1e-3, "min_lr": 1e-2}, r"population member 0 \(learning_rate=0\.001,min_lr=0\.01.*min_lr"),
@@ -83,18 +90,25 @@ def test_each_member_equals_a_separate_run_with_its_values(tmp_path, tiny_config
         {"learning_rate": 1e-3, "seed": 3},
         {"learning_rate": 4e-3, "weight_decay": 0.0, "warmup_iters": 0, "seed": 3},
         {"learning_rate": 2e-3, "min_lr": 2e-4, "beta2": 0.95, "seed": 9},
+        {"model.attn_scale": "none", "seed": 3},  # the attention scale a runtime number too
+        {"model.attn_scale": "mup", "learning_rate": 4e-3, "seed": 9},
     )
     config = tiny_config(**base, population=entries, **{"model.dropout": 0.1})
     summary = train(config, tmp_path / "pop", text=text, progress=False)
     assert summary["members"] == [{k: v for k, v in e.items() if k != "seed"} for e in entries]
+    one_model = train(tiny_config(**{**base, "max_iters": 0}), tmp_path / "zero", text=text, progress=False)
+    assert summary["params"] == one_model["params"]  # the parameters of one model, not of the population
     finals = []
     for i, member in enumerate(population.members(config)):
         alone = population.member_config(config, member)
         single = train(alone, tmp_path / f"alone{i}", text=text, progress=False)
+        if "model.attn_scale" in member.values:  # sampling a member uses its own scale
+            got = sample_text(load_run(tmp_path / "pop"), "the", max_new_tokens=6, temperature=0.0, member=i)
+            assert got == sample_text(load_run(tmp_path / f"alone{i}"), "the", max_new_tokens=6, temperature=0.0)
         assert_same_rows(rows_of(tmp_path / "pop", i), rows_of(tmp_path / f"alone{i}", 0))
         assert summary["final_val_loss"][i] == pytest.approx(single["final_val_loss"][0], rel=2e-5)
         finals.append(single["final_val_loss"][0])
-    assert len(set(finals)) == 3  # the members really differ: equality above is not one run compared with itself
+    assert len(set(finals)) == 5  # the members really differ: equality above is not one run compared with itself
 
 
 @pytest.mark.slow

@@ -157,16 +157,23 @@ def test_points_that_differ_only_in_member_values_are_grouped():
     groups = sw.group_points(SPEC, points, "/nonexistent-sweep-dir")
     assert sorted(p.index for g in groups for p in g) == [p.index for p in points]  # each point once
     multi = [g for g in groups if len(g) > 1]
-    # The learning-rate axis differs from its base point by learning_rate and min_lr only: one program each.
+    # Points that differ in the attention scale, the learning rate and min_lr only share one program:
+    # one per shape (the smoke sweep's qk_norm is off everywhere).
     lr_axis = ",learning_rate=0.003,min_lr=0.0003"
+    name = "attn_scale={},qk_norm=false,{}".format
     assert [[p.name for p in g] for g in multi] == [
-        [f"attn_scale={s},qk_norm=false,n_head=8", f"attn_scale={s},qk_norm=false,n_head=8{lr_axis}"]
-        for s in ("none", "sqrt")
+        [name(s, "n_head=8" + lr) for lr in ("", lr_axis) for s in ("none", "sqrt")],
+        *(
+            [name(s, shape) for s in ("none", "sqrt")]
+            for shape in ("n_head=4", "n_head=2,head_size=4", "n_head=2,head_size=8")
+        ),
     ]
+    assert len(groups) == len(multi) == 4
     configs = [sw.point_config(SPEC, p) for p in multi[0]]
     group = sw.group_config(configs)
-    assert [e["learning_rate"] for e in group.population] == [configs[0].learning_rate, 3e-3]
-    assert [e["min_lr"] for e in group.population] == [configs[0].min_lr, pytest.approx(3e-4)]
+    assert [e["model.attn_scale"] for e in group.population] == ["none", "sqrt", "none", "sqrt"]
+    assert [e["learning_rate"] for e in group.population] == [configs[0].learning_rate] * 2 + [3e-3] * 2
+    assert [e["min_lr"] for e in group.population] == [configs[0].min_lr] * 2 + [pytest.approx(3e-4)] * 2
     assert group.model.to_dict() == configs[0].model.to_dict() and group.num_seeds == configs[0].num_seeds
 
 
@@ -179,7 +186,7 @@ def _tree(folder):
 @pytest.mark.slow
 def test_a_grouped_sweep_writes_what_one_program_per_point_writes(tmp_path, small_text):
     text = small_text(3000)
-    points = [p for p in sw.load_sweep(SPEC) if "n_head=8" in p.name]  # two groups of two points
+    points = [p for p in sw.load_sweep(SPEC) if "n_head=8" in p.name]  # one program of four points
     grouped = sw.run_sweep(SPEC, points, tmp_path / "grouped", text=text)
     alone = sw.run_sweep(SPEC, points, tmp_path / "alone", text=text, group=False)
     assert grouped["counts"] == alone["counts"] == {"done": 4}
