@@ -66,34 +66,45 @@ def check_members_equal_separate_runs(variant: str) -> dict:
     return {"max_relative_difference": worst, "members": len(entries)}
 
 
-def tuned_grid(out: Path, deadline: float, variant: str, sweep_dir: Path = Path("/tmp/gpu_tuned")) -> dict:
+def pack_runs(sweep_dir: Path, out: Path) -> None:
+    """The sweep dir's small files (no checkpoints) as out/tuned_runs.tar.gz."""
     import tarfile
 
+    keep = {"config.json", "metrics.jsonl", "summary.json", "sweep_point.json", "status.json", "sweep.json"}
+    with tarfile.open(out / "tuned_runs.tar.gz", "w:gz") as tar:
+        for path in sorted(sweep_dir.rglob("*")):
+            if path.is_file() and path.name in keep:
+                tar.add(path, arcname=str(path.relative_to(sweep_dir.parent)))
+
+
+def tuned_grid(
+    out: Path, deadline: float, variant: str, report: dict, sweep_dir: Path = Path("/tmp/gpu_tuned")
+) -> dict:
+    """Design a of the tuned sweep, one program per (D, qk_norm), until ``deadline``; packed after each."""
     from attention_jax.lab import sweep as sw
 
     spec = f"configs/ablate_scale.py:{variant}"
     points = [p for p in sw.load_sweep(spec) if "model.head_size" not in p.overrides]  # design a
     sweep_dir.mkdir(parents=True, exist_ok=True)
     groups = sw.group_points(spec, points, sweep_dir)
-    # Head sizes in the order 8, 128, 32, 16, 64 (every arm of one D before the next D): a run cut short by
-    # the budget still compares all arms, at the extremes of D first.
+    # Head sizes in the order 8, 128, 32, 16, 64 (both programs of one D before the next D): a run cut
+    # short by the budget still compares all arms, at the extremes of D first.
     rank = {8: 0, 128: 1, 32: 2, 16: 3, 64: 4}
-    heads = {g[0].name: sw.point_config(spec, g[0]).model for g in groups}
-    groups.sort(key=lambda g: rank.get(heads[g[0].name].n_embd // heads[g[0].name].n_head, 5))
+    model = {g[0].name: sw.point_config(spec, g[0]).model for g in groups}
+    groups.sort(key=lambda g: rank.get(model[g[0].name].n_embd // model[g[0].name].n_head, 5))
     done = []
     for group in groups:
         if time.time() > deadline:
             break
         t0 = time.time()
         records = sw.run_group(spec, group, sweep_dir, progress=False)
-        done.append({"points": [r["name"] for r in records], "status": [r["status"] for r in records],
+        done.append({"points": len(records), "status": sorted({r["status"] for r in records}),
+                     "head_size": model[group[0].name].n_embd // model[group[0].name].n_head,
                      "seconds": round(time.time() - t0, 1)})  # fmt: skip
-    sw.write_status(sweep_dir, points)
-    keep = {"config.json", "metrics.jsonl", "summary.json", "sweep_point.json", "status.json", "sweep.json"}
-    with tarfile.open(out / "tuned_runs.tar.gz", "w:gz") as tar:
-        for path in sorted(sweep_dir.rglob("*")):
-            if path.is_file() and path.name in keep:
-                tar.add(path, arcname=str(path.relative_to(sweep_dir.parent)))
+        sw.write_status(sweep_dir, points)
+        pack_runs(sweep_dir, out)
+        log(report, "tuned_grid_progress", {"programs_done": len(done), "programs_total": len(groups),
+                                            "programs": done}, out)  # fmt: skip
     return {"programs_done": len(done), "programs_total": len(groups), "programs": done}
 
 
@@ -130,7 +141,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001
         log(report, "population_speed_failed", traceback.format_exc()[-1500:], out)
     try:
-        log(report, "tuned_grid", tuned_grid(out, start + args.budget, tuned_variant), out)
+        log(report, "tuned_grid", tuned_grid(out, start + args.budget, tuned_variant, report), out)
     except Exception:  # noqa: BLE001
         log(report, "tuned_grid_failed", traceback.format_exc()[-1500:], out)
     log(report, "script_seconds", round(time.time() - start, 1), out)
