@@ -152,7 +152,19 @@ def error_line(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {first} (set ATTENTION_JAX_DEBUG=1 for the traceback)"
 
 
-def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+INTERRUPTED = "interrupted"
+INTERRUPTED_RESUMABLE = "interrupted; rerun the same command to resume from the last checkpoint"
+
+
+def main_wrapper(main: Callable[[list[str] | None], int | None] | None = None, *, interrupted: str = INTERRUPTED):
+    """Decorate a command: every failure becomes one line and its exit status (module docstring).
+
+    ``interrupted`` is the line printed on Ctrl-C; commands that resume (train,
+    sweep) say so, the others only that they stopped. Use bare or with the keyword.
+    """
+    if main is None:
+        return functools.partial(main_wrapper, interrupted=interrupted)
+
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         enable_compilation_cache()
@@ -163,11 +175,11 @@ def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[li
         try:
             return main(argv) or 0
         except KeyboardInterrupt:
-            print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+            print(interrupted, file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - every failure: one line and its documented code
             if any(isinstance(x, KeyboardInterrupt) for x in (e.__cause__, e.__context__)):  # Ctrl-C inside C code
-                print("interrupted", file=sys.stderr)
+                print(interrupted, file=sys.stderr)
                 return EXIT_INTERRUPTED
             print(error_line(e), file=sys.stderr)
             return exit_code(e)

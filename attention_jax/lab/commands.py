@@ -31,7 +31,7 @@ def default_workdir(spec: str) -> str:
     return str(Path("runs") / run_name(spec))
 
 
-@cli.main_wrapper
+@cli.main_wrapper(interrupted=cli.INTERRUPTED_RESUMABLE)
 def train(argv=None):
     """Train a model from a config file; the same command on the same workdir resumes it."""
     parser = cli.ArgumentParser(prog="attention-jax-train", description=train.__doc__)
@@ -95,7 +95,7 @@ def sample(argv=None):
     sys.stdout.write(text + "\n")
 
 
-@cli.main_wrapper
+@cli.main_wrapper(interrupted=cli.INTERRUPTED_RESUMABLE)
 def sweep(argv=None):
     """Run the points of a sweep defined by a config file's get_sweep(arg).
 

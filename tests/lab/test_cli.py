@@ -29,7 +29,7 @@ def command(exc):
         (ValueError("--steps must be >= 1"), cli.EXIT_BAD_INPUT, "error: --steps must be >= 1"),
         (TrainingDiverged("loss became NaN/Inf at step 3"), cli.EXIT_DIVERGED, "error: loss became NaN/Inf at step 3"),
         (RuntimeError("boom"), 1, "error: RuntimeError: boom (set ATTENTION_JAX_DEBUG=1 for the traceback)"),
-        (KeyboardInterrupt(), 130, "interrupted; rerun the same command to resume"),
+        (KeyboardInterrupt(), 130, "interrupted"),
         # System faults: exit 4, the file and the cause; from orbax/tensorstore too, which only quote the OS.
         (
             StorageFault(errno.ENOSPC, "/w/checkpoints/10", "the last good checkpoint is step 5"),
@@ -61,6 +61,19 @@ def test_failures_are_one_line_with_their_exit_status(exc, code, text, capsys, m
     assert command(exc)([]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(text)
+
+
+def test_ctrl_c_in_a_resumable_command_says_how_to_resume(capsys, monkeypatch):
+    """Train and sweep resume from a checkpoint; the others (sampling, a report) only stop, and say only that."""
+    monkeypatch.setenv("ATTENTION_JAX_CACHE_DIR", "off")
+    monkeypatch.delenv("ATTENTION_JAX_DEBUG", raising=False)
+
+    @cli.main_wrapper(interrupted=cli.INTERRUPTED_RESUMABLE)
+    def main(argv=None):
+        raise KeyboardInterrupt
+
+    assert main([]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines() == [cli.INTERRUPTED_RESUMABLE]
 
 
 def test_ctrl_c_caught_inside_c_code_is_still_an_interrupt(capsys, monkeypatch):

@@ -232,7 +232,9 @@ def test_ctrl_c_stops_training_at_a_checkpoint_and_the_resume_equals_an_uninterr
 
 def test_ctrl_c_stops_sampling_at_once(tmp_path, text_file):
     workdir = tmp_path / "w"
-    first = run_entry_point("train", *tiny_args(workdir, text_file, {"max_iters": 10, "eval_interval": 10}))
+    # A model large enough that a million cached decode steps take minutes (the tiny one decodes them in seconds).
+    big = {"max_iters": 2, "eval_interval": 2, "model.n_embd": 256, "model.n_layer": 4, "model.block_size": 64}
+    first = run_entry_point("train", *tiny_args(workdir, text_file, big))
     assert first.returncode == 0, first.stderr
     sampler = subprocess.Popen(
         [sys.executable, "-m", "experiments.sample", "--workdir", str(workdir), "--max_new_tokens", "1000000"],
