@@ -71,10 +71,14 @@ class Experiment:
         shape = population.mesh_shape(len(pop), jax.device_count())
         mesh = Mesh(np.array(jax.devices()).reshape(shape), ("population", "data"))
         replicated = NamedSharding(mesh, P())
+        # Replicated, from host values: the programs close over them (as constants), which
+        # processes can do only with arrays of which they hold a whole copy.
         member_inputs = {
-            "key": jnp.stack([jax.random.key(m.seed) for m in pop]),
-            "hparams": {k: jnp.asarray(v) for k, v in population.hparams(config, pop).items()},
+            "key": np.asarray(jax.random.key_data(jnp.stack([jax.random.key(m.seed) for m in pop]))),  # (M, 2)
+            "hparams": population.hparams(config, pop),
         }
+        member_inputs = jax.device_put(member_inputs, replicated)
+        member_inputs["key"] = jax.random.wrap_key_data(member_inputs["key"])
         return cls(
             config=config,
             tokenizer=tokenizer,
@@ -85,7 +89,7 @@ class Experiment:
             train_data=jax.device_put(train, replicated),
             val_data=jax.device_put(val, replicated),
             members=pop,
-            member_inputs=jax.device_put(member_inputs, NamedSharding(mesh, P("population"))),
+            member_inputs=member_inputs,
         )
 
     @property
@@ -119,6 +123,21 @@ class Experiment:
     def flops_per_step(self) -> float:
         """Model FLOPs of one optimizer step (forward + backward), all members."""
         return self.model.flops_per_token() * self.tokens_per_step
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy values of a tree of arrays, also of arrays whose shards live in other processes.
+
+    With several processes every one of them must call it (it gathers over them).
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +198,7 @@ def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
     def evaluate(params):
         return {"train": all_members(params, keys, exp.train_data), "val": all_members(params, keys, exp.val_data)}
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate, out_shardings=exp.replicated)  # replicated: every process reads the losses
 
 
 def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
@@ -187,4 +206,4 @@ def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
     one_member = functools.partial(
         steps.full_split_loss, model=exp.model, batch_size=exp.config.batch_size, block_size=exp.model_config.block_size
     )
-    return jax.jit(_over_members(exp, one_member, (0, None)))(params, data)
+    return jax.jit(_over_members(exp, one_member, (0, None)), out_shardings=exp.replicated)(params, data)

@@ -109,7 +109,8 @@ def restore_or_start(
     restored = [c.restore_latest(ex.abstract_state(exp, len(o.members))) for o, c in zip(outputs, checkpoints)]
     if all(r is None for r in restored):
         return Progress(ex.init_state(exp), 0, [math.inf] * M, [None] * M), False
-    steps_at = {o.run.path.name: (int(r[0].step[0]) if r is not None else 0) for o, r in zip(outputs, restored)}
+    steps_at = {o.run.path.name: (int(ex.to_host(r[0].step)[0]) if r is not None else 0)
+                for o, r in zip(outputs, restored)}  # fmt: skip
     if len(set(steps_at.values())) > 1:  # a group trains from one step: the sweep groups points by it
         raise ConfigError(f"the run directories of one program are at different steps: {steps_at}")
     state = _stitch(exp, outputs, [r[0] for r in restored])
@@ -121,7 +122,8 @@ def restore_or_start(
         best = c.restore_best(ex.abstract_state(exp, len(o.members)))
         # No best yet (killed before the first evaluation after step 0): a copy of the state, which gets donated.
         best_parts.append(best[0] if best is not None else jax.tree_util.tree_map(jnp.copy, part))
-    progress = Progress(state, int(state.step[0]), best_val, best_step, best_state=_stitch(exp, outputs, best_parts))
+    progress = Progress(state, int(ex.to_host(state.step)[0]), best_val, best_step,
+                        best_state=_stitch(exp, outputs, best_parts))  # fmt: skip
     return progress, True
 
 
@@ -263,8 +265,8 @@ def _loop(
     models = f" ({exp.num_members} models)" if exp.num_members > 1 else ""
     print(f"compiled in {programs.compile_seconds:.1f} s; training from step {p.step} to {config.max_iters}{models}",
           file=sys.stderr)  # fmt: skip
-    hparams = jax.device_get(exp.member_inputs["hparams"])
-    p.diverged = [int(d) for d in jax.device_get(p.state.diverged_at)]
+    hparams = ex.to_host(exp.member_inputs["hparams"])
+    p.diverged = [int(d) for d in ex.to_host(p.state.diverged_at)]
     if p.step == 0:
         evaluate(exp, programs, p, outputs, metrics)
     bar = progress_bar(config.max_iters, p.step, enabled=progress)
@@ -279,7 +281,7 @@ def _loop(
             timing.train_seconds += dt
             tokens_since, time_since = tokens_since + n * exp.tokens_per_step, time_since + dt
             bar.update(n)
-            p.diverged = [int(d) for d in jax.device_get(p.state.diverged_at)]
+            p.diverged = [int(d) for d in ex.to_host(p.state.diverged_at)]
             _stop_diverged_outputs(p, outputs, checkpoints)
             running = [k for k in range(len(outputs)) if k not in p.stopped]
             if at(p.step, config.log_interval, config):
@@ -417,8 +419,9 @@ def write_samples(exp: ex.Experiment, p: Progress, outputs: list[Output], writer
     prompt = jnp.asarray(exp.tokenizer.encode("\n" if "\n" in chars else chars[0]))[None]  # (1, 1)
     texts = [""] * exp.num_members
     for i in sorted(i for o in outputs for i in o.members):
-        params = jax.tree_util.tree_map(lambda a: a[i], p.state.params)
-        key = jax.random.fold_in(exp.member_inputs["key"][i], steps.SAMPLE)
+        # One member's params on this process (with several processes they may live on another's devices).
+        params = ex.to_host(jax.tree_util.tree_map(lambda a: a[i], p.state.params))
+        key = jax.random.fold_in(jax.random.key(exp.members[i].seed), steps.SAMPLE)  # = member_inputs["key"][i]
         out = generate(exp.model, params, prompt, n, key, temperature=1.0)
         texts[i] = exp.tokenizer.decode(out[0])
     if writer:
