@@ -128,17 +128,19 @@ def run_sweep(
     ray = import_ray()
     base_overrides = dict(base_overrides or {})
     all_points = list(all_points or points)
-    sweep_lib.write_sweep_file(spec, all_points, Path(sweep_dir), base_overrides)
-    t0 = time.time()
     programs = []
     for members in sweep_lib.group_points(spec, points, sweep_dir, base_overrides) if group else [[p] for p in points]:
         config = sweep_lib.point_config(spec, members[0], base_overrides)
         programs.append(Program(members, resources_of(config), config.ray.hosts, config.ray.max_retries))
     env = {k: v for k, v in os.environ.items() if k.startswith("ATTENTION_JAX_") or k in FORWARDED_ENV}
+    # Before this process starts JAX (the records below ask it for the process index): a local
+    # Ray instance is started by forking, which a process running JAX's threads should not do.
     ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False)
     task = ray.remote(max_calls=1)(run_program)  # a fresh process per task: JAX starts once per process
     args = (os.getcwd(), spec, str(sweep_dir), base_overrides)
     try:
+        sweep_lib.write_sweep_file(spec, all_points, Path(sweep_dir), base_overrides)
+        t0 = time.time()
         nodes = len([n for n in ray.nodes() if n["Alive"]])
         for program in programs:
             if program.hosts > nodes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,19 @@ needs_ray = pytest.mark.skipif(
 )
 
 MARKER = "ATTENTION_JAX_TEST_RAY"  # in the environment of every process a test here starts
+
+
+def ray_env(marker: str) -> dict:
+    """The environment of a test's Ray processes: the marker, and token authentication with a fresh token.
+
+    Ray serves on every interface of this machine, so the test cluster wants a
+    token; given here, Ray writes none into ~/.ray (a local ray.init() would).
+    """
+    env = dict(os.environ, **{MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("XLA_FLAGS", None)
+    return env
+
 
 SWEEP_CONFIG = """
 from attention_jax.lab.config import base_config, smoke
@@ -102,8 +116,7 @@ def cluster(tmp_path_factory):
     """A head and a worker node; yields (address, marker, env). Stopped, and checked gone, at the end."""
     root = tmp_path_factory.mktemp("ray")
     marker = uuid.uuid4().hex
-    env = dict(os.environ, **{MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
-    env.pop("XLA_FLAGS", None)
+    env = ray_env(marker)
     common = ["--block", "--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
     nodes = []
     try:
@@ -165,6 +178,7 @@ def test_a_sweep_on_ray_records_and_trains_what_the_local_backend_does(cluster, 
     assert local.returncode == on_ray.returncode == 1, on_ray.stderr  # 1: a point failed
     status = {name: read_json(tmp_path / name / "status.json") for name in ("local", "ray")}
     assert status["local"]["counts"] == status["ray"]["counts"] == {"done": 4, "failed": 1}
+
     def comparable(record: dict, sweep_dir: Path) -> dict:  # its own sweep dir in its command; no timing
         text = json.dumps({k: v for k, v in record.items() if k not in TIMING}).replace(str(sweep_dir), "DIR")
         return json.loads(text)
@@ -242,7 +256,7 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run(cluster, sweep_confi
 @needs_ray
 def test_without_an_address_the_sweep_starts_and_stops_its_own_ray(sweep_config, tmp_path, text_file):
     marker = uuid.uuid4().hex
-    env = dict(os.environ, **{MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
+    env = ray_env(marker)
     result = run_sweep(env, "--config", sweep_config, "--workdir", tmp_path / "ray", "--index", "1", "--backend", "ray")
     assert result.returncode == 0, result.stderr
     assert read_json(tmp_path / "ray" / "status.json")["counts"] == {"done": 1, "pending": 3}
