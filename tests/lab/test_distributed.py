@@ -142,8 +142,10 @@ def train_cmd(workdir, text_file, *extra) -> list[str]:
             f"--config.data.dataset={text_file}", "--no-progress", *RUN, *extra]  # fmt: skip
 
 
-def env_with_devices(n: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+def env_with_devices(n: int, port: int | None = None) -> dict:
+    """``n`` simulated CPU devices; with ``port``, process 0 serves on 127.0.0.1 only (JAX: all interfaces)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    return env if port is None else dict(env, JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
 
 
 def start_processes(workdir, text_file, *extra, heartbeat_s: int = 10) -> list[subprocess.Popen]:
@@ -155,7 +157,7 @@ def start_processes(workdir, text_file, *extra, heartbeat_s: int = 10) -> list[s
         subprocess.Popen(
             train_cmd(workdir, text_file, *group, f"--config.distributed.process_id={i}", *extra),
             cwd=ROOT,
-            env=env_with_devices(2),
+            env=env_with_devices(2, port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -285,12 +287,13 @@ def test_sigkill_of_one_process_stops_the_other_then_both_resume_to_the_uninterr
 ])  # fmt: skip
 def test_a_run_that_cannot_form_fails_within_the_timeout_with_one_line(tmp_path, text_file, process_id, pattern):
     """Process 1 with no coordinator; process 0 whose peer never comes."""
+    port = free_port()
     args = ["--config.distributed.enabled=true", "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={process_id}", "--config.distributed.join_timeout_s=3",
-            f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}"]  # fmt: skip
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}"]  # fmt: skip
     t0 = time.time()
-    result = subprocess.run(train_cmd(tmp_path / "w", text_file, *args), cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run(train_cmd(tmp_path / "w", text_file, *args), cwd=ROOT, env=env_with_devices(1, port),
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
     elapsed = time.time() - t0
     assert_one_line_error_result(result, pattern, code=1)
     assert elapsed < 3 + 15, elapsed  # the timeout, plus starting Python and importing JAX twice on a busy machine
