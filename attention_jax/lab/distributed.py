@@ -162,7 +162,7 @@ def _join_failed(s: Settings) -> None:
     where = s.coordinator_address
     if where is None:
         why = "the coordinator JAX detected did not gather every process"
-    elif s.process_id != 0 and not _answers(where):
+    elif s.process_id != 0 and not answers(where):
         why = f"nothing answers at the coordinator address {where} (is process 0 running there?)"
     else:
         n = s.num_processes if s.num_processes is not None else "all"
@@ -172,7 +172,8 @@ def _join_failed(s: Settings) -> None:
     os._exit(EXIT_LOST)
 
 
-def _answers(address: str) -> bool:
+def answers(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (within 2 s)."""
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()

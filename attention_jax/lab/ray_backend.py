@@ -26,12 +26,14 @@ runs all N again (that is a retry).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attention_jax.lab import distributed
 from attention_jax.lab import sweep as sweep_lib
 from attention_jax.lab.config import ConfigError
 
@@ -62,8 +64,6 @@ def run_program(cwd: str, spec: str, points: list, sweep_dir: str, base_override
                           "folder every node has (a shared file system, or the same clone everywhere)")  # fmt: skip
     os.chdir(cwd)  # relative paths (the config file, the sweep dir) mean what they mean to the driver
     if host is not None:
-        from attention_jax.lab import distributed
-
         base_overrides = {**base_overrides, "distributed.enabled": True,
                           **{f"distributed.{key}": value for key, value in host.items()}}  # fmt: skip
         distributed.initialize(distributed.settings(sweep_lib.point_config(spec, points[0], base_overrides)))
@@ -126,6 +126,9 @@ def run_sweep(
     Without ``address`` a local Ray instance is started, and stopped at the end.
     """
     ray = import_ray()
+    if address and re.fullmatch(r"[^:/]+:\d+", address) and not distributed.answers(address):
+        # Ray would retry a dead address for minutes, printing warnings.
+        raise ConfigError(f"--address {address}: no Ray cluster answers there (start one with ray start --head)")
     base_overrides = dict(base_overrides or {})
     all_points = list(all_points or points)
     programs = []

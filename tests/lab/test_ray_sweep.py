@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -274,3 +275,26 @@ def test_without_ray_installed_the_backend_says_how_to_get_it(monkeypatch, capsy
     with pytest.raises(SystemExit) as exit_:
         main(["--config", spec, "--address", "127.0.0.1:1", "--dry-run"])
     assert exit_.value.code == 2 and "--address needs --backend ray" in capsys.readouterr().err
+
+
+@needs_ray
+def test_an_address_where_no_cluster_answers_is_one_line_not_a_wait(tmp_path, capsys):
+    from attention_jax.lab.commands import sweep as main
+
+    args = ["--config", "configs/ablate_scale.py:smoke", "--workdir", str(tmp_path), "--index", "0"]
+    assert main([*args, "--backend", "ray", "--address", f"127.0.0.1:{free_port()}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: --address 127\.0\.0\.1:\d+: no Ray cluster answers there .*", line)
+
+
+def test_task_resources_come_from_the_ray_group():
+    from attention_jax.lab.config import ConfigError, apply_overrides, load_config
+    from attention_jax.lab.ray_backend import resources_of
+
+    config = load_config("configs/ablate_scale.py:smoke")
+    assert resources_of(config) == {"num_cpus": 1.0, "num_gpus": 0.0, "resources": {}}
+    apply_overrides(config, {"ray.tpu_chips": 4, "ray.num_cpus": 8})
+    assert resources_of(config) == {"num_cpus": 8.0, "num_gpus": 0.0, "resources": {"TPU": 4}}
+    for key, value in (("ray.num_gpus", -1), ("ray.hosts", 0)):
+        with pytest.raises(ConfigError, match=rf"{key}=-?\d+(\.0)?: must be"):
+            resources_of(apply_overrides(load_config("configs/ablate_scale.py:smoke"), {key: value}))
