@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = config_dict.placeholder(int)  # this one's index, 0 .. num_processes - 1
     c.distributed.join_timeout_s = 300  # not every process joined by then: one error line, exit 1
     # A process silent this long counts as dead and the others stop (JAX's default, 100 s); a dead
-    # process 0 is noticed at once.
+    # process 0, or one a collective was waiting on, is noticed at once.
     c.distributed.heartbeat_timeout_s = 100
     # Sweeps on a Ray cluster (experiments.sweep --backend ray): what each Ray task, one program of
     # the sweep (a point, or the points grouped into one population), asks the cluster for.

@@ -50,8 +50,8 @@ SWEEP_POINT = "sweep_point.json"
 
 # Keys that may differ between the config of a run and the config that resumes it.
 RESUMABLE_CHANGES = frozenset({"max_iters", "checkpoint_every", "log_interval", "steps_per_call", "sample_tokens"})
-# Where a run's processes run (each process has its own process_id) is not what it computes;
-# "distributed" itself was one True/False key before it became a group.
+# Where a run's processes run (each has its own process_id) and what a Ray task asks for are not
+# what the run computes; "distributed" itself was one True/False key before it became a group.
 DISTRIBUTED_KEYS = ("enabled", "coordinator_address", "num_processes", "process_id", "join_timeout_s",
                     "heartbeat_timeout_s")  # fmt: skip
 RESUMABLE_CHANGES |= {"distributed", *(f"distributed.{key}" for key in DISTRIBUTED_KEYS)}

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -91,20 +92,21 @@ FATAL = (
 def relay(*writes: bytes, pause: float = 0.0) -> tuple[bytes, bytes | None, list[str]]:
     """What ``_relay`` shows and returns for a child that writes ``writes`` (``pause`` s apart) and exits."""
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the "child": writes, then closes its end (EOF)
-        os.close(r)
+
+    def child():  # writes, then closes its end (EOF)
         for chunk in writes:
             os.write(w, chunk)
             time.sleep(pause)
-        os._exit(0)
-    os.close(w)
+        os.close(w)
+
+    writer = threading.Thread(target=child)
+    writer.start()
     out = io.BytesIO()
     try:
         fatal, errors = distributed._relay(r, out)
     finally:
+        writer.join()
         os.close(r)
-        os.waitpid(pid, 0)
     return out.getvalue(), fatal, errors
 
 
