@@ -85,7 +85,6 @@ def get_config(arg=None):
         return _tuned_config(arg)
     c = base_config()
     c.num_seeds = 3  # seeds seed, seed+1, seed+2 in one vmapped program per point
-    c.distributed = False  # True: jax.distributed.initialize() first (a point spanning several hosts)
     c.sample_tokens = 0  # no text sample at the end: the sweep reads metrics and checkpoints only
     c.model.dropout = 0.0  # dropout would blur the comparison of the arms
     if arg in (None, ""):

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from attention_jax.lab import cli
-from attention_jax.lab.config import apply_overrides, load_config, parse_override_args, run_name
+from attention_jax.lab import cli, distributed
+from attention_jax.lab.config import ConfigError, apply_overrides, load_config, parse_override_args, run_name
 
 # Sampling holds every generated id in one array and decodes it at the end; a bound keeps a typo
 # (1000000000) from running for hours and filling memory. 1M characters of the smoke model took
@@ -40,10 +40,8 @@ def train(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
     config = config_from_args(args.config, rest)
-    if config.get("distributed", False):  # pragma: no cover - multi-host only
-        import jax
-
-        jax.distributed.initialize()
+    if (status := distributed.launch(config, "train", argv)) is not None:  # supervised a child that trained
+        return status
     from attention_jax.lab.loop import train as train_loop
 
     train_loop(config, args.workdir or default_workdir(args.config), progress=not args.no_progress)
@@ -116,9 +114,19 @@ def sweep(argv=None):
         "--no-group",
         dest="group",
         action="store_false",
-        help="one program per point (default: points that differ only in seeds and optimizer values train together)",
+        help="one program per point (default: points that differ only in seed, optimizer scalars and attention scale "
+        "train together, one program per shape)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: the points one after another, here; ray: a Ray task per program (pip install attention_jax[ray])",
+    )
+    parser.add_argument("--address", help="with --backend ray: the cluster to use (default: start a local Ray)")
     args, rest = parser.parse_known_args(argv)
+    if args.address and args.backend != "ray":
+        parser.error("--address needs --backend ray")
     base_overrides = parse_override_args(rest)
 
     from attention_jax.lab import sweep as sweep_lib
@@ -136,21 +144,27 @@ def sweep(argv=None):
         print(sweep_lib.describe(chosen, sweep_dir))
         print(f"{len(chosen)} of {len(points)} points; sweep dir {sweep_dir}", file=sys.stderr)
         return 0
-    config = load_config(args.config)
-    if base_overrides.get("distributed", str(config.get("distributed", False))).lower() in ("true", "1", "yes"):
-        import jax  # pragma: no cover - multi-host only
+    # Before any other JAX call; with distributed.enabled every process runs this same command.
+    config = apply_overrides(load_config(args.config), base_overrides)
+    if args.backend == "ray":
+        if config.distributed.enabled:
+            raise ConfigError("with --backend ray, a point spans several hosts through ray.hosts, not distributed.*")
+        from attention_jax.lab import ray_backend
 
-        jax.distributed.initialize()  # before any other JAX call; every host runs this same command
-
-    status = sweep_lib.run_sweep(
-        args.config,
-        chosen,
-        sweep_dir,
-        all_points=points,
-        base_overrides=base_overrides,
-        progress=args.progress,
-        group=args.group,
-    )
+        kw = dict(all_points=points, base_overrides=base_overrides, group=args.group, address=args.address)
+        status = ray_backend.run_sweep(args.config, chosen, sweep_dir, **kw)
+    elif (status := distributed.launch(config, "sweep", argv)) is not None:  # supervised a child that ran it
+        return status
+    else:
+        status = sweep_lib.run_sweep(
+            args.config,
+            chosen,
+            sweep_dir,
+            all_points=points,
+            base_overrides=base_overrides,
+            progress=args.progress,
+            group=args.group,
+        )
     bad = [r for r in status["points"] if r["index"] in {p.index for p in chosen} and r["status"] not in ("done",)]
     print(f"sweep: {status['counts']} in {status['seconds']:.0f} s; status in {sweep_dir}/status.json", file=sys.stderr)
     return 1 if bad else 0

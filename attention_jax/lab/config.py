@@ -61,7 +61,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 250  # save the latest checkpoint every this many steps (and at the end)
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); same result, less dispatch
     c.sample_tokens = 500  # characters sampled into sample.txt at the end (0: none)
-    c.distributed = False  # True: jax.distributed.initialize() first (one run spanning several hosts)
+    # One run over the devices of several processes or hosts (jax.distributed; attention_jax/lab/distributed.py).
+    # Every process runs the same command. Empty values come from $JAX_COORDINATOR_ADDRESS,
+    # $JAX_NUM_PROCESSES and $JAX_PROCESS_ID, else from what JAX detects (Cloud TPU VM, SLURM, ...).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # True: join the other processes first
+    c.distributed.coordinator_address = ""  # "host:port" where process 0 serves the others
+    c.distributed.num_processes = config_dict.placeholder(int)  # processes in the run
+    c.distributed.process_id = config_dict.placeholder(int)  # this one's index, 0 .. num_processes - 1
+    c.distributed.join_timeout_s = 300  # not every process joined by then: one error line, exit 1
+    # A process silent this long counts as dead and the others stop (JAX's default, 100 s); a dead
+    # process 0, or one a collective was waiting on, is noticed at once.
+    c.distributed.heartbeat_timeout_s = 100
+    # Sweeps on a Ray cluster (experiments.sweep --backend ray): what each Ray task, one program of
+    # the sweep (a point, or the points grouped into one population), asks the cluster for.
+    c.ray = ml_collections.ConfigDict()
+    c.ray.num_cpus = 1.0  # CPU cores per task (Ray's bookkeeping: JAX uses every core the machine has)
+    c.ray.num_gpus = 0.0  # GPUs per task
+    c.ray.tpu_chips = 0  # TPU chips per task (Ray's "TPU" resource; a TPU VM host has 4 or 8)
+    c.ray.hosts = 1  # hosts per program: more than 1 runs it as one task per node, joined by jax.distributed
+    c.ray.max_retries = 3  # a task whose worker or node died runs again this often (resuming from its checkpoint)
     # Members trained together in one program, each with its own values: a tuple of dicts
     # ({"learning_rate": 3e-3, "seed": 0}, ...), each entry times num_seeds seeds; () = one entry,
     # the config itself. Only runtime values may differ (attention_jax.lab.population.MEMBER_KEYS).

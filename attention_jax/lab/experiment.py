@@ -72,13 +72,17 @@ class Experiment:
         shape = population.mesh_shape(len(pop), jax.device_count())
         mesh = Mesh(np.array(jax.devices()).reshape(shape), ("population", "data"))
         replicated = NamedSharding(mesh, P())
+        # Replicated, from host values: the programs close over them (as constants), which
+        # processes can do only with arrays of which they hold a whole copy.
         member_inputs = {
-            "key": jnp.stack([jax.random.key(m.seed) for m in pop]),
-            "hparams": {k: jnp.asarray(v) for k, v in population.hparams(config, pop).items()},
+            "key": np.asarray(jax.random.key_data(jnp.stack([jax.random.key(m.seed) for m in pop]))),  # (M, 2)
+            "hparams": population.hparams(config, pop),
         }
         scales = population.attention_scales(config, pop, mcfg.head_dim)
         if scales is not None:  # the members' scales differ: each one's is a runtime number
-            member_inputs["attn_scale"] = jnp.asarray(scales)
+            member_inputs["attn_scale"] = scales
+        member_inputs = jax.device_put(member_inputs, replicated)
+        member_inputs["key"] = jax.random.wrap_key_data(member_inputs["key"])
         return cls(
             config=config,
             tokenizer=tokenizer,
@@ -89,7 +93,7 @@ class Experiment:
             train_data=jax.device_put(train, replicated),
             val_data=jax.device_put(val, replicated),
             members=pop,
-            member_inputs=jax.device_put(member_inputs, NamedSharding(mesh, P("population"))),
+            member_inputs=member_inputs,
         )
 
     @property
@@ -194,7 +198,7 @@ def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
             "val": all_members(params, members, exp.val_data),
         }
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate, out_shardings=exp.replicated)  # replicated: every process reads the losses
 
 
 def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
@@ -206,4 +210,5 @@ def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
             block_size=exp.model_config.block_size, member=member,
         )  # fmt: skip
 
-    return jax.jit(_over_members(exp, one_member, (0, 0, None)))(params, exp.member_inputs, data)
+    program = jax.jit(_over_members(exp, one_member, (0, 0, None)), out_shardings=exp.replicated)
+    return program(params, exp.member_inputs, data)

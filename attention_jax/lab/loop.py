@@ -121,7 +121,8 @@ def restore_or_start(
     restored = [c.restore_latest(ex.abstract_state(exp, len(o.members))) for o, c in zip(outputs, checkpoints)]
     if all(r is None for r in restored):
         return Progress(ex.init_state(exp), 0, [math.inf] * M, [None] * M), False
-    steps_at = {o.run.path.name: (int(r[0].step[0]) if r is not None else 0) for o, r in zip(outputs, restored)}
+    steps_at = {o.run.path.name: (int(steps.to_host(r[0].step)[0]) if r is not None else 0)
+                for o, r in zip(outputs, restored)}  # fmt: skip
     if len(set(steps_at.values())) > 1:  # a group trains from one step: the sweep groups points by it
         raise ConfigError(f"the run directories of one program are at different steps: {steps_at}")
     state = _stitch(exp, outputs, [r[0] for r in restored])
@@ -134,7 +135,8 @@ def restore_or_start(
         best = c.restore_best(ex.abstract_state(exp, len(o.members)))
         # No best yet (killed before the first evaluation after step 0): a copy of the state, which gets donated.
         best_parts.append(best[0] if best is not None else jax.tree_util.tree_map(jnp.copy, part))
-    progress = Progress(state, int(state.step[0]), best_val, best_step, best_state=_stitch(exp, outputs, best_parts))
+    progress = Progress(state, int(steps.to_host(state.step)[0]), best_val, best_step,
+                        best_state=_stitch(exp, outputs, best_parts))  # fmt: skip
     return progress, True
 
 
@@ -172,7 +174,7 @@ class Programs:
             t0 = time.perf_counter()
             self.health = health_program(self.exp).lower(state, members).compile()
             self.compile_seconds += time.perf_counter() - t0
-        return np.asarray(jax.device_get(self.health(state, members)))
+        return steps.to_host(self.health(state, members))
 
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
         """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays).
@@ -245,7 +247,8 @@ def health_program(exp: ex.Experiment):
         finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
         return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
 
-    return jax.jit(steps.over_members(one_member, (0, 0), exp.num_members, mesh_axis="population"))
+    health = steps.over_members(one_member, (0, 0), exp.num_members, mesh_axis="population")
+    return jax.jit(health, out_shardings=exp.replicated)  # replicated: every process reads the verdict
 
 
 def save_checkpoints(
@@ -282,10 +285,10 @@ def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[Output], c
     leaves = jax.tree_util.tree_leaves(p.state)
     if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
         return  # interrupted inside a compiled call: the state was donated to it
-    if int(np.asarray(jax.device_get(p.state.step))[0]) != p.step:
+    if int(steps.to_host(p.state.step)[0]) != p.step:
         return  # interrupted between the new state and the step count
     check = health_program(exp)
-    save_checkpoints(exp, p, outputs, checkpoints, lambda state: np.asarray(check(state, exp.member_inputs)))
+    save_checkpoints(exp, p, outputs, checkpoints, lambda state: steps.to_host(check(state, exp.member_inputs)))
     print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
 
 
@@ -408,8 +411,8 @@ def _loop(
     models = f" ({exp.num_members} models)" if exp.num_members > 1 else ""
     print(f"compiled in {programs.compile_seconds:.1f} s; training from step {p.step} to {config.max_iters}{models}",
           file=sys.stderr)  # fmt: skip
-    hparams = jax.device_get(exp.member_inputs["hparams"])
-    p.diverged = [int(d) for d in jax.device_get(p.state.diverged_at)]
+    hparams = steps.to_host(exp.member_inputs["hparams"])
+    p.diverged = [int(d) for d in steps.to_host(p.state.diverged_at)]
     if p.step == 0:
         evaluate(exp, programs, p, outputs, metrics)
     bar = progress_bar(config.max_iters, p.step, enabled=progress)
@@ -424,7 +427,7 @@ def _loop(
             timing.train_seconds += dt
             tokens_since, time_since = tokens_since + n * exp.tokens_per_step, time_since + dt
             bar.update(n)
-            p.diverged = [int(d) for d in jax.device_get(p.state.diverged_at)]
+            p.diverged = [int(d) for d in steps.to_host(p.state.diverged_at)]
             _stop_diverged_outputs(p, outputs, checkpoints)
             running = [k for k in range(len(outputs)) if k not in p.stopped]
             if at(p.step, config.log_interval, config):
@@ -560,7 +563,9 @@ def write_samples(exp: ex.Experiment, p: Progress, outputs: list[Output], writer
     prompt = jnp.asarray(exp.tokenizer.encode("\n" if "\n" in chars else chars[0]))[None]  # (1, 1)
     texts = [""] * exp.num_members
     for i in sorted(i for o in outputs for i in o.members):
-        params = jax.tree_util.tree_map(lambda a: a[i], p.state.params)
+        # One member's params on this process (with several processes they may live on another's devices);
+        # its inputs (key, scale) are replicated, so every process holds them.
+        params = steps.to_host(jax.tree_util.tree_map(lambda a: a[i], p.state.params))
         member = jax.tree_util.tree_map(lambda a: a[i], exp.member_inputs)
         key = jax.random.fold_in(member["key"], steps.SAMPLE)
         out = generate(steps.member_model(exp.model, member), params, prompt, n, key, temperature=1.0)

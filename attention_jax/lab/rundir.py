@@ -57,7 +57,7 @@ import orbax.checkpoint as ocp
 from attention_jax.data import CharTokenizer
 from attention_jax.lab import population
 from attention_jax.lab.config import ConfigError, build_model, from_dict, model_config
-from attention_jax.lab.steps import TrainState, abstract_train_state, make_optimizer
+from attention_jax.lab.steps import TrainState, abstract_train_state, make_optimizer, to_host
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -74,6 +74,12 @@ DAMAGED = "damaged"
 
 # Keys that may differ between the config of a run and the config that resumes it.
 RESUMABLE_CHANGES = frozenset({"max_iters", "checkpoint_every", "log_interval", "steps_per_call", "sample_tokens"})
+# Where a run's processes run (each has its own process_id) and what a Ray task asks for are not
+# what the run computes; "distributed" itself was one True/False key before it became a group.
+DISTRIBUTED_KEYS = ("enabled", "coordinator_address", "num_processes", "process_id", "join_timeout_s",
+                    "heartbeat_timeout_s")  # fmt: skip
+RESUMABLE_CHANGES |= {"distributed", *(f"distributed.{key}" for key in DISTRIBUTED_KEYS)}
+RESUMABLE_CHANGES |= {f"ray.{key}" for key in ("num_cpus", "num_gpus", "tpu_chips", "hosts", "max_retries")}
 
 # Latest checkpoints kept: the newest, and one to fall back to when the newest is damaged.
 # Costs one more checkpoint of disk (params + AdamW moments: 12 bytes per parameter).
@@ -841,7 +847,7 @@ class Checkpoints:
         if step in manager.all_steps():  # same step, same deterministic state: nothing to do
             return
         self._check_workdir()
-        host = jax.device_get(state)
+        host = to_host(state)  # with several processes, every one of them computes the digest
         integrity = {"sha256": state_digest(host), "layout": state_layout(host)}
         meta = json_safe({**meta, "integrity": integrity})
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -850,6 +856,7 @@ class Checkpoints:
             manager.save(step, args=args)
             manager.wait_until_finished()
         except Exception as e:
+            self._check_workdir()  # the workdir vanished mid-save: that is the cause, whatever orbax says
             _raise_if_system_fault(e, Path(manager.directory) / str(step))
             raise
         finally:
@@ -915,7 +922,7 @@ class Checkpoints:
         except Exception as e:
             _raise_if_system_fault(e, folder / str(step))
             raise DamagedFile(f"arrays unreadable: {_first_line(e)}") from None
-        host = jax.device_get(state)
+        host = to_host(state)  # with several processes, every one of them computes the digest
         if "sha256" in integrity and state_digest(host) != integrity["sha256"]:
             raise DamagedFile("its arrays do not match the sha256 saved with them")
         diverged = meta.get("diverged") or []
@@ -1038,5 +1045,5 @@ def load_run(workdir: str | os.PathLike, which: str = "latest") -> Run:
     if restored is None:
         raise FileNotFoundError(f"no {which} checkpoint in {run.path} yet")
     state, _ = restored
-    diverged = [int(d) or None for d in np.asarray(jax.device_get(state.diverged_at))]
+    diverged = [int(d) or None for d in to_host(state.diverged_at)]
     return Run(config=config, model=model, tokenizer=tokenizer, state=state, diverged=diverged)

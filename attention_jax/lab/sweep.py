@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import sys
 import time
 import traceback
@@ -276,7 +277,8 @@ class _PointRecords:
     def start(self) -> None:
         self.run.create()
         self.t0 = time.time()
-        self.write(status="running", started=self.t0)
+        # Where it runs: which machine and process to look at (or kill) while it does.
+        self.write(status="running", started=self.t0, host=socket.gethostname(), pid=os.getpid())
 
     def finish(self, status: dict, log: Callable[[str], None]) -> dict:
         out = self.write(**status, seconds=round(time.time() - self.t0, 1))
@@ -424,6 +426,21 @@ def run_group(
     return [r.finish(status, log) for r, status in zip(records, statuses)]
 
 
+def write_sweep_file(spec: str, all_points: Sequence[Point], sweep_dir: Path, base_overrides: Overrides | None) -> None:
+    """``<sweep dir>/sweep.json``: the config, the sweep-wide overrides and every point (creates the sweep dir)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if _is_writer():
+        payload = {"config": spec, "base_overrides": base_overrides or {}, "points": [p.__dict__ for p in all_points]}
+        write_json(sweep_dir / SWEEP_FILE, payload)
+
+
+def record_failure(spec: str, point: Point, sweep_dir, base_overrides: Overrides | None, error: str) -> dict:
+    """Record ``point`` as failed from outside its run (a backend whose worker died), as ``run_point`` would."""
+    records = _PointRecords(spec, point, sweep_dir, base_overrides, resumed=False)
+    records.t0 = (records.run.read_point_record() or {}).get("started", records.t0)  # when its run started
+    return records.finish({"status": "failed", "error": error}, _log)
+
+
 def run_sweep(
     spec: str,
     points: Sequence[Point],
@@ -443,11 +460,8 @@ def run_sweep(
     that fails is recorded and the others still run.
     """
     sweep_dir = Path(sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     all_points = list(all_points or points)
-    if _is_writer():
-        payload = {"config": spec, "base_overrides": base_overrides or {}, "points": [p.__dict__ for p in all_points]}
-        write_json(sweep_dir / SWEEP_FILE, payload)
+    write_sweep_file(spec, all_points, sweep_dir, base_overrides)
     t0 = time.time()
     kw = dict(base_overrides=base_overrides, text=text, progress=progress)
     programs = (

@@ -1,0 +1,320 @@
+"""Sweeps on Ray (``experiments.sweep --backend ray``), on a Ray cluster these tests start themselves.
+
+The cluster is a head and a worker node on this machine (CPU only, one CPU
+each), started with ``ray start --block`` as a user starts one, and stopped
+at the end of the module. Every process of it (and of the drivers the tests
+run) carries an environment marker, so the module can check that none is
+left behind. Ray advertises this machine's network address, not 127.0.0.1
+(it replaces a loopback --node-ip-address by design); no dashboard is started.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from attention_jax.lab.rundir import RunDir, read_json
+from tests.helpers import ROOT, free_port
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None or shutil.which("ray") is None,
+    reason='Ray is an optional extra: pip install "attention_jax[ray]"',
+)
+
+MARKER = "ATTENTION_JAX_TEST_RAY"  # in the environment of every process a test here starts
+
+
+def ray_env(marker: str) -> dict:
+    """The environment of a test's Ray processes: the marker, and token authentication with a fresh token.
+
+    Ray serves on every interface of this machine, so the test cluster wants a
+    token; given here, Ray writes none into ~/.ray (a local ray.init() would).
+    """
+    env = dict(os.environ, **{MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+SWEEP_CONFIG = """
+from attention_jax.lab.config import base_config, smoke
+from attention_jax.lab.sweep import product, sweep
+
+
+def get_config(arg=None):
+    c = smoke(base_config())
+    c.data.dataset = {dataset!r}
+    c.max_iters = 30
+    c.lr_decay_iters = 30
+    c.checkpoint_every = 5
+    c.sample_tokens = 0
+    return c
+
+
+def get_sweep(arg=None):
+    points = product(sweep("model.pos_encoding", ["learned", "rope"]), sweep("model.n_head", [1, 2]))
+    if arg == "with_bad_point":  # n_embd = 32 is not divisible by 3: the run refuses it, the sweep goes on
+        points.append({{"model.n_head": 3}})
+    return points
+"""
+
+
+def marked_processes(marker: str) -> dict[int, str]:
+    """The live processes whose environment has ``MARKER=marker``: pid -> command line."""
+    found, needle = {}, f"{MARKER}={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie has ended; only its exit status is left
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # not ours to read, or ended meanwhile
+            continue
+    return found
+
+
+def assert_none_left(marker: str, grace: float = 30) -> None:
+    """No process of ``marker`` is left after ``grace`` s (any that is gets killed, then the test fails)."""
+    deadline = time.time() + grace
+    while marked_processes(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    left = marked_processes(marker)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert left == {}, f"processes left behind: {list(left.values())}"
+
+
+def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = path.read_text() if path.exists() else ""
+        if text in log:
+            return log
+        assert proc.poll() is None, log
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and a worker node; yields (address, marker, env). Stopped, and checked gone, at the end."""
+    root = tmp_path_factory.mktemp("ray")
+    marker = uuid.uuid4().hex
+    env = ray_env(marker)
+    common = ["--block", "--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
+    nodes = []
+    try:
+        head = ["ray", "start", "--head", f"--port={free_port()}", "--include-dashboard=false",
+                f"--temp-dir={root / 'tmp'}", *common]  # fmt: skip
+        nodes.append(subprocess.Popen(head, env=env, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT))
+        log = wait_for_line(root / "head.log", "Ray runtime started", nodes[0])
+        address = next(ln for ln in log.splitlines() if "ray start --address=" in ln).split("'")[1]
+        worker = ["ray", "start", f"--address={address}", *common]
+        nodes.append(subprocess.Popen(worker, env=env, stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT))
+        wait_for_line(root / "worker.log", "Ray runtime started", nodes[1])
+        yield address, marker, env
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        for node in reversed(nodes):
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        assert_none_left(marker)
+
+
+@pytest.fixture(scope="module")
+def sweep_config(tmp_path_factory, text_file) -> str:
+    path = tmp_path_factory.mktemp("configs") / "ray_smoke.py"
+    path.write_text(SWEEP_CONFIG.format(dataset=str(text_file)))
+    return str(path)
+
+
+def run_sweep(env, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def metrics(point_dir: Path) -> list[tuple]:
+    return [(r["step"], r["member"], r.get("loss"), r.get("val_loss")) for r in RunDir(point_dir).read_metrics()]
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    rows_a, rows_b = metrics(a), metrics(b)
+    assert [r[:2] for r in rows_a] == [r[:2] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        for x, y in zip(ra[2:], rb[2:]):
+            assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=1e-6)), (a.name, ra, rb)
+
+
+def kill_the_worker_running(point: Path, driver: subprocess.Popen, at_step: int, timeout: float = 300) -> int | None:
+    """SIGKILL the process that runs ``point`` (its sweep_point.json says which) once it reached ``at_step``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        record = RunDir(point).read_point_record() or {}
+        steps = [r["step"] for r in RunDir(point).read_metrics()]
+        if record.get("status") == "running" and max(steps, default=0) >= at_step:
+            os.kill(record["pid"], signal.SIGKILL)
+            return record["pid"]
+        time.sleep(0.05)
+    return None
+
+
+TIMING = ("started", "seconds", "host", "pid")  # what differs between two runs of the same point
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_sweep_on_ray_records_and_trains_what_the_local_backend_does(cluster, sweep_config, tmp_path):
+    """4 points and one whose config the run refuses: the same status.json, records, files and metrics."""
+    address, marker, env = cluster
+    spec = f"{sweep_config}:with_bad_point"
+    local = run_sweep(env, "--config", spec, "--workdir", tmp_path / "local")
+    on_ray = run_sweep(env, "--config", spec, "--workdir", tmp_path / "ray", "--backend", "ray", "--address", address)
+    assert local.returncode == on_ray.returncode == 1, on_ray.stderr  # 1: a point failed
+    status = {name: read_json(tmp_path / name / "status.json") for name in ("local", "ray")}
+    assert status["local"]["counts"] == status["ray"]["counts"] == {"done": 4, "failed": 1}
+
+    def comparable(record: dict, sweep_dir: Path) -> dict:  # its own sweep dir in its command; no timing
+        text = json.dumps({k: v for k, v in record.items() if k not in TIMING}).replace(str(sweep_dir), "DIR")
+        return json.loads(text)
+
+    for a, b in zip(status["local"]["points"], status["ray"]["points"]):
+        assert comparable(a, tmp_path / "local") == comparable(b, tmp_path / "ray")
+    failed = next(r for r in status["ray"]["points"] if r["status"] == "failed")
+    assert failed["name"] == "n_head=3" and "not divisible by n_head=3" in failed["error"]
+    assert read_json(tmp_path / "local" / "sweep.json") == read_json(tmp_path / "ray" / "sweep.json")
+    for record in status["local"]["points"][:4]:
+        a, b = tmp_path / "local" / record["name"], tmp_path / "ray" / record["name"]
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert_same_metrics(a, b)
+        summary_a, summary_b = (read_json(d / "summary.json") for d in (a, b))
+        assert summary_b["final_val_loss"] == pytest.approx(summary_a["final_val_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_killed_worker_is_retried_and_its_point_resumes_to_the_uninterrupted_result(cluster, sweep_config, tmp_path):
+    address, marker, env = cluster
+    longer = ["--config.max_iters=300", "--config.checkpoint_every=20", "--config.eval_interval=50"]
+    reference = run_sweep(env, "--config", sweep_config, "--workdir", tmp_path / "local", "--index", "0", *longer)
+    assert reference.returncode == 0, reference.stderr
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config", sweep_config, "--workdir", str(tmp_path / "ray"),
+           "--index", "0", "--backend", "ray", "--address", address, *longer]  # fmt: skip
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        point = tmp_path / "ray" / json.loads((tmp_path / "local" / "status.json").read_text())["points"][0]["name"]
+        killed = kill_the_worker_running(point, driver, at_step=40)  # the Ray worker process running the point
+        out, err = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert killed is not None, "the point ended before its worker could be killed"
+    assert driver.returncode == 0, err
+    assert "resuming" in err  # the retry picked up the checkpoint
+    record = RunDir(point).read_point_record()
+    assert record["status"] == "done"
+    assert_same_metrics(tmp_path / "local" / point.name, point)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_a_host(cluster, sweep_config, tmp_path):
+    """``ray.hosts=2``: a task on each node, 2 simulated devices each, joined by jax.distributed.
+
+    Process 0's worker is killed mid-run: process 1 stops too, the driver runs both again, and
+    they resume. The losses are those of one process with 4 devices (rel 2e-5: reduction order).
+    """
+    address, marker, env = cluster
+    run = ["--index", "3", "--config.batch_size=8", "--config.max_iters=200", "--config.checkpoint_every=20",
+           "--config.eval_interval=50", "--config.log_interval=10"]  # fmt: skip
+    four_devices = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    reference = run_sweep(four_devices, "--config", sweep_config, "--workdir", tmp_path / "local", *run)
+    assert reference.returncode == 0, reference.stderr
+    name = read_json(tmp_path / "local" / "status.json")["points"][3]["name"]
+    two_hosts = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")  # forwarded to the tasks
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config", sweep_config, "--workdir", str(tmp_path / "ray"),
+           *run, "--config.ray.hosts=2", "--backend", "ray", "--address", address]  # fmt: skip
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=two_hosts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed = kill_the_worker_running(tmp_path / "ray" / name, driver, at_step=40)
+        _, err = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert killed is not None, "the point ended before a host could be killed"
+    assert driver.returncode == 0, err
+    assert "process 1 of 2, 4 devices in all (2 here)" in err
+    assert "a host failed" in err and "(attempt 2)" in err and "resuming" in err
+    state = tmp_path / "ray" / name / "checkpoints" / "200" / "state"
+    assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
+    a, b = metrics(tmp_path / "local" / name), metrics(tmp_path / "ray" / name)
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra[2:], rb[2:]):
+            assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=2e-5, abs=1e-6))
+
+
+@pytest.mark.slow
+@needs_ray
+def test_without_an_address_the_sweep_starts_and_stops_its_own_ray(sweep_config, tmp_path, text_file):
+    marker = uuid.uuid4().hex
+    env = ray_env(marker)
+    result = run_sweep(env, "--config", sweep_config, "--workdir", tmp_path / "ray", "--index", "1", "--backend", "ray")
+    assert result.returncode == 0, result.stderr
+    assert read_json(tmp_path / "ray" / "status.json")["counts"] == {"done": 1, "pending": 3}
+    assert_none_left(marker)
+
+
+def test_without_ray_installed_the_backend_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    from attention_jax.lab.commands import sweep as main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    spec = "configs/ablate_scale.py:smoke"
+    assert main(["--config", spec, "--workdir", str(tmp_path), "--index", "0", "--backend", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: --backend ray needs Ray: pip install "attention_jax[ray]"']
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", spec, "--address", "127.0.0.1:1", "--dry-run"])
+    assert exit_.value.code == 2 and "--address needs --backend ray" in capsys.readouterr().err
+
+
+@needs_ray
+def test_an_address_where_no_cluster_answers_is_one_line_not_a_wait(tmp_path, capsys):
+    from attention_jax.lab.commands import sweep as main
+
+    args = ["--config", "configs/ablate_scale.py:smoke", "--workdir", str(tmp_path), "--index", "0"]
+    assert main([*args, "--backend", "ray", "--address", f"127.0.0.1:{free_port()}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: --address 127\.0\.0\.1:\d+: no Ray cluster answers there .*", line)
+
+
+def test_task_resources_come_from_the_ray_group():
+    from attention_jax.lab.config import ConfigError, apply_overrides, load_config
+    from attention_jax.lab.ray_backend import resources_of
+
+    config = load_config("configs/ablate_scale.py:smoke")
+    assert resources_of(config) == {"num_cpus": 1.0, "num_gpus": 0.0, "resources": {}}
+    apply_overrides(config, {"ray.tpu_chips": 4, "ray.num_cpus": 8})
+    assert resources_of(config) == {"num_cpus": 8.0, "num_gpus": 0.0, "resources": {"TPU": 4}}
+    for key, value in (("ray.num_gpus", -1), ("ray.hosts", 0)):
+        with pytest.raises(ConfigError, match=rf"{key}=-?\d+(\.0)?: must be"):
+            resources_of(apply_overrides(load_config("configs/ablate_scale.py:smoke"), {key: value}))
