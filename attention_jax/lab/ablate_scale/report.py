@@ -487,7 +487,9 @@ def write_report(
         md.append("## Every point\n")
         md.append(arm_table(points, target))
         main = [r["point"] for r in tuned.best_rows(points) if r["point"] is not None]
+        at = ", each arm at its best learning rate"
     else:
+        at = ""
         md.append(f"## Scale x head size (learning rate {lr:g})\n")
         md.append(arm_table(main, target))
         lr_md = lr_table(points)
@@ -504,7 +506,7 @@ def write_report(
         )
     if any(p.entropy for p in main):
         plot_vs_head_size(main, outdir / "entropy_vs_head_size.png", None, "entropy", dpi=dpi)
-        figures.append(("Attention entropy after training against head size", "entropy_vs_head_size.png"))
+        figures.append((f"Attention entropy after training against head size{at}", "entropy_vs_head_size.png"))
         md.extend(_heatmap_section(main, outdir, prompt, heatmap_head_size, figures, dpi))
     md.append("## Plots\n")
     for caption, name in figures:
