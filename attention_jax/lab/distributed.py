@@ -136,6 +136,7 @@ def initialize(s: Settings) -> None:
             coordinator_address=s.coordinator_address,
             num_processes=s.num_processes,
             process_id=s.process_id,
+            coordinator_bind_address=loopback_bind_address(s.coordinator_address),
             # JAX's own deadline only after ours: its failure is a fatal abort, ours one line.
             initialization_timeout=s.join_timeout_s + 60,
             heartbeat_timeout_seconds=s.heartbeat_timeout_s,
@@ -155,6 +156,31 @@ def initialize(s: Settings) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (127.x.y.z, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_bind_address(coordinator_address: str | None) -> str | None:
+    """Where process 0's coordinator listens: only on loopback when the address given is a loopback one.
+
+    JAX's coordinator otherwise listens on every interface (``[::]:port``);
+    a run whose processes meet at 127.0.0.1 has no reason to be reachable
+    from elsewhere. ``JAX_COORDINATOR_BIND_ADDRESS``, when set, decides instead.
+    """
+    if coordinator_address is None or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        return None
+    host, _, port = coordinator_address.rpartition(":")
+    return coordinator_address if is_loopback(host) and port.isdigit() else None
 
 
 def _join_failed(s: Settings) -> None:

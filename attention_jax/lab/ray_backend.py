@@ -40,7 +40,23 @@ from attention_jax.lab.config import ConfigError
 FORWARDED_ENV = ("XLA_FLAGS",)  # besides every ATTENTION_JAX_* variable: what tasks see of the driver's environment
 
 
-def import_ray():
+# Ray's own switch for a single-machine Ray: with it off, Ray keeps a loopback address (127.0.0.1)
+# instead of replacing it by the machine's network address, so its servers listen on loopback only.
+# (Its name says Windows or macOS, where it is off by default.)
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(address: str | None = None):
+    """Ray, set to stay on loopback when the cluster is a local instance or given at a loopback address.
+
+    A local instance (no ``address``) then serves on 127.0.0.1 only, and a
+    driver given 127.0.0.1:PORT connects there (Ray would otherwise swap in
+    the machine's address, where a loopback-only cluster does not answer).
+    Must run before Ray is first imported in this process.
+    """
+    host = (address or "").rpartition(":")[0]
+    if address is None or distributed.is_loopback(host):
+        os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
     try:
         import ray
     except ModuleNotFoundError:
@@ -76,9 +92,10 @@ def free_port() -> tuple[str, int]:
 
     import ray
 
+    ip = ray.util.get_node_ip_address()
     with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+        s.bind((ip, 0))
+        return ip, s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +142,7 @@ def run_sweep(
 
     Without ``address`` a local Ray instance is started, and stopped at the end.
     """
-    ray = import_ray()
+    ray = import_ray(address)
     if address and re.fullmatch(r"[^:/]+:\d+", address) and not distributed.answers(address):
         # Ray would retry a dead address for minutes, printing warnings.
         raise ConfigError(f"--address {address}: no Ray cluster answers there (start one with ray start --head)")

@@ -300,3 +300,14 @@ def test_a_run_that_cannot_form_fails_within_the_timeout_with_one_line(tmp_path,
     assert_one_line_error_result(result, pattern, code=1)
     assert elapsed < 3 + 15, elapsed  # the timeout, plus starting Python and importing JAX twice on a busy machine
     assert_no_process_left(tmp_path / "w")
+
+
+def test_a_loopback_coordinator_listens_on_loopback_only(monkeypatch):
+    """JAX's coordinator listens on every interface unless told; a loopback address keeps it on loopback."""
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    for address in ("127.0.0.1:1234", "localhost:1234", "[::1]:1234"):
+        assert distributed.loopback_bind_address(address) == address
+    for address in ("10.0.0.5:1234", "tpu-host-0:1234", None):
+        assert distributed.loopback_bind_address(address) is None  # other hosts must reach it: JAX decides
+    monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "127.0.0.1:99")  # the user's choice wins
+    assert distributed.loopback_bind_address("127.0.0.1:1234") is None

@@ -4,8 +4,13 @@ The cluster is a head and a worker node on this machine (CPU only, one CPU
 each), started with ``ray start --block`` as a user starts one, and stopped
 at the end of the module. Every process of it (and of the drivers the tests
 run) carries an environment marker, so the module can check that none is
-left behind. Ray advertises this machine's network address, not 127.0.0.1
-(it replaces a loopback --node-ip-address by design); no dashboard is started.
+left behind. The cluster serves on 127.0.0.1 only, and the module checks
+that no process of it listens anywhere else: Ray replaces a loopback
+--node-ip-address by the machine's network address unless its
+single-machine switch is off (``ray_backend.RAY_LOOPBACK_ENV``), and a
+worker node refuses to start with that switch off, so the worker node is
+started through ``ray start`` with the replacement turned off in its
+process (``LOOPBACK_RAY``). No dashboard is started.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from attention_jax.lab.ray_backend import RAY_LOOPBACK_ENV
 from attention_jax.lab.rundir import RunDir, read_json
 from tests.helpers import ROOT, free_port
 
@@ -45,7 +51,41 @@ def ray_env(marker: str) -> dict:
     env = dict(os.environ, **{MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("XLA_FLAGS", None)
+    env.pop(RAY_LOOPBACK_ENV, None)
     return env
+
+
+# `ray start` keeping a loopback --node-ip-address (for the worker node, which cannot use RAY_LOOPBACK_ENV).
+LOOPBACK_RAY = """
+import sys
+import ray._private.services as services
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()
+"""
+
+
+def listening_off_loopback(marker: str) -> list[str]:
+    """``pid address:port`` of every TCP socket that a process of ``marker`` listens on outside loopback."""
+    inodes = {}
+    for pid in marked_processes(marker):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:  # ended meanwhile
+            continue
+    found = []
+    for table, loopback in (("tcp", ("0100007F",)), ("tcp6", ("00000000000000000000000001000000",
+                                                             "0000000000000000FFFF00000100007F"))):  # fmt: skip
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].split(":")
+            if fields[3] == "0A" and fields[9] in inodes and address not in loopback:  # 0A: LISTEN
+                found.append(f"{inodes[fields[9]]} {address}:{int(port, 16)}")
+    return found
 
 
 SWEEP_CONFIG = """
@@ -121,15 +161,21 @@ def cluster(tmp_path_factory):
     common = ["--block", "--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
     nodes = []
     try:
-        head = ["ray", "start", "--head", f"--port={free_port()}", "--include-dashboard=false",
+        port = free_port()
+        head = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                 f"--temp-dir={root / 'tmp'}", *common]  # fmt: skip
-        nodes.append(subprocess.Popen(head, env=env, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT))
-        log = wait_for_line(root / "head.log", "Ray runtime started", nodes[0])
-        address = next(ln for ln in log.splitlines() if "ray start --address=" in ln).split("'")[1]
-        worker = ["ray", "start", f"--address={address}", *common]
+        head_env = dict(env, **{RAY_LOOPBACK_ENV: "0"})
+        log = open(root / "head.log", "w")
+        nodes.append(subprocess.Popen(head, env=head_env, stdout=log, stderr=subprocess.STDOUT))
+        wait_for_line(root / "head.log", "Ray runtime started", nodes[0])
+        address = f"127.0.0.1:{port}"
+        worker = [sys.executable, "-c", LOOPBACK_RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                  *common]  # fmt: skip
         nodes.append(subprocess.Popen(worker, env=env, stdout=open(root / "worker.log", "w"), stderr=subprocess.STDOUT))
         wait_for_line(root / "worker.log", "Ray runtime started", nodes[1])
+        assert listening_off_loopback(marker) == []
         yield address, marker, env
+        assert listening_off_loopback(marker) == []  # the idle workers the tests left too
     finally:
         for node in reversed(nodes):
             node.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
