@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -189,7 +190,9 @@ def call_config_function(spec: str, function: str, missing_hint: str = "") -> An
     """``function(ARG)`` of the config file ``path.py[:ARG]`` or shipped ``NAME[:ARG]``; failures are one line."""
     path, _, arg = spec.partition(":")
     file = config_file(path)
-    module_spec = importlib.util.spec_from_file_location("_attention_jax_config_" + file.stem, file)
+    module_name = "_attention_jax_config_" + file.stem
+    loader = importlib.machinery.SourceFileLoader(module_name, str(file))  # any file name, not only *.py
+    module_spec = importlib.util.spec_from_file_location(module_name, file, loader=loader)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)

@@ -156,8 +156,10 @@ def _distinct_names(overrides_list: Sequence[Overrides]) -> list[str]:
             if i == keeper or (keeper is not None and _point_key(o) == _point_key(overrides_list[keeper])):
                 continue
             names[i] = point_name(o, exact=True)
-    taken: dict[str, str] = {}  # name -> the point key that holds it
-    for i, o in enumerate(overrides_list):
+    taken: dict[str, str] = {}  # name -> the point key that holds it; short names spelled exactly first
+    keeps = [names[i] == point_name(o) and _spelled_exactly(o) for i, o in enumerate(overrides_list)]
+    for i in sorted(range(len(names)), key=lambda i: not keeps[i]):
+        o = overrides_list[i]
         holder = taken.setdefault(names[i], _point_key(o))
         if holder != _point_key(o):
             names[i] += "+h" + hashlib.sha256(_point_key(o).encode()).hexdigest()[:8]
