@@ -274,7 +274,9 @@ def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) ->
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
-            if not math.isfinite(out):  # float() reads "nan" and "inf"; no setting wants them
+            # float() reads "nan" and "inf"; no setting wants them. (A Python infinity, from a sweep,
+            # passes here as it always did: validate() refuses it with the same words.)
+            if math.isnan(out) or (isinstance(value, str) and math.isinf(out)):
                 raise ConfigError(f"{key}={out!r}: must be a finite number")
             return out
         if kind is str:
