@@ -111,11 +111,25 @@ def _cache_dir() -> Path:
 
 
 def tinyshakespeare_path(download: bool = True) -> Path:
-    """Where tiny shakespeare lives: $ATTENTION_JAX_DATA_DIR, else the cache, else downloaded."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env and (Path(env) / "tinyshakespeare.txt").is_file():
-        return Path(env) / "tinyshakespeare.txt"
+    """Where tiny shakespeare lives: $ATTENTION_JAX_DATA_DIR, else the cache, else downloaded.
+
+    The variable names the folder that holds ``tinyshakespeare.txt``, or the file
+    itself. Set to anything else, it is an error that names it (rather than a
+    silent fall-back to the cache or the network).
+    """
     cached = _cache_dir() / "tinyshakespeare.txt"
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        given = Path(env).expanduser()
+        if given.is_file():
+            return given
+        if (given / "tinyshakespeare.txt").is_file():
+            return given / "tinyshakespeare.txt"
+        what = "a folder without tinyshakespeare.txt" if given.is_dir() else "no such file or folder"
+        raise FileNotFoundError(
+            f"tinyshakespeare.txt not found: {DATA_DIR_ENV}={env} is {what}; set it to the folder that holds "
+            f"the file or to the file itself, or unset it to use {cached} (downloaded there when missing)"
+        )
     if cached.is_file():
         return cached
     if not download:

@@ -3,7 +3,8 @@
     python -m experiments.sweep --config configs/ablate_scale.py:cpu [--dry-run] [--index I]
         [--print-commands] [--workdir DIR] [--config.KEY=VALUE ...]
 
-The same command is installed as ``attention-jax-sweep``; its flags: ``--help``.
+The same command is installed as ``attention-jax-sweep``; its flags: ``--help``. ``--config``
+also takes a shipped config by name (``--config ablate_scale:cpu``).
 """
 
 import sys

@@ -5,13 +5,22 @@ line and exits with its code. Set ATTENTION_JAX_DEBUG=1 to get the full
 traceback (and the libraries' log lines) instead.
 
     0    success
-    1    an internal error (a bug: please report it with ATTENTION_JAX_DEBUG=1's traceback)
+    1    an internal error (a bug: please report it with ATTENTION_JAX_DEBUG=1's traceback);
+         for a sweep also: a point it ran failed or diverged (DIR/status.json says which and why)
     2    bad input: a flag, config, data file, or a workdir that cannot be used as it is
          (in use by another trainer, another dataset, a damaged file or checkpoint)
     3    training diverged: every seed's loss became NaN/Inf
     4    a system fault: the OS refused to read or write (disk full, quota, read-only file
          system, permission denied, I/O error, workdir deleted while in use)
+    5    a multi-process run did not form: not every process joined within
+         distributed.join_timeout_s (a wrong address or num_processes, a process not started)
+    6    a multi-process run lost a process (killed, crashed, preempted); start every process
+         again with the same command: training resumes from the last checkpoint
+    7    a sweep left points to other runners: every point it could take ended well, but some
+         were being trained elsewhere (their workdir's lock was held); --dry-run shows them
     130  interrupted (Ctrl-C); training saves a checkpoint first
+
+The same table, for readers of the docs: docs/exit_status.md.
 """
 
 from __future__ import annotations
@@ -32,7 +41,29 @@ EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_SYSTEM = 4
+EXIT_JOIN_FAILED = 5
+EXIT_PROCESS_LOST = 6
+EXIT_SWEEP_LEFT_TO_OTHERS = 7
 EXIT_INTERRUPTED = 130
+
+# Where --help of the commands that take --config sends the reader for the keys (train, sweep, ...).
+OVERRIDES_EPILOG = (
+    "Any config key can be set on the command line: --config.KEY=VALUE or --config.KEY VALUE, dotted "
+    "for groups (--config.learning_rate=3e-4 --config.model.n_head=8). The keys, their defaults and what "
+    "they mean: base_config() in attention_jax/lab/config.py ({path}); a config file may add its own. "
+    "--config takes a config file (configs/shakespeare_char.py:cpu) or a shipped config's name "
+    "(shakespeare_char:cpu; names: {names}); :ARG picks a variant. Exit status: 0 success, 1 a bug (or a "
+    "sweep point failed), 2 bad input, 3 diverged, 4 the OS refused a read or write, 5 the processes of a "
+    "multi-process run did not all join, 6 one was lost, 7 sweep points left to other runners, 130 Ctrl-C "
+    "(python -m pydoc attention_jax.lab.cli says more)."
+)
+
+
+def overrides_epilog() -> str:
+    """The ``--help`` epilog about ``--config`` and its ``--config.KEY=VALUE`` overrides."""
+    from attention_jax.lab import config
+
+    return OVERRIDES_EPILOG.format(path=config.__file__, names=", ".join(config.shipped_configs()))
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,13 +1,16 @@
 """The commands: ``experiments/<name>.py`` from a clone, ``attention-jax-<name>`` after an install.
 
 Each function parses its flags and calls the lab; ``cli.main_wrapper`` turns
-bad input into one ``error:`` line and exit status 2. ``--config`` is a path
-to a config file (``configs/shakespeare_char.py:cpu``), so the console
-scripts work from any folder.
+bad input into one ``error:`` line and exit status 2 (every status: ``cli``).
+``--config`` is a path to a config file (``configs/shakespeare_char.py:cpu``)
+or the name of a shipped one (``shakespeare_char:cpu``: the files of
+``configs/``, installed with the package), so the console scripts work from
+any folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,8 +37,8 @@ def default_workdir(spec: str) -> str:
 @cli.main_wrapper(interrupted=cli.INTERRUPTED_RESUMABLE)
 def train(argv=None):
     """Train a model from a config file; the same command on the same workdir resumes it."""
-    parser = cli.ArgumentParser(prog="attention-jax-train", description=train.__doc__)
-    parser.add_argument("--config", required=True, help="config file, optionally with :VARIANT")
+    parser = cli.ArgumentParser(prog="attention-jax-train", description=train.__doc__, epilog=cli.overrides_epilog())
+    parser.add_argument("--config", required=True, help="config file or shipped config name, optionally with :VARIANT")
     parser.add_argument("--workdir", help="where checkpoints and metrics go (default runs/<config>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
@@ -55,7 +58,12 @@ def sample(argv=None):
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument("--max_new_tokens", type=int, default=500, help=f"1 to {MAX_NEW_TOKENS:,}")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument(
+        "--top_k",
+        type=top_k_arg,
+        default=None,
+        help="sample from the K most likely characters only (default: off; 0 or none: off)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     parser.add_argument(
@@ -69,10 +77,11 @@ def sample(argv=None):
         raise ValueError(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS:,}], got {args.max_new_tokens:,}")
 
     from attention_jax.lab.rundir import load_run
-    from attention_jax.lab.sampling import sample_text
+    from attention_jax.lab.sampling import check_run_dir, sample_text
 
     # Sampling writes nothing, so Ctrl-C may end it at once, even inside the compiled decoding loop.
     with cli.exit_on_interrupt():
+        check_run_dir(args.workdir)
         run = load_run(args.workdir, which=args.checkpoint)
         if not 0 <= args.model_seed < run.num_members:
             raise ValueError(f"--model_seed must be in [0, {run.num_members}), got {args.model_seed}")
@@ -93,6 +102,19 @@ def sample(argv=None):
     sys.stdout.write(text + "\n")
 
 
+def top_k_arg(text: str) -> int | None:
+    """``--top_k``: a positive K, or 0 / none for off (the default)."""
+    if text.strip().lower() in ("0", "none", "off"):
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, or 0 or none for off, got {text!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"must be positive (or 0 or none for off), got {k}")
+    return k
+
+
 @cli.main_wrapper(interrupted=cli.INTERRUPTED_RESUMABLE)
 def sweep(argv=None):
     """Run the points of a sweep defined by a config file's get_sweep(arg).
@@ -101,10 +123,15 @@ def sweep(argv=None):
     finished points are skipped, interrupted ones resume from their checkpoint, a failed
     point is recorded (DIR/status.json) and the rest go on. --index I (also 0,3 or 4-7)
     runs only those points: one array-job task or one cloud TPU VM per point. The exit
-    status is 1 when a selected point failed or diverged.
+    status is 1 when a selected point failed or diverged, 7 when none did but some were
+    left to other runners (trained elsewhere at the time), 0 when every one is done.
     """
-    parser = cli.ArgumentParser(prog="attention-jax-sweep", description=sweep.__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="config file with get_sweep(arg), optionally :VARIANT")
+    parser = cli.ArgumentParser(
+        prog="attention-jax-sweep", description=sweep.__doc__.split("\n")[0], epilog=cli.overrides_epilog()
+    )
+    parser.add_argument(
+        "--config", required=True, help="config file (or shipped config name) with get_sweep(arg), optionally :VARIANT"
+    )
     parser.add_argument("--workdir", help="sweep directory, one subfolder per point (default runs/sweeps/<config>)")
     parser.add_argument("--index", help="run only these points: I, I,J or I-J (0-based, see --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="list the points and their status; train nothing")
@@ -165,9 +192,19 @@ def sweep(argv=None):
             progress=args.progress,
             group=args.group,
         )
-    bad = [r for r in status["points"] if r["index"] in {p.index for p in chosen} and r["status"] not in ("done",)]
     print(f"sweep: {status['counts']} in {status['seconds']:.0f} s; status in {sweep_dir}/status.json", file=sys.stderr)
-    return 1 if bad else 0
+    return sweep_exit_status(status, chosen)
+
+
+def sweep_exit_status(status: dict, chosen) -> int:
+    """0: every chosen point done; 1: one failed or diverged; 7: the rest were left to other runners."""
+    mine = {p.index for p in chosen}
+    states = {r["status"] for r in status["points"] if r["index"] in mine}
+    if states <= {"done"}:
+        return 0
+    if states <= {"done", "running"}:  # "running": its lock held by a trainer elsewhere
+        return cli.EXIT_SWEEP_LEFT_TO_OTHERS
+    return 1
 
 
 @cli.main_wrapper
@@ -213,7 +250,9 @@ def bench(argv=None):
     mfu_hardware (over the CPU's estimated peak, or --peak_gflops), compile_s, peak_rss_mb,
     backend and devices. The side-by-side with eager PyTorch is python -m benchmarks.train_step.
     """
-    parser = cli.ArgumentParser(prog="attention-jax-bench", description=bench.__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(
+        prog="attention-jax-bench", description=bench.__doc__.split("\n")[0], epilog=cli.overrides_epilog()
+    )
     add_bench_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     check_bench_arguments(args)
@@ -258,7 +297,9 @@ def attention_stats(argv=None):
     --config.model.enabled=false skips it silently.
     """
     parser = cli.ArgumentParser(
-        prog="attention-jax-attention-stats", description=attention_stats.__doc__.split("\n")[0]
+        prog="attention-jax-attention-stats",
+        description=attention_stats.__doc__.split("\n")[0],
+        epilog=cli.overrides_epilog(),
     )
     parser.add_argument("--config", required=True, help="config file, optionally with :VARIANT")
     parser.add_argument("--outdir", help="output directory (default: the config's outdir)")

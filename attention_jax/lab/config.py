@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -69,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""  # "host:port" where process 0 serves the others
     c.distributed.num_processes = config_dict.placeholder(int)  # processes in the run
     c.distributed.process_id = config_dict.placeholder(int)  # this one's index, 0 .. num_processes - 1
-    c.distributed.join_timeout_s = 300  # not every process joined by then: one error line, exit 1
+    c.distributed.join_timeout_s = 300  # not every process joined by then: one error line, exit 5
     # A process silent this long counts as dead and the others stop (JAX's default, 100 s); a dead
     # process 0, or one a collective was waiting on, is noticed at once.
     c.distributed.heartbeat_timeout_s = 100
@@ -133,7 +134,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Load ``path/to/config.py[:ARG]`` and return ``get_config(ARG)`` (locked)."""
+    """Load ``path/to/config.py[:ARG]`` (or a shipped ``NAME[:ARG]``) and return ``get_config(ARG)`` (locked)."""
     config = call_config_function(spec, "get_config")
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
@@ -145,18 +146,53 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def run_name(spec: str) -> str:
-    """A folder name for ``path/to/name.py[:ARG]``: ``name`` or ``name-ARG``."""
+    """A folder name for ``path/to/name.py[:ARG]`` or ``name[:ARG]``: ``name`` or ``name-ARG``."""
     path, _, arg = spec.partition(":")
     return Path(path).stem + (f"-{arg}" if arg else "")
 
 
+def configs_dir() -> Path | None:
+    """The folder of the shipped configs: ``configs/`` of a clone, ``attention_jax/lab/configs`` of an install.
+
+    setup.py installs the clone's top-level ``configs/`` as ``attention_jax/lab/configs``;
+    an editable install or a clone on the path keeps it beside the package. Found by
+    path, not imported: the files are loaded one by one (``call_config_function``).
+    """
+    lab = Path(__file__).resolve().parent
+    for candidate in (lab / "configs", lab.parent.parent / "configs"):  # installed wheel; clone or editable
+        if (candidate / "shakespeare_char.py").is_file():
+            return candidate
+    return None
+
+
+def shipped_configs() -> list[str]:
+    """The names ``--config NAME[:ARG]`` accepts: the shipped config files, without ``.py``."""
+    where = configs_dir()
+    return sorted(f.stem for f in where.glob("*.py") if not f.name.startswith("_")) if where else []
+
+
+def config_file(path: str) -> Path:
+    """The file of a spec's path part: a file that exists, else a shipped config's name (``shakespeare_char``)."""
+    file = Path(path).expanduser()
+    if file.is_file():
+        return file
+    names = ", ".join(shipped_configs()) or "none found"
+    if file.name != path:  # a path with folders: a file the user meant, not a name
+        raise ConfigError(f"config file not found: {path} (or give a shipped config by name: {names})")
+    name = path.removesuffix(".py")
+    where = configs_dir()
+    if where is not None and name in shipped_configs():
+        return where / f"{name}.py"
+    raise ConfigError(f"unknown config '{path}': no such file here, and the shipped configs are: {names}")
+
+
 def call_config_function(spec: str, function: str, missing_hint: str = "") -> Any:
-    """``function(ARG)`` of the config file ``path.py[:ARG]``; every failure is one ConfigError line."""
+    """``function(ARG)`` of the config file ``path.py[:ARG]`` or shipped ``NAME[:ARG]``; failures are one line."""
     path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_attention_jax_config_" + file.stem, file)
+    file = config_file(path)
+    module_name = "_attention_jax_config_" + file.stem
+    loader = importlib.machinery.SourceFileLoader(module_name, str(file))  # any file name, not only *.py
+    module_spec = importlib.util.spec_from_file_location(module_name, file, loader=loader)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
@@ -238,8 +274,10 @@ def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) ->
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
-            if math.isnan(out):
-                raise ValueError
+            # float() reads "nan" and "inf"; no setting wants them. (A Python infinity, from a sweep,
+            # passes here as it always did: validate() refuses it with the same words.)
+            if math.isnan(out) or (isinstance(value, str) and math.isinf(out)):
+                raise ConfigError(f"{key}={out!r}: must be a finite number")
             return out
         if kind is str:
             return value if isinstance(value, str) else str(value)
@@ -248,6 +286,8 @@ def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) ->
             if not isinstance(parsed, (list, tuple)):
                 raise ValueError
             return tuple(parsed)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         what = "a JSON list" if kind in (tuple, list) else kind.__name__
         raise ConfigError(f"config key '{key}' expects {what}, got {value!r}") from None

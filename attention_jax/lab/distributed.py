@@ -19,7 +19,7 @@ exit, never a hang and never a stack dump):
   process with a C++ fatal error and its stack dump. That abort cannot be
   caught inside the process, so the command runs its work in a child process
   (``supervise``) and the parent, which imports JAX but never starts it,
-  turns the dump into one line and exit status 1. Running every process again
+  turns the dump into one line and exit status 6. Running every process again
   with the same command resumes from the last checkpoint.
 """
 
@@ -36,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from attention_jax.lab.cli import EXIT_JOIN_FAILED, EXIT_PROCESS_LOST
 from attention_jax.lab.config import ConfigError, env_flag
 
 ENV = {
@@ -44,7 +45,7 @@ ENV = {
     "process_id": "JAX_PROCESS_ID",
 }
 SUPERVISED = "ATTENTION_JAX_SUPERVISED"  # set in the child of ``supervise``: it does the work itself
-EXIT_LOST = 1  # a process of the run was lost, or the run never formed
+EXIT_LOST = EXIT_PROCESS_LOST  # a process of the run was lost (6); one that never joined: EXIT_JOIN_FAILED (5)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def launch(config, command: str, argv: list[str] | None) -> int | None:
 
 
 def initialize(s: Settings) -> None:
-    """``jax.distributed.initialize`` with gloo on CPU, bounded by ``s.join_timeout_s`` (then one line, exit 1)."""
+    """``jax.distributed.initialize`` with gloo on CPU, bounded by ``s.join_timeout_s`` (then one line, exit 5)."""
     import jax
 
     if jax.config.jax_cpu_collectives_implementation != "mpi":  # MPI only when asked for
@@ -195,7 +196,7 @@ def _join_failed(s: Settings) -> None:
         why = f"not all {n} processes reached the coordinator at {where} (is every process started, with its own id?)"
     print(f"error: distributed: {s.who()} could not join the run within {s.join_timeout_s} s: {why}",
           file=sys.stderr, flush=True)  # fmt: skip
-    os._exit(EXIT_LOST)
+    os._exit(EXIT_JOIN_FAILED)
 
 
 def answers(address: str) -> bool:
@@ -226,7 +227,7 @@ def supervise(command: str, argv: list[str], s: Settings) -> int:
     follows (the abort of a process whose peer died), and the child's own
     ``error:`` lines, kept to the end. Then exactly one ``error:`` line is
     shown: the child's, or, when the run lost a process (JAX's abort, or a
-    collective whose connection closed), one that says so, with exit status 1.
+    collective whose connection closed), one that says so, with exit status 6.
     SIGINT, SIGTERM and SIGHUP are passed on; on Linux the child is killed
     with this process, so killing either ends both.
     """

@@ -25,8 +25,10 @@ the files it would have had alone. ``group=False`` runs one program per point.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -97,19 +99,20 @@ def unique(points: Iterable[Overrides]) -> list[Overrides]:
     return out
 
 
-def _format_value(v: Any) -> str:
+def _format_value(v: Any, exact: bool = False) -> str:
     if isinstance(v, bool) or v is None:
         return str(v).lower()
     if isinstance(v, float):
-        return f"{v:g}"
+        return repr(v) if exact else f"{v:g}"
     return str(v)
 
 
-def point_name(overrides: Overrides) -> str:
+def point_name(overrides: Overrides, exact: bool = False) -> str:
     """Workdir name of a point: ``attn_scale=none,n_head=2`` (leaf keys unless ambiguous).
 
     Characters other than letters, digits and ``._-=,+`` become ``_``; an empty
-    dict is ``base``.
+    dict is ``base``. Floats are spelled with 6 significant digits (``0.001``),
+    or, with ``exact``, as ``repr`` spells them (``0.0010000001``).
     """
     if not overrides:
         return "base"
@@ -117,8 +120,51 @@ def point_name(overrides: Overrides) -> str:
     parts = []
     for key, leaf in zip(overrides, leaves):
         label = leaf if leaves.count(leaf) == 1 else key
-        parts.append(f"{label}={_format_value(overrides[key])}")
+        parts.append(f"{label}={_format_value(overrides[key], exact)}")
     return re.sub(r"[^A-Za-z0-9._\-=,+]", "_", ",".join(parts))
+
+
+def _spelled_exactly(overrides: Overrides) -> bool:
+    """Whether the short name says every value: its floats read back from 6 digits, no character replaced."""
+    floats_exact = all(float(f"{v:g}") == v for v in overrides.values() if isinstance(v, float) and math.isfinite(v))
+    raw = ",".join(f"{k}={_format_value(v)}" for k, v in overrides.items())
+    return floats_exact and not re.search(r"[^A-Za-z0-9._\-=,+]", raw)
+
+
+def _point_key(overrides: Overrides) -> str:
+    return json.dumps(overrides, sort_keys=True, default=str)  # what unique() compares
+
+
+def _distinct_names(overrides_list: Sequence[Overrides]) -> list[str]:
+    """Each point's workdir name; distinct values get distinct names.
+
+    Points keep their short name (``point_name``) unless another point with other
+    values has the same one (0.001 and 0.0010000001 are both ``0.001`` in 6 digits).
+    Then the point the short name spells exactly keeps it, so the run directories of
+    an existing sweep keep theirs; the others are spelled with exact floats and,
+    where that is still ambiguous, get a suffix ``+h`` and 8 hex digits of a hash
+    of their values.
+    """
+    names = [point_name(o) for o in overrides_list]
+    for name in dict.fromkeys(names):
+        group = [i for i, n in enumerate(names) if n == name]
+        if len({_point_key(overrides_list[i]) for i in group}) < 2:
+            continue  # one point, or only repeats of one (an error: expand)
+        keeper = next((i for i in group if _spelled_exactly(overrides_list[i])), None)
+        for i in group:
+            o = overrides_list[i]
+            if i == keeper or (keeper is not None and _point_key(o) == _point_key(overrides_list[keeper])):
+                continue
+            names[i] = point_name(o, exact=True)
+    taken: dict[str, str] = {}  # name -> the point key that holds it; short names spelled exactly first
+    keeps = [names[i] == point_name(o) and _spelled_exactly(o) for i, o in enumerate(overrides_list)]
+    for i in sorted(range(len(names)), key=lambda i: not keeps[i]):
+        o = overrides_list[i]
+        holder = taken.setdefault(names[i], _point_key(o))
+        if holder != _point_key(o):
+            names[i] += "+h" + hashlib.sha256(_point_key(o).encode()).hexdigest()[:8]
+            taken.setdefault(names[i], _point_key(o))
+    return names
 
 
 @dataclass(frozen=True)
@@ -129,12 +175,16 @@ class Point:
 
 
 def expand(overrides_list: Sequence[Overrides]) -> list[Point]:
-    """Numbered, named points; two points with the same name are an error."""
-    points = [Point(i, point_name(o), dict(o)) for i, o in enumerate(overrides_list)]
+    """Numbered, named points (``_distinct_names``); a point repeated with the same values is an error."""
+    names = _distinct_names(overrides_list)
+    points = [Point(i, name, dict(o)) for i, (o, name) in enumerate(zip(overrides_list, names))]
     names = [p.name for p in points]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"sweep has points with the same workdir name: {', '.join(dup)} (use unique())")
+        raise ConfigError(
+            f"sweep has points with the same workdir name: {', '.join(dup)} (the same values repeated; "
+            "drop the repeats with unique())"
+        )
     return points
 
 
@@ -166,8 +216,11 @@ def select(points: Sequence[Point], spec: str | None) -> list[Point]:
 
 
 def load_sweep(spec: str) -> list[Point]:
-    """The points of ``path/to/config.py[:ARG]``'s ``get_sweep(ARG)``."""
-    return expand(call_config_function(spec, "get_sweep", ": it is not a sweep"))
+    """The points of ``path/to/config.py[:ARG]``'s ``get_sweep(ARG)``; a sweep of no points is refused."""
+    points = expand(call_config_function(spec, "get_sweep", ": it is not a sweep"))
+    if not points:
+        raise ConfigError(f"{spec}: get_sweep returned no points, so there is nothing to run")
+    return points
 
 
 def point_config(spec: str, point: Point, base_overrides: Overrides | None = None):
