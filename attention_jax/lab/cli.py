@@ -20,7 +20,7 @@ traceback (and the libraries' log lines) instead.
          were being trained elsewhere (their workdir's lock was held); --dry-run shows them
     130  interrupted (Ctrl-C); training saves a checkpoint first
 
-The same table, for readers of the docs: docs/exit_status.md.
+The same table, for readers of the docs: docs/training.md ("Errors and exit statuses").
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def test_the_new_statuses_are_distinct_and_documented():
     assert len(set(codes)) == len(codes)
     assert (cli.EXIT_JOIN_FAILED, cli.EXIT_PROCESS_LOST, cli.EXIT_SWEEP_LEFT_TO_OTHERS) == (5, 6, 7)
     assert distributed.EXIT_LOST == cli.EXIT_PROCESS_LOST
-    table = (ROOT / "docs" / "exit_status.md").read_text()
+    table = (ROOT / "docs" / "training.md").read_text()
     for code in codes:
         assert f"\n    {code} " in cli.__doc__ and f"\n| {code} |" in table
 
