@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax.generate import generate
-from attention_jax.lab.rundir import Run
+from attention_jax.lab.runs import Run
 
 
 def sample_text(

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from attention_jax.lab.rundir import RunDir, load_run
+from attention_jax.lab.rundir import RunDir
+from attention_jax.lab.runs import load_run
 
 SCALE_ORDER = ("none", "sqrt", "mup", "sqrt+qknorm")
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
