@@ -177,3 +177,16 @@ def test_load_run_moved_out_of_the_run_directory_and_is_still_found_there(name):
     assert "attention_jax.lab.runs" not in top_level[IO_LAYER]  # not with the package
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         rundir.nothing  # noqa: B018
+
+
+def test_the_file_names_of_a_run_are_spelled_in_one_module():
+    """tests/lab/test_rundir.py checks this under attention_jax/lab; the core is searched here too."""
+    from attention_jax.lab import rundir
+
+    names = [rundir.CONFIG, rundir.TOKENIZER, rundir.DATASET, rundir.METRICS, rundir.TENSORBOARD, rundir.CHECKPOINTS,
+             rundir.SAMPLE, rundir.SUMMARY, rundir.SWEEP_POINT, rundir.LOCK]  # fmt: skip
+    home = ROOT / PACKAGE / "lab" / "rundir" / "rundir.py"
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        spelled = [name for name in names if f'"{name}"' in text or f"'{name}'" in text]
+        assert spelled == ([] if path != home else names), f"{path} spells {spelled}: use attention_jax.lab.rundir"
