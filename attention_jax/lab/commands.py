@@ -76,7 +76,7 @@ def sample(argv=None):
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS:,}], got {args.max_new_tokens:,}")
 
-    from attention_jax.lab.rundir import load_run
+    from attention_jax.lab.runs import load_run
     from attention_jax.lab.sampling import check_run_dir, sample_text
 
     # Sampling writes nothing, so Ctrl-C may end it at once, even inside the compiled decoding loop.

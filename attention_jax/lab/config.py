@@ -30,12 +30,8 @@ import flax.linen as nn
 import ml_collections
 from ml_collections import config_dict
 
+from attention_jax.lab.errors import ConfigError  # here since the run directory raises it too
 from attention_jax.model import BigramLM, ModelConfig, TransformerLM
-
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used. Its message is one line."""
-
 
 # ---------------------------------------------------------------------------
 # The schema: every key, its default, and what it means

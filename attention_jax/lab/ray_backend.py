@@ -21,12 +21,24 @@ given the address of a free port on the first one's node and their process
 ids, as ``distributed.*`` overrides: each joins with jax.distributed, process
 0 writes the records. When one of them dies the driver stops the others and
 runs all N again (that is a retry).
+
+Output: what the tasks print reaches the driver through Ray, uncoloured
+(``RAY_COLOR_PREFIX=0``) and every line of it (``RAY_DEDUP_LOGS=0``: Ray's
+deduplication holds back lines that differ only in numbers, such as two
+points' ``done`` lines, and may drop them at shutdown). How each point ended
+is printed by the driver from the records its task returns, so that last
+line is never lost with a worker's log. A local instance gets token
+authentication with a token of its own (``RAY_AUTH_MODE=token``; nothing
+written to ~/.ray), so Ray has nothing to warn about. Each setting is a
+default: one set in the environment wins.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,17 +58,50 @@ FORWARDED_ENV = ("XLA_FLAGS",)  # besides every ATTENTION_JAX_* variable: what t
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+# Ray's switches for what the driver prints: no colour codes around the "(task pid=...)" prefix
+# of worker lines, and no deduplication of worker lines (it dropped the last point's "done" line).
+RAY_OUTPUT_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_DEDUP_LOGS": "0"}
+
+
+def ray_environment(address: str | None, environ: dict | None = None, home: Path | None = None) -> dict[str, str]:
+    """The variables to set (those not set already in ``environ``) before Ray is imported and started.
+
+    Output switches always. For a local instance (no ``address``), token
+    authentication set explicitly, and a fresh token when there is none in the
+    environment or in ~/.ray/auth_token: Ray would otherwise write one there
+    and warn that it turned authentication on. For a cluster, token mode where
+    a token is at hand (what Ray does by itself, minus its warning).
+    """
+    environ = os.environ if environ is None else environ
+    home = Path.home() if home is None else home
+    out = {k: v for k, v in RAY_OUTPUT_ENV.items() if k not in environ}
+    if "RAY_AUTH_MODE" in environ:
+        return out
+    has_token = (
+        "RAY_AUTH_TOKEN" in environ or "RAY_AUTH_TOKEN_PATH" in environ or (home / ".ray" / "auth_token").is_file()
+    )
+    if address is None:
+        out["RAY_AUTH_MODE"] = "token"
+        if not has_token:
+            out["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this instance's alone; its processes inherit it
+    elif has_token:
+        out["RAY_AUTH_MODE"] = "token"
+    return out
+
+
 def import_ray(address: str | None = None):
     """Ray, set to stay on loopback when the cluster is a local instance or given at a loopback address.
 
     A local instance (no ``address``) then serves on 127.0.0.1 only, and a
     driver given 127.0.0.1:PORT connects there (Ray would otherwise swap in
     the machine's address, where a loopback-only cluster does not answer).
+    Also sets Ray's output and authentication switches (``ray_environment``).
     Must run before Ray is first imported in this process.
     """
     host = (address or "").rpartition(":")[0]
     if address is None or distributed.is_loopback(host):
         os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
+    os.environ.update(ray_environment(address))
     try:
         import ray
     except ModuleNotFoundError:
@@ -69,12 +114,35 @@ def import_ray(address: str | None = None):
 # ---------------------------------------------------------------------------
 
 
-def run_program(cwd: str, spec: str, points: list, sweep_dir: str, base_overrides: dict, host: dict | None) -> list:
-    """One program of the sweep in a Ray worker (a fresh process: ``max_calls=1``); its points' records.
+FINAL_STATES = ("done in ", "failed: ", "diverged: ", "interrupted: ")  # how sweep's records.finish words an end
 
-    ``host`` ({"coordinator_address", "num_processes", "process_id"}) makes
-    this task one process of a multi-host program.
+
+def is_final_line(message: str, points: Sequence[sweep_lib.Point]) -> bool:
+    """Whether ``message`` is the line that says how one of ``points`` ended ("[3] name: done in 12 s")."""
+    for p in points:
+        prefix = f"[{p.index}] {p.name}: "
+        if message.startswith(prefix) and message[len(prefix) :].startswith(FINAL_STATES):
+            return True
+    return False
+
+
+def run_program(cwd: str, spec: str, points: list, sweep_dir: str, base_overrides: dict, host: dict | None) -> dict:
+    """One program of the sweep in a Ray worker (a fresh process: ``max_calls=1``).
+
+    Returns {"records": its points' records, "lines": the lines saying how each
+    ended}: those the driver prints (through Ray's log stream they could be
+    lost); every other line is printed here as it happens. ``host``
+    ({"coordinator_address", "num_processes", "process_id"}) makes this task
+    one process of a multi-host program.
     """
+    final: list[str] = []
+
+    def log(message: str) -> None:
+        if is_final_line(message, points):
+            final.append(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     if not os.path.isdir(cwd):
         raise ConfigError(f"the sweep's working directory {cwd} does not exist on this node; run the sweep from a "
                           "folder every node has (a shared file system, or the same clone everywhere)")  # fmt: skip
@@ -83,7 +151,8 @@ def run_program(cwd: str, spec: str, points: list, sweep_dir: str, base_override
         base_overrides = {**base_overrides, "distributed.enabled": True,
                           **{f"distributed.{key}": value for key, value in host.items()}}  # fmt: skip
         distributed.initialize(distributed.settings(sweep_lib.point_config(spec, points[0], base_overrides)))
-    return sweep_lib.run_group(spec, points, sweep_dir, base_overrides=base_overrides)
+    records = sweep_lib.run_group(spec, points, sweep_dir, base_overrides=base_overrides, log=log)
+    return {"records": records, "lines": final}
 
 
 def free_port() -> tuple[str, int]:
@@ -114,6 +183,7 @@ class Program:
     attempts: int = 0
     refs: list = field(default_factory=list)
     placement: Any = None  # the placement group of a multi-host program
+    printed: bool = False  # whether the driver printed how its points ended
 
 
 def resources_of(config) -> dict[str, Any]:
@@ -194,6 +264,7 @@ def _submit(ray, task, program: Program, args: tuple, log) -> None:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     program.attempts += 1
+    program.printed = False
     cwd, spec, sweep_dir, base = args
     names = ", ".join(str(p.index) for p in program.points)
     if program.hosts == 1:  # Ray itself runs it again when its worker dies
@@ -222,7 +293,7 @@ def _submit(ray, task, program: Program, args: tuple, log) -> None:
 def _settle(ray, task, program: Program, ref, args: tuple, log) -> bool:
     """Take the result of one of the program's tasks; True when the program is over (done, failed or given up)."""
     try:
-        ray.get(ref)
+        result = ray.get(ref)
     except ray.exceptions.RayError as e:
         cause = getattr(e, "cause", None) or e  # a RayTaskError wraps what the task raised
         error = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
@@ -238,6 +309,10 @@ def _settle(ray, task, program: Program, ref, args: tuple, log) -> bool:
         log(f"[{', '.join(str(p.index) for p in program.points)}] a host failed ({error}); running it again")
         _submit(ray, task, program, args, log)
         return False
+    if not program.printed:  # every host of a program returns the same lines: print them once
+        for line in result["lines"]:
+            log(line)
+        program.printed = True
     program.refs.remove(ref)
     if program.refs:  # the other hosts of the program end with it
         return False

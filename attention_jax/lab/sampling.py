@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax.generate import generate
-from attention_jax.lab.rundir import CONFIG, Run
+from attention_jax.lab.rundir import CONFIG
+from attention_jax.lab.runs import Run
 
 SHOWN_POINTS = 3  # a sweep directory given as --workdir: how many of its points the error names
 

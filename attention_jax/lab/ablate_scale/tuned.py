@@ -1,7 +1,7 @@
 """The tuned answer: each arm at its own best learning rate, per head size, and how that evolves in training.
 
 Input: the points of a sweep with several learning rates per (design, scale, D)
-(``configs/ablate_scale.py:tuned*``), as :func:`report.load_points` reads them.
+(``configs/ablate_scale.py:tuned*``), as :func:`points.load_points` reads them.
 
 - The best learning rate of an arm at a head size minimizes the mean final val
   loss over its seeds; a learning rate at which any seed diverged is not
@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import numpy as np
-
-from attention_jax.lab.ablate_scale.report import PointResult, _plt, _scale_rank, mean_std
+from attention_jax.lab.ablate_scale.plots import plot_tuned_best, plot_tuned_curves
+from attention_jax.lab.ablate_scale.points import PointResult, mean_curve, mean_std, scale_rank
 
 
 def is_tuned(points: list[PointResult]) -> bool:
@@ -44,7 +43,7 @@ def best_rows(points: list[PointResult]) -> list[dict]:
     for p in points:
         groups[(p.design, p.scale, p.head_size)].append(p)
     rows = []
-    for (design, scale, D), pts in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], _scale_rank(kv[0][1]))):
+    for (design, scale, D), pts in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], scale_rank(kv[0][1]))):
         pts = sorted(pts, key=lambda p: p.learning_rate)
         by_lr = {p.learning_rate: p for p in pts}
         means = {lr: mean_std(_finals(p).values()) for lr, p in by_lr.items()}
@@ -74,19 +73,12 @@ def paired_to_sqrt(rows: list[dict]) -> dict[tuple, tuple[float, float]]:
     return out
 
 
-def _mean_curve(p: PointResult) -> tuple[list[int], np.ndarray]:
-    ok = [s for s in p.seeds if p.evals[s] and not p.diverged[s]]
-    n = min(len(p.evals[s]) for s in ok)
-    steps = [st for st, _ in p.evals[ok[0]][:n]]
-    return steps, np.mean([[v for _, v in p.evals[s][:n]] for s in ok], axis=0)
-
-
 def ranking_stable_from(rows: list[dict]) -> dict[tuple, tuple[int, list[str]]]:
     """(design, D) -> (first step from which the arms' ranking stays the same, that final ranking)."""
     by_shape: dict[tuple, dict[str, tuple]] = defaultdict(dict)
     for r in rows:
         if r["point"] is not None:
-            by_shape[(r["design"], r["head_size"])][r["scale"]] = _mean_curve(r["point"])
+            by_shape[(r["design"], r["head_size"])][r["scale"]] = mean_curve(r["point"])
     out = {}
     for shape, curves in by_shape.items():
         n = min(len(steps) for steps, _ in curves.values())
@@ -125,6 +117,7 @@ def markdown(rows: list[dict]) -> str:
             f"{'—' if not math.isfinite(m) else f'{m:.3f} ± {s:.3f}'} | {delta_text} | " + " | ".join(cells) + " |"
         )
     lines.append("")
+    lines.append("### Ranking of the arms over training (each at its best learning rate)\n")
     lines.append("| design | D | ranking of the arms at the end (best first) | stable from step |")
     lines.append("|---|---|---|---|")
     for (design, D), (step, ranking) in sorted(stable.items()):
@@ -132,75 +125,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_best(rows: list[dict], path, dpi: int = 90) -> None:
-    """Left: final val loss at each arm's best learning rate against D. Right: that learning rate against D."""
-    plt = _plt()
-    designs = sorted({r["design"] for r in rows})
-    fig, axes = plt.subplots(len(designs), 2, figsize=(8.4, 3.2 * len(designs)), squeeze=False)
-    for i, design in enumerate(designs):
-        scales = sorted({r["scale"] for r in rows if r["design"] == design}, key=_scale_rank)
-        for k, scale in enumerate(scales):
-            rs = sorted((r for r in rows if r["design"] == design and r["scale"] == scale and r["best_lr"]),
-                        key=lambda r: r["head_size"])  # fmt: skip
-            xs = [r["head_size"] for r in rs]
-            axes[i][0].errorbar(xs, [r["best"][0] for r in rs], yerr=[r["best"][1] for r in rs], marker="o", ms=3,
-                                capsize=3, color=f"C{k}", label=scale)  # fmt: skip
-            axes[i][1].plot(xs, [r["best_lr"] for r in rs], marker="o", ms=4, color=f"C{k}", label=scale,
-                            ls="--" if any(r["edge"] for r in rs) else "-")  # fmt: skip
-        for ax, ylabel in zip(axes[i], ("final val loss at the best lr", "best learning rate")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("head size D", fontsize=8)
-            ax.set_ylabel(ylabel, fontsize=8)
-            ax.set_title(f"design {design}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
-        tried = sorted({lr for r in rows if r["design"] == design for lr in r["learning_rates"]})
-        axes[i][1].set_yscale("log", base=2)
-        axes[i][1].set_yticks(tried, [f"{lr:g}" for lr in tried])
-        axes[i][1].minorticks_off()
-        axes[i][1].set_ylim(tried[0] / 1.3, tried[-1] * 1.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-
-
-def plot_curves(rows: list[dict], path, dpi: int = 90) -> None:
-    """Top: val loss against step at each arm's best lr, a panel per (design, D). Bottom: arm − sqrt over time."""
-    plt = _plt()
-    shapes = sorted({(r["design"], r["head_size"]) for r in rows})
-    fig, axes = plt.subplots(2, len(shapes), figsize=(2.8 * len(shapes), 5.0), squeeze=False)
-    for j, (design, D) in enumerate(shapes):
-        rs = sorted((r for r in rows if (r["design"], r["head_size"]) == (design, D) and r["point"]),
-                    key=lambda r: _scale_rank(r["scale"]))  # fmt: skip
-        curves = {r["scale"]: _mean_curve(r["point"]) for r in rs}
-        finals = [c[1][-1] for c in curves.values()]
-        for k, r in enumerate(rs):
-            steps, mean = curves[r["scale"]]
-            axes[0][j].plot(steps, mean, color=f"C{k}", lw=1.2, label=f"{r['scale']} (lr {r['best_lr']:g})")
-            if "sqrt" in curves and r["scale"] != "sqrt":
-                ref_steps, ref = curves["sqrt"]
-                n = min(len(steps), len(ref_steps))
-                axes[1][j].plot(steps[:n], mean[:n] - ref[:n], color=f"C{k}", lw=1.2, label=r["scale"])
-        if finals:
-            axes[0][j].set_ylim(min(finals) - 0.05, min(finals) + 0.6)
-        axes[0][j].set_title(f"design {design}, D={D}", fontsize=8)
-        axes[1][j].axhline(0.0, color="grey", lw=0.8, ls="--")
-        axes[1][j].set_xlabel("step", fontsize=8)
-        for ax in axes[:, j]:
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=5)
-    axes[0][0].set_ylabel("val loss (mean over seeds)", fontsize=8)
-    axes[1][0].set_ylabel("arm − sqrt, each at its best lr", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-
-
 def section(points: list[PointResult], outdir, dpi: int = 90) -> tuple[list[str], list[tuple[str, str]]]:
     """The report's tuned section (markdown parts) and its figures [(caption, file name)]."""
     rows = best_rows(points)
-    plot_best(rows, outdir / "tuned_best_lr.png", dpi=dpi)
-    plot_curves(rows, outdir / "tuned_curves.png", dpi=dpi)
+    plot_tuned_best(rows, outdir / "tuned_best_lr.png", dpi=dpi)
+    plot_tuned_curves(rows, outdir / "tuned_curves.png", dpi=dpi)
     md = [
         "## Tuned: each arm at its own best learning rate\n",
         "Best lr: the learning rate with the lowest mean final val loss over the seeds, among those at which no "
