@@ -304,7 +304,7 @@ def test_existing_sweeps_keep_every_point_name(variant):
 def test_top_k_zero_or_none_switches_it_off(text, want, tmp_path, monkeypatch):
     seen = {}
     (tmp_path / "config.json").write_text("{}")
-    monkeypatch.setattr("attention_jax.lab.rundir.load_run", lambda workdir, which: SimpleNamespace(
+    monkeypatch.setattr("attention_jax.lab.runs.load_run", lambda workdir, which: SimpleNamespace(
         num_members=1, diverged=[None]))  # fmt: skip
     monkeypatch.setattr("attention_jax.lab.sampling.sample_text", lambda run, prompt, **kw: seen.update(kw) or "x")
     assert commands.sample(["--workdir", str(tmp_path), "--top_k", text]) == 0
