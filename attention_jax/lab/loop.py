@@ -1,8 +1,10 @@
 """The training loop: resumable, deterministic, writing everything through run directories.
 
-Data flow: config -> ``Experiment`` (data, model, optimizer, mesh, members) ->
-jitted steps -> this loop -> run directories (config.json, metrics.jsonl,
-TensorBoard, checkpoints, tokenizer.json, sample.txt, summary.json).
+Data flow: config -> parts (``parts.resolve``, once) -> ``Experiment`` (data,
+model, optimizer, mesh, members) -> jitted steps -> this loop -> run
+directories (config.json, metrics.jsonl, TensorBoard, checkpoints,
+tokenizer.json, sample.txt, summary.json). After resolution the loop reads no
+value of the config: it only saves it (config.json) and compares it on resume.
 
 Members: every model of the program (the ``num_seeds`` seeds of a run, or a
 population's members) trains in one compiled program; every state leaf has a
@@ -14,9 +16,14 @@ Outputs: ``train`` writes all members into one run directory. ``train_members``
 splits them over several (an ``Output`` each: a run directory, the config its
 config.json records, the members it holds): how a sweep trains the points that
 differ only in member values in one program while every point keeps a run
-directory of its own, file for file like a point trained alone. An output whose
-members have all diverged stops there, as a run of its own would: no more rows,
-checkpoints or summary; the others go on.
+directory of its own, file for file like a point trained alone. While it trains,
+each output's state (checkpoints, metrics writer, best values, whether it
+stopped) lives in one ``OutputState``. An output whose members have all
+diverged stops there, as a run of its own would: no more rows, checkpoints or
+summary; the others go on.
+
+A cold start prints what it is doing before its first result (``loading data
+...``, ``compiling 2 programs ...``) on stderr, with the loop's other status lines.
 
 Several optimizer steps run per compiled call (``steps_per_call``, a
 ``lax.scan``); a call is split into single steps only where a log, eval or

@@ -337,7 +337,7 @@ def resolve_distributed(config: ml_collections.ConfigDict) -> Distributed:
 
 
 def resolve_ray(config: ml_collections.ConfigDict) -> Ray:
-    """``ray.*``, checked when it is used (``ray_backend.resources_of``): a local run never reads it."""
+    """``ray.*`` (checked where a Ray task asks for it, ``ray_backend.resources_of``; a local run never does)."""
     r = config.get("ray") or ml_collections.ConfigDict(base_ray())
     return Ray(num_cpus=r.num_cpus, num_gpus=r.num_gpus, tpu_chips=r.tpu_chips, hosts=r.hosts,
                max_retries=r.max_retries)  # fmt: skip
@@ -345,15 +345,6 @@ def resolve_ray(config: ml_collections.ConfigDict) -> Ray:
 
 def base_ray() -> dict:
     return config_lib.base_config().ray.to_dict()
-
-
-def check_ray(ray: Ray) -> None:
-    """Raise ConfigError naming the first ``ray.*`` value a Ray task cannot ask for."""
-    for key in ("num_cpus", "num_gpus", "tpu_chips", "max_retries"):
-        if getattr(ray, key) < 0:
-            raise ConfigError(f"ray.{key}={getattr(ray, key)}: must be non-negative")
-    if ray.hosts < 1:
-        raise ConfigError(f"ray.hosts={ray.hosts}: must be at least 1")
 
 
 # -- the population -----------------------------------------------------------

@@ -37,16 +37,21 @@ __all__ = ["MEMBER_KEYS", "Member", "Population", "attention_scales", "hparams",
 
 def hparams(pop: Population | list[Member], *deprecated: Any) -> dict[str, np.ndarray]:
     """Every member's optimizer scalars: {key: (M,) float32} (each member's own, the config's where it sets none)."""
-    if deprecated:  # deprecated: hparams(config, members); pass the members of resolved parts
+    if isinstance(pop, ml_collections.ConfigDict):  # deprecated: hparams(config, members)
         pop = _with_values(pop, deprecated[0])
     members = _members_of(pop)
     return {key: np.asarray([m.optimizer.hparams()[key] for m in members], np.float32) for key in HPARAM_KEYS}
 
 
-def attention_scales(pop: Population | list[Member], *deprecated: Any, head_dim: int) -> np.ndarray | None:
-    """Each member's attention scale as a number (M,) float32, or None when every member has the config's."""
-    if deprecated:  # deprecated: attention_scales(config, members, head_dim); pass resolved members
-        pop = _with_values(pop, deprecated[0])
+def attention_scales(pop: Population | list[Member], *args: Any, head_dim: int | None = None) -> np.ndarray | None:
+    """Each member's attention scale as a number (M,) float32, or None when every member has the config's.
+
+    Called as ``attention_scales(members, head_dim)``; the deprecated form is
+    ``attention_scales(config, members, head_dim)``.
+    """
+    if isinstance(pop, ml_collections.ConfigDict):
+        pop, args = _with_values(pop, args[0]), args[1:]
+    head_dim = args[0] if args else head_dim
     members = _members_of(pop)
     if not any("model.attn_scale" in m.values for m in members):
         return None
