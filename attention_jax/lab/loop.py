@@ -23,7 +23,8 @@ diverged stops there, as a run of its own would: no more rows, checkpoints or
 summary; the others go on.
 
 A cold start prints what it is doing before its first result (``loading data
-...``, ``compiling 2 programs ...``) on stderr, with the loop's other status lines.
+...``, ``initializing 1 model ...``, ``compiling 2 programs ...``) on stderr,
+with the loop's other status lines.
 
 Several optimizer steps run per compiled call (``steps_per_call``, a
 ``lax.scan``); a call is split into single steps only where a log, eval or
@@ -396,6 +397,7 @@ def train_parts(
     if sorted(i for o in outs for i in o.members) != list(range(M)):
         raise ValueError(f"the outputs must hold each of the {M} members exactly once")
     fingerprint = dataset_fingerprint(parts.data.dataset, text)
+    status(f"initializing {M} model{'s' if M > 1 else ''} (or restoring the latest checkpoint) ...")
     # With several hosts (jax.distributed), every process runs this loop and takes part in
     # checkpointing (orbax coordinates them); only process 0 holds the locks and writes files.
     writer = jax.process_index() == 0

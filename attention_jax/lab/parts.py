@@ -350,7 +350,7 @@ def base_ray() -> dict:
 # -- the population -----------------------------------------------------------
 
 
-def _entries(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+def population_entries(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The population's entries ([{}] for a plain run), each checked: a list of dicts of member keys."""
     population = config.get("population", ())
     if isinstance(population, dict) or not isinstance(population, (list, tuple)):
@@ -387,7 +387,7 @@ def _check_member_key(key: str, valid: list[str]) -> None:
 def _members(config: ml_collections.ConfigDict) -> list[Member]:
     """Every member (values and seed only): each entry times ``num_seeds`` seeds, in entry order."""
     out = []
-    for entry in _entries(config):
+    for entry in population_entries(config):
         first = int(entry.get("seed", config.seed))
         values = {k: v for k, v in entry.items() if k != "seed"}
         for i in range(config.num_seeds):

@@ -29,10 +29,20 @@ import numpy as np
 
 from attention_jax.attention import resolve_scale
 from attention_jax.lab import parts as parts_lib
-from attention_jax.lab.parts import _LOOP_KEYS, MEMBER_KEYS, Member, Population, mesh_shape  # noqa: F401 - re-exported
+from attention_jax.lab.parts import MEMBER_KEYS, Member, Population, mesh_shape
 from attention_jax.lab.steps import HPARAM_KEYS
 
-__all__ = ["MEMBER_KEYS", "Member", "Population", "attention_scales", "hparams", "mesh_shape"]
+__all__ = [
+    "MEMBER_KEYS",
+    "Member",
+    "Population",
+    "attention_scales",
+    "entries",
+    "hparams",
+    "member_config",
+    "members",
+    "mesh_shape",
+]
 
 
 def hparams(pop: Population | list[Member], *deprecated: Any) -> dict[str, np.ndarray]:
@@ -65,6 +75,11 @@ def _members_of(pop: Population | list[Member]) -> list[Member]:
 # ---------------------------------------------------------------------------
 # Deprecated: the ConfigDict forms (resolve once with attention_jax.lab.parts.resolve instead)
 # ---------------------------------------------------------------------------
+
+
+def entries(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Deprecated: ``parts.resolve(config).population.entries`` (this form: [{}] for a plain run)."""
+    return parts_lib.population_entries(config)
 
 
 def members(config: ml_collections.ConfigDict) -> list[Member]:

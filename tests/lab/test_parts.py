@@ -111,7 +111,7 @@ DOWNSTREAM = ("loop", "experiment", "steps", "population", "sweep", "distributed
 TAKES_A_CONFIG = {
     "loop.train", "loop.train_members", "experiment.Experiment.from_config", "bench.benchmark_training",  # edges
     "loop.Output.__init__",  # what an output's config.json records: saved unchanged, and compared on resume
-    "population.members", "population.check", "population._with_values",  # deprecated forms
+    "population.entries", "population.members", "population.check", "population._with_values",  # deprecated
     "experiment.Experiment.__init__",  # its deprecated ``config`` (what from_config was given); never read
 }  # fmt: skip
 
@@ -185,8 +185,9 @@ def test_training_resolves_once_and_then_reads_no_value_of_the_config(tiny_confi
     lines = out.getvalue().splitlines()
     first_result = next(i for i, line in enumerate(lines) if line.startswith("step 2: train loss"))
     loading = next(i for i, line in enumerate(lines) if line == "loading data ...")
+    initializing = next(i for i, line in enumerate(lines) if line.startswith("initializing 1 model"))
     compiling = next(i for i, line in enumerate(lines) if line.startswith("compiling 2 programs"))
-    assert loading < compiling < first_result, lines
+    assert loading < initializing < compiling < first_result, lines
     assert lines[loading] == lines[0]  # nothing comes before it: the first line of a cold start
 
 
