@@ -22,6 +22,7 @@ import ml_collections
 
 from attention_jax.lab import experiment as ex
 from attention_jax.lab.hardware import cpu_cores, cpu_model_name, cpu_peak_flops, matmul_flops_per_s, peak_rss_mb
+from attention_jax.lab.parts import Parts, resolve
 
 
 class Reference(Protocol):
@@ -73,7 +74,7 @@ def time_side_by_side(step, state, reference: Reference | None, calls: int, per_
 
 
 def benchmark_training(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict | Parts,
     steps: int = 30,
     warmup: int = 3,
     matmul_n: int = 2048,
@@ -85,16 +86,18 @@ def benchmark_training(
 
     ``reference(experiment)`` builds the other implementation, or raises
     ``NoReference`` saying why it cannot (printed in its place). ``peak_flops``
-    overrides the hardware-peak estimate of ``cpu_peak_flops``.
+    overrides the hardware-peak estimate of ``cpu_peak_flops``. ``config`` is
+    resolved here, once (or given as its resolved parts).
     """
-    exp = ex.Experiment.from_config(config)
+    parts = config if isinstance(config, Parts) else resolve(config, device_count=jax.device_count())
+    exp = ex.Experiment.from_parts(parts)
     reference_note = None
     if reference is not None:
         try:
             reference = reference(exp)
         except NoReference as e:
             reference, reference_note = None, str(e)
-    per_call = config.steps_per_call
+    per_call = parts.run.steps_per_call
     state = ex.init_state(exp)
     t0 = time.perf_counter()
     step = ex.train_program(exp, per_call).lower(state).compile()
@@ -107,7 +110,7 @@ def benchmark_training(
     model_flops = flops_step / s_per_step
     mc = exp.model_config
     result = {
-        "config": f"{mc.n_layer}L {mc.n_head}H C{mc.n_embd} T{mc.block_size} B{config.batch_size}",
+        "config": f"{mc.n_layer}L {mc.n_head}H C{mc.n_embd} T{mc.block_size} B{parts.data.batch_size}",
         "ms_per_step": round(1000 * s_per_step, 3),
         "ms_per_step_min": round(1000 * min(jax_times), 3),
         "tokens_per_s": round(exp.tokens_per_step / s_per_step, 1),

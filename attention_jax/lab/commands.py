@@ -17,6 +17,7 @@ from pathlib import Path
 
 from attention_jax.lab import cli, distributed
 from attention_jax.lab.config import ConfigError, apply_overrides, load_config, parse_override_args, run_name
+from attention_jax.lab.parts import resolve_distributed
 
 # Sampling holds every generated id in one array and decodes it at the end; a bound keeps a typo
 # (1000000000) from running for hours and filling memory. 1M characters of the smoke model took
@@ -43,7 +44,8 @@ def train(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
     config = config_from_args(args.config, rest)
-    if (status := distributed.launch(config, "train", argv)) is not None:  # supervised a child that trained
+    # supervised a child that trained
+    if (status := distributed.launch(resolve_distributed(config), "train", argv)) is not None:
         return status
     from attention_jax.lab.loop import train as train_loop
 
@@ -174,13 +176,13 @@ def sweep(argv=None):
     # Before any other JAX call; with distributed.enabled every process runs this same command.
     config = apply_overrides(load_config(args.config), base_overrides)
     if args.backend == "ray":
-        if config.distributed.enabled:
+        if resolve_distributed(config).enabled:
             raise ConfigError("with --backend ray, a point spans several hosts through ray.hosts, not distributed.*")
         from attention_jax.lab import ray_backend
 
         kw = dict(all_points=points, base_overrides=base_overrides, group=args.group, address=args.address)
         status = ray_backend.run_sweep(args.config, chosen, sweep_dir, **kw)
-    elif (status := distributed.launch(config, "sweep", argv)) is not None:  # supervised a child that ran it
+    elif (status := distributed.launch(resolve_distributed(config), "sweep", argv)) is not None:  # a child ran it
         return status
     else:
         status = sweep_lib.run_sweep(

@@ -34,80 +34,39 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from attention_jax.lab.cli import EXIT_JOIN_FAILED, EXIT_PROCESS_LOST
 from attention_jax.lab.config import ConfigError, env_flag
+from attention_jax.lab.parts import DISTRIBUTED_ENV, Distributed, resolve_distributed
 
-ENV = {
-    "coordinator_address": "JAX_COORDINATOR_ADDRESS",  # JAX reads this one itself too
-    "num_processes": "JAX_NUM_PROCESSES",
-    "process_id": "JAX_PROCESS_ID",
-}
+ENV = DISTRIBUTED_ENV
 SUPERVISED = "ATTENTION_JAX_SUPERVISED"  # set in the child of ``supervise``: it does the work itself
 EXIT_LOST = EXIT_PROCESS_LOST  # a process of the run was lost (6); one that never joined: EXIT_JOIN_FAILED (5)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How this process joins a run; None fields are left to JAX to detect."""
-
-    coordinator_address: str | None
-    num_processes: int | None
-    process_id: int | None
-    join_timeout_s: int
-    heartbeat_timeout_s: int
-
-    def who(self) -> str:
-        if self.process_id is None or self.num_processes is None:
-            return "this process"
-        return f"process {self.process_id} of {self.num_processes}"
+# How this process joins a run (``distributed.*`` with the environment filled in); None fields are
+# left to JAX to detect. Resolved with the rest of the config (``parts.resolve_distributed``).
+Settings = Distributed
 
 
-def settings(config) -> Settings | None:
-    """The ``distributed`` group of ``config`` with the environment filled in; None when not enabled."""
-    group = config.get("distributed")
-    if group is None or not group.get("enabled", False):
-        return None
+def settings(part: Distributed) -> Settings | None:
+    """The distributed part of resolved parts when it is enabled, else None (a single process).
 
-    def value(key, kind):
-        v = group.get(key)
-        if v in (None, "") and os.environ.get(ENV[key]):
-            try:
-                v = kind(os.environ[ENV[key]])
-            except ValueError:
-                raise ConfigError(f"{ENV[key]}={os.environ[ENV[key]]!r} is not a valid {key}") from None
-        return None if v in (None, "") else v
-
-    s = Settings(
-        coordinator_address=value("coordinator_address", str),
-        num_processes=value("num_processes", int),
-        process_id=value("process_id", int),
-        join_timeout_s=group.join_timeout_s,
-        heartbeat_timeout_s=group.heartbeat_timeout_s,
-    )
-    if s.coordinator_address is not None:
-        host, _, port = s.coordinator_address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"distributed.coordinator_address={s.coordinator_address!r}: expected host:port")
-    if s.num_processes is not None and s.num_processes < 1:
-        raise ConfigError(f"distributed.num_processes={s.num_processes}: must be at least 1")
-    if s.process_id is not None and not 0 <= s.process_id < (s.num_processes or s.process_id + 1):
-        raise ConfigError(f"distributed.process_id={s.process_id}: must be in [0, num_processes={s.num_processes})")
-    for key in ("join_timeout_s", "heartbeat_timeout_s"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"distributed.{key}={getattr(s, key)}: must be a positive number of seconds")
-    return s
+    Deprecated: given an experiment config (ConfigDict), resolves its ``distributed`` group first.
+    """
+    if not isinstance(part, Distributed):
+        part = resolve_distributed(part)
+    return part if part.enabled else None
 
 
-def launch(config, command: str, argv: list[str] | None) -> int | None:
-    """Make this process part of the run ``config.distributed`` describes, before any other JAX call.
+def launch(part: Distributed, command: str, argv: list[str] | None) -> int | None:
+    """Make this process part of the run ``part`` describes, before any other JAX call.
 
     Returns None when the caller should go on and do the work here (a single
     process, or the child of ``supervise``), else the exit status of the
     supervised child that did it.
     """
-    s = settings(config)
+    s = settings(part)
     if s is None:
         return None
     if os.environ.get(SUPERVISED) != "1":

@@ -1,6 +1,7 @@
-"""What one experiment config builds: data, model, optimizer, device mesh and its members.
+"""What one experiment's parts build: data, model, optimizer, device mesh and its members.
 
-An ``Experiment`` holds those pieces and nothing else. The steps are the pure
+An ``Experiment`` holds those pieces, built from the config's resolved parts
+(:mod:`attention_jax.lab.parts`), and nothing else. The steps are the pure
 functions of :mod:`attention_jax.lab.steps`; the functions below bind them to
 an experiment's pieces and jit them, for the loop, the benchmarks and anyone
 who wants a compiled step without the loop.
@@ -34,7 +35,8 @@ from jax.sharding import PartitionSpec as P
 
 from attention_jax import data as data_lib
 from attention_jax.lab import population, steps
-from attention_jax.lab.config import ConfigError, build_model, model_config
+from attention_jax.lab.config import ConfigError
+from attention_jax.lab.parts import MESH_AXES, Parts, resolve
 from attention_jax.model import ModelConfig
 
 Array = jax.Array
@@ -42,7 +44,7 @@ Array = jax.Array
 
 @dataclass
 class Experiment:
-    config: ml_collections.ConfigDict
+    parts: Parts  # the resolved config; parts.model.config is model_config (the data's vocabulary)
     tokenizer: data_lib.CharTokenizer
     model_config: ModelConfig
     model: nn.Module
@@ -53,15 +55,22 @@ class Experiment:
     members: list[population.Member]
     # {"key": (M,) PRNG keys, "hparams": {name: (M,) float32}, and "attn_scale": (M,) when members differ in it}
     member_inputs: dict[str, Any]
+    # Deprecated: the ConfigDict of ``from_config`` (None from ``from_parts``); nothing in the lab reads it.
+    config: ml_collections.ConfigDict | None = None
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, text: str | None = None) -> Experiment:
-        """Validate ``config``, read and tokenize its text (or ``text``), build model, optimizer and mesh."""
-        pop = population.check(config, jax.device_count())
+    def from_parts(cls, parts: Parts, text: str | None = None) -> Experiment:
+        """Read and tokenize the data (or ``text``), build model, optimizer and mesh of resolved ``parts``."""
+        if parts.mesh.device_count != jax.device_count():
+            raise ValueError(
+                f"the parts were resolved for {parts.mesh.device_count} devices and JAX has {jax.device_count()}: "
+                "resolve(config, device_count=jax.device_count())"
+            )
         if text is None:
-            text = load_dataset(config.data.dataset)
-        tokenizer, train, val = data_lib.prepare(text, config.data.train_fraction)
-        mcfg = model_config(config, tokenizer.vocab_size)
+            text = load_dataset(parts.data.dataset)
+        tokenizer, train, val = data_lib.prepare(text, parts.data.train_fraction)
+        parts = parts.with_vocab(tokenizer.vocab_size)
+        mcfg = parts.model.config
         T = mcfg.block_size
         for name, split in (("training", train), ("validation", val)):
             if split.shape[0] <= T + 1:
@@ -69,32 +78,39 @@ class Experiment:
                     f"model.block_size={T} is too long for the {name} split ({split.shape[0]} tokens); "
                     "use a shorter block_size or a longer text"
                 )
-        shape = population.mesh_shape(len(pop), jax.device_count())
-        mesh = Mesh(np.array(jax.devices()).reshape(shape), ("population", "data"))
+        pop = list(parts.members)
+        mesh = Mesh(np.array(jax.devices()).reshape(parts.mesh.shape), MESH_AXES)
         replicated = NamedSharding(mesh, P())
         # Replicated, from host values: the programs close over them (as constants), which
         # processes can do only with arrays of which they hold a whole copy.
         member_inputs = {
             "key": np.asarray(jax.random.key_data(jnp.stack([jax.random.key(m.seed) for m in pop]))),  # (M, 2)
-            "hparams": population.hparams(config, pop),
+            "hparams": population.hparams(parts.population),
         }
-        scales = population.attention_scales(config, pop, mcfg.head_dim)
+        scales = population.attention_scales(parts.population, head_dim=mcfg.head_dim)
         if scales is not None:  # the members' scales differ: each one's is a runtime number
             member_inputs["attn_scale"] = scales
         member_inputs = jax.device_put(member_inputs, replicated)
         member_inputs["key"] = jax.random.wrap_key_data(member_inputs["key"])
         return cls(
-            config=config,
+            parts=parts,
             tokenizer=tokenizer,
             model_config=mcfg,
-            model=build_model(config, mcfg),
-            tx=steps.make_optimizer(config),
+            model=parts.model.build(),
+            tx=steps.make_optimizer(parts.optimizer),
             mesh=mesh,
             train_data=jax.device_put(train, replicated),
             val_data=jax.device_put(val, replicated),
             members=pop,
             member_inputs=member_inputs,
         )
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, text: str | None = None) -> Experiment:
+        """Resolve ``config`` (``parts.resolve``: validated, errors name the key), then ``from_parts``."""
+        exp = cls.from_parts(resolve(config, device_count=jax.device_count()), text=text)
+        exp.config = config
+        return exp
 
     @property
     def num_members(self) -> int:
@@ -108,7 +124,7 @@ class Experiment:
     @property
     def tokens_per_step(self) -> int:
         """Tokens one optimizer step consumes, over all members."""
-        return self.num_members * self.config.batch_size * self.model_config.block_size
+        return self.num_members * self.parts.data.batch_size * self.model_config.block_size
 
     @property
     def replicated(self) -> NamedSharding:
@@ -167,9 +183,9 @@ def train_program(exp: Experiment, steps_per_call: int) -> Callable[[steps.Train
     one_member = functools.partial(
         steps.train_step,
         model=exp.model,
-        optimizer=functools.partial(steps.make_optimizer, exp.config),
+        optimizer=functools.partial(steps.make_optimizer, exp.parts.optimizer),
         data=exp.train_data,
-        batch_size=exp.config.batch_size,
+        batch_size=exp.parts.data.batch_size,
         block_size=exp.model_config.block_size,
         batch_sharding=exp.batch_sharding,
     )
@@ -184,9 +200,9 @@ def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
     one_member = functools.partial(
         steps.eval_loss,
         model=exp.model,
-        batch_size=exp.config.batch_size,
+        batch_size=exp.parts.data.batch_size,
         block_size=exp.model_config.block_size,
-        eval_iters=exp.config.eval_iters,
+        eval_iters=exp.parts.run.eval_iters,
         batch_sharding=exp.batch_sharding,
     )
     all_members = _over_members(exp, one_member, (0, 0, None))
@@ -206,7 +222,7 @@ def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
 
     def one_member(params, member, data):
         return steps.full_split_loss(
-            params, data, model=exp.model, batch_size=exp.config.batch_size,
+            params, data, model=exp.model, batch_size=exp.parts.data.batch_size,
             block_size=exp.model_config.block_size, member=member,
         )  # fmt: skip
 

@@ -1,8 +1,10 @@
 """The training loop: resumable, deterministic, writing everything through run directories.
 
-Data flow: config -> ``Experiment`` (data, model, optimizer, mesh, members) ->
-jitted steps -> this loop -> run directories (config.json, metrics.jsonl,
-TensorBoard, checkpoints, tokenizer.json, sample.txt, summary.json).
+Data flow: config -> parts (``parts.resolve``, once) -> ``Experiment`` (data,
+model, optimizer, mesh, members) -> jitted steps -> this loop -> run
+directories (config.json, metrics.jsonl, TensorBoard, checkpoints,
+tokenizer.json, sample.txt, summary.json). After resolution the loop reads no
+value of the config: it only saves it (config.json) and compares it on resume.
 
 Members: every model of the program (the ``num_seeds`` seeds of a run, or a
 population's members) trains in one compiled program; every state leaf has a
@@ -14,9 +16,15 @@ Outputs: ``train`` writes all members into one run directory. ``train_members``
 splits them over several (an ``Output`` each: a run directory, the config its
 config.json records, the members it holds): how a sweep trains the points that
 differ only in member values in one program while every point keeps a run
-directory of its own, file for file like a point trained alone. An output whose
-members have all diverged stops there, as a run of its own would: no more rows,
-checkpoints or summary; the others go on.
+directory of its own, file for file like a point trained alone. While it trains,
+each output's state (checkpoints, metrics writer, best values, whether it
+stopped) lives in one ``OutputState``. An output whose members have all
+diverged stops there, as a run of its own would: no more rows, checkpoints or
+summary; the others go on.
+
+A cold start prints what it is doing before its first result (``loading data
+...``, ``initializing 1 model ...``, ``compiling 2 programs ...``) on stderr,
+with the loop's other status lines.
 
 Several optimizer steps run per compiled call (``steps_per_call``, a
 ``lax.scan``); a call is split into single steps only where a log, eval or
@@ -33,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +54,7 @@ from attention_jax.generate import generate
 from attention_jax.lab import experiment as ex
 from attention_jax.lab import steps
 from attention_jax.lab.config import ConfigError, to_dict
+from attention_jax.lab.parts import Parts, RunOptions, resolve
 from attention_jax.lab.rundir import (
     Checkpoints,
     MetricsWriter,
@@ -62,38 +71,58 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Output:
-    """Where some members' files go: a run directory, the config its config.json says, its members."""
+    """Where some members' files go: a run directory, the config its config.json records, its members.
+
+    The config is saved unchanged (and a resume compares it); the loop reads no value of it.
+    """
 
     run: RunDir
     config: ml_collections.ConfigDict
+    members: list[int] | None  # indices into the experiment's members, in this run directory's order; None: all
+
+
+@dataclass
+class OutputState:
+    """One output while it trains: its run directory, members, checkpoints, metrics, best values, and
+    whether it stopped (every member of it diverged)."""
+
+    run: RunDir
     members: list[int]  # indices into the experiment's members, in this run directory's order
+    saved: dict = field(default_factory=dict)  # what config.json records: the output's config as a dict
+    named_by_values: bool = False  # its config has a population: members are named by their values
+    checkpoints: Checkpoints | None = None
+    metrics: MetricsWriter | None = None
+    best_val_loss: list[float] = field(default_factory=list)  # per member of this output, in its order
+    best_step: list[int | None] = field(default_factory=list)
+    stopped: str | None = None  # why it stopped
+
+    def __post_init__(self):
+        n = len(self.members)
+        self.best_val_loss = self.best_val_loss or [math.inf] * n
+        self.best_step = self.best_step or [None] * n
 
     def board_names(self, exp: ex.Experiment) -> list[str]:
         """TensorBoard folder of each member: its seed, or its values when the config has a population."""
-        if not self.config.population:
+        if not self.named_by_values:
             return [f"seed_{exp.members[i].seed}" for i in self.members]
         return [re.sub(r"[^A-Za-z0-9._=,+-]", "_", f"member_{j}_{exp.members[i].label()}") for j, i in
                 enumerate(self.members)]  # fmt: skip
 
+    def meta(self, diverged: list[int]) -> dict:
+        """What a checkpoint records besides the state (diverged: whose arrays may be non-finite)."""
+        return {"best": {"val_loss": list(self.best_val_loss), "step": list(self.best_step)},
+                "diverged": [diverged[i] or None for i in self.members] if diverged else None}  # fmt: skip
+
 
 @dataclass
 class Progress:
-    """Where training stands: the state (M, ...) and each member's best evaluation so far."""
+    """Where training stands: the state (M, ...), its step, each member's best state and latest evaluation."""
 
     state: steps.TrainState
     step: int
-    best_val_loss: list[float]  # per member
-    best_step: list[int | None]  # per member
     best_state: steps.TrainState | None = None  # per member, the state at that member's best val loss
     last_eval: dict[int, dict] = field(default_factory=dict)  # member -> its latest evaluation row
     diverged: list[int] = field(default_factory=list)  # per member: 0, or the step whose loss was not finite
-    stopped: dict[int, str] = field(default_factory=dict)  # output index -> why it stopped (all members diverged)
-
-    def meta(self, members: list[int]) -> dict:
-        """What a checkpoint of ``members`` records besides their state (diverged: whose arrays may be non-finite)."""
-        return {"best": {"val_loss": [self.best_val_loss[i] for i in members],
-                         "step": [self.best_step[i] for i in members]},
-                "diverged": [self.diverged[i] or None for i in members] if self.diverged else None}  # fmt: skip
 
 
 def _take(state: Any, members: list[int], all_members: int) -> Any:
@@ -104,7 +133,7 @@ def _take(state: Any, members: list[int], all_members: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[idx], state)
 
 
-def _stitch(exp: ex.Experiment, outputs: list[Output], parts: list[Any]) -> Any:
+def _stitch(exp: ex.Experiment, outputs: list[OutputState], parts: list[Any]) -> Any:
     """One (M, ...) tree in member order from each output's slice of its members."""
     if len(outputs) == 1 and outputs[0].members == list(range(exp.num_members)):
         return parts[0]
@@ -114,52 +143,90 @@ def _stitch(exp: ex.Experiment, outputs: list[Output], parts: list[Any]) -> Any:
 
 
 def restore_or_start(
-    exp: ex.Experiment, outputs: list[Output], checkpoints: list[Checkpoints]
+    exp: ex.Experiment, outputs: list[OutputState], readers: list[Checkpoints]
 ) -> tuple[Progress, bool]:
-    """The progress of the outputs' latest checkpoints, or a fresh start; and whether it was restored."""
-    M = exp.num_members
-    restored = [c.restore_latest(ex.abstract_state(exp, len(o.members))) for o, c in zip(outputs, checkpoints)]
+    """The progress of the outputs' latest checkpoints (``readers``), or a fresh start; and whether it was restored.
+
+    Sets each output's best values from its checkpoint.
+    """
+    restored = [c.restore_latest(ex.abstract_state(exp, len(o.members))) for o, c in zip(outputs, readers)]
     if all(r is None for r in restored):
-        return Progress(ex.init_state(exp), 0, [math.inf] * M, [None] * M), False
+        return Progress(ex.init_state(exp), 0), False
     steps_at = {o.run.path.name: (int(steps.to_host(r[0].step)[0]) if r is not None else 0)
                 for o, r in zip(outputs, restored)}  # fmt: skip
     if len(set(steps_at.values())) > 1:  # a group trains from one step: the sweep groups points by it
         raise ConfigError(f"the run directories of one program are at different steps: {steps_at}")
     state = _stitch(exp, outputs, [r[0] for r in restored])
-    best_val, best_step = [math.inf] * M, [None] * M
     best_parts = []
-    for o, c, (part, meta) in zip(outputs, checkpoints, restored):
-        for j, i in enumerate(o.members):
-            val = meta["best"]["val_loss"][j]  # JSON null: never evaluated
-            best_val[i], best_step[i] = math.inf if val is None else val, meta["best"]["step"][j]
+    for o, c, (part, meta) in zip(outputs, readers, restored):
+        o.best_val_loss = [math.inf if v is None else v for v in meta["best"]["val_loss"]]  # JSON null: never evaluated
+        o.best_step = list(meta["best"]["step"])
         best = c.restore_best(ex.abstract_state(exp, len(o.members)))
         # No best yet (killed before the first evaluation after step 0): a copy of the state, which gets donated.
         best_parts.append(best[0] if best is not None else jax.tree_util.tree_map(jnp.copy, part))
-    progress = Progress(state, int(steps.to_host(state.step)[0]), best_val, best_step,
-                        best_state=_stitch(exp, outputs, best_parts))  # fmt: skip
+    progress = Progress(state, int(steps.to_host(state.step)[0]), best_state=_stitch(exp, outputs, best_parts))
     return progress, True
 
 
-def next_boundary(step: int, config: ml_collections.ConfigDict) -> int:
+def next_boundary(step: int, run: RunOptions) -> int:
     """The next step at which the loop must stop to log, evaluate or checkpoint."""
-    candidates = [config.max_iters]
-    for every in (config.log_interval, config.eval_interval, config.checkpoint_every):
-        candidates.append((step // every + 1) * every)
-    return min(candidates)
+    return run.next_boundary(step)
 
 
-def at(step: int, every: int, config: ml_collections.ConfigDict) -> bool:
-    return step % every == 0 or step == config.max_iters
+def at(step: int, every: int, run: RunOptions) -> bool:
+    return run.at(step, every)
+
+
+class SafeStop:
+    """Ctrl-C while training: the first one stops the loop before its next compiled call (within a
+    call's time: a second or so), where a checkpoint can be saved; a second one interrupts at once.
+
+    A KeyboardInterrupt raised anywhere else can land inside library code and
+    leave the state half-updated. Use it as a context manager around the loop:
+    main thread only; an ignored SIGINT (``nohup``, a background job) stays ignored.
+    Each training call owns its own.
+    """
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self._previous = None
+        self._installed = False
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt when Ctrl-C was pressed."""
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+
+    def _handler(self, signum, frame):
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+        self.requested.set()
+        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> SafeStop:
+        self.requested.clear()
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        self.requested.clear()
 
 
 class Programs:
     """The compiled programs of one run: evaluation, ``steps_per_call`` steps, and single steps on demand."""
 
-    def __init__(self, exp: ex.Experiment, state: steps.TrainState):
+    def __init__(self, exp: ex.Experiment, state: steps.TrainState, stop: SafeStop | None = None):
         t0 = time.perf_counter()
         self.exp = exp
+        self.stop = stop
         self.evaluate = ex.eval_program(exp).lower(state.params).compile()
-        self.steps_per_call = exp.config.steps_per_call
+        self.steps_per_call = exp.parts.run.steps_per_call
         self.many = ex.train_program(exp, self.steps_per_call).lower(state).compile()
         # Single steps are needed only when a boundary splits a call of steps_per_call steps;
         # the shipped configs never do that, so that program is compiled on first use.
@@ -179,11 +246,11 @@ class Programs:
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
         """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays).
 
-        Raises KeyboardInterrupt first when Ctrl-C was pressed (``stop_requested``):
+        Raises KeyboardInterrupt first when Ctrl-C was pressed (``SafeStop``):
         here the loop's state and step agree, and nothing is donated yet.
         """
-        if stop_requested.is_set():
-            raise KeyboardInterrupt
+        if self.stop is not None:
+            self.stop.check()
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
             self.single = ex.train_program(self.exp, 1).lower(state).compile()
@@ -198,38 +265,6 @@ class Programs:
         return state, {key: np.concatenate([o[key] for o in outs]) for key in ("loss", "grad_norm")}
 
 
-# Set by the first Ctrl-C during training; the loop stops at its next compiled call (Programs.advance).
-stop_requested = threading.Event()
-
-
-@contextlib.contextmanager
-def stop_at_safe_point() -> Iterator[None]:
-    """Ctrl-C while training: the first one stops the loop before its next compiled call (within a
-    call's time: a second or so), where a checkpoint can be saved; a second one interrupts at once.
-
-    A KeyboardInterrupt raised anywhere else can land inside library code and
-    leave the state half-updated. Main thread only; an ignored SIGINT
-    (``nohup``, a background job) stays ignored.
-    """
-    stop_requested.clear()
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield
-        return
-
-    def handler(signum, frame):
-        if stop_requested.is_set():
-            raise KeyboardInterrupt
-        stop_requested.set()
-        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        stop_requested.clear()
-
-
 def health_program(exp: ex.Experiment):
     """A jitted function (state, member inputs) -> (M,) bool: finite parameters and a finite loss on
     the batch each member's next step trains on (that step's own loss: same keys, same dropout).
@@ -241,7 +276,7 @@ def health_program(exp: ex.Experiment):
 
     def one_member(state: steps.TrainState, member) -> jax.Array:
         data_key, dropout_key = steps.step_keys(member["key"], state.step)
-        x, y = steps.batch(data_key, exp.train_data, exp.config.batch_size, exp.model_config.block_size,
+        x, y = steps.batch(data_key, exp.train_data, exp.parts.data.batch_size, exp.model_config.block_size,
                            exp.batch_sharding)  # fmt: skip
         loss = steps.loss_fn(state.params, steps.member_model(exp.model, member), x, y, dropout_key, False)
         finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
@@ -254,8 +289,7 @@ def health_program(exp: ex.Experiment):
 def save_checkpoints(
     exp: ex.Experiment,
     p: Progress,
-    outputs: list[Output],
-    checkpoints: list[Checkpoints],
+    outputs: list[OutputState],
     healthy: Callable[[steps.TrainState], np.ndarray],
 ) -> None:
     """Save each running output's latest checkpoint, good for every member that has not diverged.
@@ -270,17 +304,17 @@ def save_checkpoints(
         for i in bad:
             p.diverged[i] = p.step + 1
         p.state = p.state.replace(diverged_at=jax.device_put(np.asarray(p.diverged, np.int32), exp.member_sharding))
-        _stop_diverged_outputs(p, outputs, checkpoints)
-    for k, (o, c) in enumerate(zip(outputs, checkpoints)):
-        if k not in p.stopped:
-            c.save_latest(p.step, _take(p.state, o.members, exp.num_members), p.meta(o.members))
+        _stop_diverged_outputs(p, outputs)
+    for o in outputs:
+        if o.stopped is None:
+            o.checkpoints.save_latest(p.step, _take(p.state, o.members, exp.num_members), o.meta(p.diverged))
 
 
-def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[Output], checkpoints: list[Checkpoints]) -> None:
+def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[OutputState]) -> None:
     """After Ctrl-C: checkpoint the current state when it is whole, consistent with ``p.step``, and good."""
-    if any(c.saving for c in checkpoints) or p.step == 0:
+    if any(o.checkpoints.saving for o in outputs) or p.step == 0:
         return  # interrupted inside a save (the previous checkpoint stands), or nothing to save
-    if all(c.latest_step() == p.step for c in checkpoints):
+    if all(o.checkpoints.latest_step() == p.step for o in outputs):
         return  # nothing new since the last checkpoint
     leaves = jax.tree_util.tree_leaves(p.state)
     if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
@@ -288,8 +322,13 @@ def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[Output], c
     if int(steps.to_host(p.state.step)[0]) != p.step:
         return  # interrupted between the new state and the step count
     check = health_program(exp)
-    save_checkpoints(exp, p, outputs, checkpoints, lambda state: steps.to_host(check(state, exp.member_inputs)))
+    save_checkpoints(exp, p, outputs, lambda state: steps.to_host(check(state, exp.member_inputs)))
     print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
+
+
+def status(message: str) -> None:
+    """A line saying what a cold start is doing (before its first result), on stderr like the loop's others."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def train(
@@ -316,74 +355,105 @@ def train_members(
 ) -> list[dict]:
     """Train (or resume) every member of ``config`` in one program, writing each output's members to its run dir.
 
-    ``Output.members`` of None means all members. Returns each output's summary,
-    or ``{"diverged": message}`` for an output whose members all diverged (it
-    writes no summary.json). Raises ``TrainingDiverged`` when every member did.
+    ``config`` is resolved here, once (``parts.resolve``); the outputs' configs
+    are what their config.json records. ``Output.members`` of None means all
+    members. Returns each output's summary, or ``{"diverged": message}`` for an
+    output whose members all diverged (it writes no summary.json). Raises
+    ``TrainingDiverged`` when every member did.
     """
+    saved = [to_dict(o.config) for o in outputs]  # what config.json records; no value of it is read after this
+    parts = resolve(config, device_count=jax.device_count())
+    named = [parts.population.is_population if o.config is config else
+             resolve(o.config, device_count=jax.device_count(), validate=False).population.is_population
+             for o in outputs]  # fmt: skip
+    return train_parts(parts, outputs, saved=saved, named_by_values=named, text=text, progress=progress)
+
+
+def train_parts(
+    parts: Parts,
+    outputs: list[Output],
+    *,
+    saved: list[dict] | None = None,
+    named_by_values: list[bool] | None = None,
+    text: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """``train_members`` of resolved ``parts``.
+
+    Each output's config is only saved and compared: ``saved`` (default: the
+    outputs' configs as dicts) is what their config.json records.
+    ``named_by_values`` (default: all False) says which outputs' configs have
+    a population, whose members are named by their values.
+    """
+    status("loading data ..." if text is None else "preparing data ...")
     if text is None:
-        text = ex.load_dataset(config.data.dataset)
-    exp = ex.Experiment.from_config(config, text=text)
-    outputs = [o if o.members is not None else Output(o.run, o.config, list(range(exp.num_members))) for o in outputs]
-    if sorted(i for o in outputs for i in o.members) != list(range(exp.num_members)):
-        raise ValueError(f"the outputs must hold each of the {exp.num_members} members exactly once")
-    fingerprint = dataset_fingerprint(config.data.dataset, text)
+        text = ex.load_dataset(parts.data.dataset)
+    exp = ex.Experiment.from_parts(parts, text=text)
+    M = exp.num_members
+    named_by_values = named_by_values or [False] * len(outputs)
+    saved = saved or [to_dict(o.config) for o in outputs]
+    outs = [OutputState(o.run, list(range(M)) if o.members is None else list(o.members), saved=d, named_by_values=n)
+            for o, d, n in zip(outputs, saved, named_by_values)]  # fmt: skip
+    if sorted(i for o in outs for i in o.members) != list(range(M)):
+        raise ValueError(f"the outputs must hold each of the {M} members exactly once")
+    fingerprint = dataset_fingerprint(parts.data.dataset, text)
+    status(f"initializing {M} model{'s' if M > 1 else ''} (or restoring the latest checkpoint) ...")
     # With several hosts (jax.distributed), every process runs this loop and takes part in
     # checkpointing (orbax coordinates them); only process 0 holds the locks and writes files.
     writer = jax.process_index() == 0
-    checkpoints: list[Checkpoints] = []
     resumes_from = ""  # unknown until the checkpoints are read
 
     def last_good() -> str:  # for messages about system faults
-        return checkpoints[0].describe_latest() if checkpoints else resumes_from
+        return outs[0].checkpoints.describe_latest() if outs[0].checkpoints is not None else resumes_from
 
     with contextlib.ExitStack() as stack:
-        for o in outputs:  # every run directory locked, and its OS faults reported in one line
+        for o in outs:  # every run directory locked, and its OS faults reported in one line
             stack.enter_context(o.run.lock(enabled=writer))
             stack.enter_context(storage_faults(o.run.path, last_good))
-        for o in outputs:  # nothing is written before every run directory is known to be resumable
-            o.run.check_resumable(to_dict(o.config), exp.tokenizer, fingerprint)
-        readers = [o.run.checkpoints(writable=False) for o in outputs]
+        for o in outs:  # nothing is written before every run directory is known to be resumable
+            o.run.check_resumable(o.saved, exp.tokenizer, fingerprint)
+        readers = [o.run.checkpoints(writable=False) for o in outs]
         try:
-            p, restored = restore_or_start(exp, outputs, readers)
+            p, restored = restore_or_start(exp, outs, readers)
         finally:
             for r in readers:
                 r.close()
         resumes_from = f"the last good checkpoint is step {p.step}" if restored else "no checkpoint was saved yet"
-        if p.step >= config.max_iters and all(o.run.has_summary() for o in outputs):
-            summaries = [o.run.read_summary() for o in outputs]
+        if p.step >= parts.run.max_iters and all(o.run.has_summary() for o in outs):
+            summaries = [o.run.read_summary() for o in outs]
             if all(s is not None for s in summaries):
                 for s in summaries:
                     print_summary(s, prefix="already finished: ")
                 return summaries
         if writer:
-            for o, r in zip(outputs, readers):
-                o.run.write_start(to_dict(o.config), exp.tokenizer, fingerprint)
+            for o, r in zip(outs, readers):
+                o.run.write_start(o.saved, exp.tokenizer, fingerprint)
                 set_aside(o.run, r.damaged)
                 o.run.remove_summary()
-        metrics: list[MetricsWriter] = []
         try:
-            checkpoints.extend(o.run.checkpoints() for o in outputs)
             keep = p.step if restored else -1
-            for o in outputs:
-                metrics.append(o.run.metrics_writer(o.board_names(exp), keep_up_to_step=keep, enabled=writer))
+            for o in outs:
+                o.checkpoints = o.run.checkpoints()
+                o.metrics = o.run.metrics_writer(o.board_names(exp), keep_up_to_step=keep, enabled=writer)
             try:
-                with stop_at_safe_point():
-                    timing = _loop(exp, p, outputs, checkpoints, metrics, progress)
+                with SafeStop() as stop:
+                    timing = _loop(exp, p, outs, progress, stop)
             except KeyboardInterrupt:
-                _save_on_interrupt(exp, p, outputs, checkpoints)
+                _save_on_interrupt(exp, p, outs)
                 raise
         finally:
-            for m in metrics:
-                m.close()
-            for c in checkpoints:
-                c.close()
-        live = [k for k in range(len(outputs)) if k not in p.stopped]
-        summaries = dict(zip(live, _summaries(exp, p, [outputs[k] for k in live], timing)))
-        for k in live:
+            for o in outs:
+                if o.metrics is not None:
+                    o.metrics.close()
+                if o.checkpoints is not None:
+                    o.checkpoints.close()
+        live = [o for o in outs if o.stopped is None]
+        summaries = dict(zip(map(id, live), _summaries(exp, p, live, timing)))
+        for o in live:
             if writer:
-                outputs[k].run.write_summary(summaries[k])
-            print_summary(summaries[k])
-    return [summaries[k] if k in summaries else {"diverged": p.stopped[k]} for k in range(len(outputs))]
+                o.run.write_summary(summaries[id(o)])
+            print_summary(summaries[id(o)])
+    return [summaries[id(o)] if o.stopped is None else {"diverged": o.stopped} for o in outs]
 
 
 @dataclass
@@ -395,31 +465,26 @@ class Timing:
     programs: Programs | None = None
 
 
-def _loop(
-    exp: ex.Experiment,
-    p: Progress,
-    outputs: list[Output],
-    checkpoints: list[Checkpoints],
-    metrics: list[MetricsWriter],
-    progress: bool,
-) -> Timing:
+def _loop(exp: ex.Experiment, p: Progress, outputs: list[OutputState], progress: bool, stop: SafeStop) -> Timing:
     """Train from ``p.step`` to ``max_iters``: log, evaluate and checkpoint at their intervals."""
-    config = exp.config
+    run = exp.parts.run
     timing = Timing(start_step=p.step)
-    programs = Programs(exp, p.state)
+    per_call = f", {run.steps_per_call} steps per call" if run.steps_per_call > 1 else ""
+    status(f"compiling 2 programs (evaluation, training{per_call}) ...")
+    programs = Programs(exp, p.state, stop)
     timing.programs = programs
     models = f" ({exp.num_members} models)" if exp.num_members > 1 else ""
-    print(f"compiled in {programs.compile_seconds:.1f} s; training from step {p.step} to {config.max_iters}{models}",
+    print(f"compiled in {programs.compile_seconds:.1f} s; training from step {p.step} to {run.max_iters}{models}",
           file=sys.stderr)  # fmt: skip
     hparams = steps.to_host(exp.member_inputs["hparams"])
     p.diverged = [int(d) for d in steps.to_host(p.state.diverged_at)]
     if p.step == 0:
-        evaluate(exp, programs, p, outputs, metrics)
-    bar = progress_bar(config.max_iters, p.step, enabled=progress)
+        evaluate(exp, programs, p, outputs)
+    bar = progress_bar(run.max_iters, p.step, enabled=progress)
     tokens_since, time_since = 0, 0.0
     try:
-        while p.step < config.max_iters:
-            n = next_boundary(p.step, config) - p.step
+        while p.step < run.max_iters:
+            n = run.next_boundary(p.step) - p.step
             t0 = time.perf_counter()
             p.state, out = programs.advance(p.state, n)
             dt = time.perf_counter() - t0
@@ -428,47 +493,45 @@ def _loop(
             tokens_since, time_since = tokens_since + n * exp.tokens_per_step, time_since + dt
             bar.update(n)
             p.diverged = [int(d) for d in steps.to_host(p.state.diverged_at)]
-            _stop_diverged_outputs(p, outputs, checkpoints)
-            running = [k for k in range(len(outputs)) if k not in p.stopped]
-            if at(p.step, config.log_interval, config):
+            _stop_diverged_outputs(p, outputs)
+            if run.at(p.step, run.log_interval):
                 tok_s = tokens_since / max(time_since, 1e-9)
                 lr = np.asarray(steps.learning_rate(hparams, p.step - 1))  # (M,)
-                for k in running:
-                    o = outputs[k]
-                    rows = [_train_row(exp, p, o, j, i, out, lr[i], tok_s) for j, i in enumerate(o.members)]
-                    metrics[k].write_many(rows)
+                for o in outputs:
+                    if o.stopped is None:
+                        o.metrics.write_many([_train_row(exp, p, j, i, out, lr[i], tok_s) for j, i in
+                                              enumerate(o.members)])  # fmt: skip
                 tokens_since, time_since = 0, 0.0
                 alive = [out["loss"][-1, i] for i in range(exp.num_members) if not p.diverged[i]]
                 bar.set_postfix(loss=f"{np.mean(alive):.4f}", tok_s=f"{tok_s:,.0f}")
-            if at(p.step, config.eval_interval, config):
-                evaluate(exp, programs, p, outputs, metrics, checkpoints)
+            if run.at(p.step, run.eval_interval):
+                evaluate(exp, programs, p, outputs, keep_best=True)
                 bar.write(eval_line(p.step, list(p.last_eval.values())))
-            if at(p.step, config.checkpoint_every, config):
-                save_checkpoints(exp, p, outputs, checkpoints, programs.healthy)
+            if run.at(p.step, run.checkpoint_every):
+                save_checkpoints(exp, p, outputs, programs.healthy)
     finally:
         bar.close()
     timing.compile_seconds = programs.compile_seconds
     return timing
 
 
-def _stop_diverged_outputs(p: Progress, outputs: list[Output], checkpoints: list[Checkpoints]) -> None:
+def _stop_diverged_outputs(p: Progress, outputs: list[OutputState]) -> None:
     """Stop the outputs whose members have all diverged; raise ``TrainingDiverged`` once every output has."""
-    for k, o in enumerate(outputs):
-        if k not in p.stopped and all(p.diverged[i] for i in o.members):
+    for o in outputs:
+        if o.stopped is None and all(p.diverged[i] for i in o.members):
             first = min(p.diverged[i] for i in o.members)
-            describe = checkpoints[k].describe_latest()
-            p.stopped[k] = f"loss became NaN/Inf at step {first}; stopped. {describe} (left intact)"
-    if len(p.stopped) == len(outputs):
+            o.stopped = f"loss became NaN/Inf at step {first}; stopped. {o.checkpoints.describe_latest()} (left intact)"
+    if all(o.stopped is not None for o in outputs):
         if len(outputs) == 1:
-            raise TrainingDiverged(p.stopped[0])
+            raise TrainingDiverged(outputs[0].stopped)
         raise TrainingDiverged(
             f"loss became NaN/Inf in every model (first at step {min(p.diverged)}); stopped. Each run directory "
             "keeps its last good checkpoint"
         )
 
 
-def _train_row(exp, p: Progress, o: Output, j: int, i: int, out: dict, lr: float, tokens_per_s: float) -> dict:
-    """The training row of member i (the output's j-th) at this log step; a diverged member says only when."""
+def _train_row(exp, p: Progress, j: int, i: int, out: dict, lr: float, tokens_per_s: float) -> dict:
+    """The training row of member i (its output's j-th) at this log step; a diverged member says only when."""
     row = {"step": p.step, "member": j, "seed": exp.members[i].seed}
     if p.diverged[i]:
         return {**row, "diverged_at": p.diverged[i]}
@@ -480,29 +543,36 @@ def evaluate(
     exp: ex.Experiment,
     programs: Programs,
     p: Progress,
-    outputs: list[Output],
-    metrics: list[MetricsWriter],
-    checkpoints: list[Checkpoints] | None = None,
+    outputs: list[OutputState],
+    keep_best: bool = False,
+    write: bool = True,
 ) -> None:
-    """Evaluate every member that has not diverged, write its row, and (given ``checkpoints``) keep its best."""
+    """Evaluate every member that has not diverged, write its row, and (``keep_best``) keep its best."""
     losses = jax.device_get(programs.evaluate(p.state.params))
     alive = [i for i in range(exp.num_members) if not p.diverged[i]]
     for i in alive:
         p.last_eval[i] = {"step": p.step, "seed": exp.members[i].seed, "train_loss": float(losses["train"][i]),
                           "val_loss": float(losses["val"][i])}  # fmt: skip
-    for o, m in zip(outputs, metrics):
-        m.write_many([{"step": p.step, "member": j, **p.last_eval[i]} for j, i in enumerate(o.members) if i in alive])
-    if checkpoints is None:
+    if write:
+        for o in outputs:
+            o.metrics.write_many([{"step": p.step, "member": j, **p.last_eval[i]} for j, i in enumerate(o.members)
+                                  if i in alive])  # fmt: skip
+    if not keep_best:
         return
-    improved = [i in alive and p.last_eval[i]["val_loss"] < p.best_val_loss[i] for i in range(exp.num_members)]
+    improved = [False] * exp.num_members
+    for o in outputs:
+        for j, i in enumerate(o.members):
+            improved[i] = i in alive and p.last_eval[i]["val_loss"] < o.best_val_loss[j]
     if not any(improved):
         return
-    for i in np.flatnonzero(improved):
-        p.best_val_loss[i], p.best_step[i] = p.last_eval[i]["val_loss"], p.step
+    for o in outputs:
+        for j, i in enumerate(o.members):
+            if improved[i]:
+                o.best_val_loss[j], o.best_step[j] = p.last_eval[i]["val_loss"], p.step
     p.best_state = merge_members(improved, p.state, p.best_state)
-    for o, c in zip(outputs, checkpoints):
+    for o in outputs:
         if any(improved[i] for i in o.members):
-            c.save_best(p.step, _take(p.best_state, o.members, exp.num_members), p.meta(o.members))
+            o.checkpoints.save_best(p.step, _take(p.best_state, o.members, exp.num_members), o.meta(p.diverged))
 
 
 def merge_members(take_new: list[bool], new: steps.TrainState, old: steps.TrainState | None) -> steps.TrainState:
@@ -514,13 +584,13 @@ def merge_members(take_new: list[bool], new: steps.TrainState, old: steps.TrainS
     return jax.tree_util.tree_map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def _summaries(exp: ex.Experiment, p: Progress, outputs: list[Output], timing: Timing) -> list[dict]:
+def _summaries(exp: ex.Experiment, p: Progress, outputs: list[OutputState], timing: Timing) -> list[dict]:
     """Each output's summary.json: per member, in the output's order."""
     M = exp.num_members
     if any(not p.diverged[i] and p.last_eval.get(i, {}).get("step") != p.step for i in range(M)):
         # Resumed at the end (killed before the summary): evaluate again rather than trust a partial file.
         programs = timing.programs or Programs(exp, p.state)
-        evaluate(exp, programs, p, outputs, [MetricsWriter(o.run, [], enabled=False) for o in outputs])
+        evaluate(exp, programs, p, outputs, write=False)
     writer = jax.process_index() == 0
     samples = write_samples(exp, p, outputs, writer=writer)
     full_val = jax.device_get(ex.full_split_loss(exp, p.state.params, exp.val_data))
@@ -537,9 +607,9 @@ def _summaries(exp: ex.Experiment, p: Progress, outputs: list[Output], timing: T
             "seeds": [exp.members[i].seed for i in o.members],
             "final_train_loss": [final(i, "train_loss") for i in o.members],
             "final_val_loss": [final(i, "val_loss") for i in o.members],
-            "best_val_loss": [p.best_val_loss[i] for i in o.members],
+            "best_val_loss": list(o.best_val_loss),
             "full_val_loss": [None if p.diverged[i] else float(full_val[i]) for i in o.members],
-            "best_step": [p.best_step[i] for i in o.members],
+            "best_step": list(o.best_step),
             "diverged_at": [p.diverged[i] or None for i in o.members],
             "params": n_params,
             "compile_seconds_this_session": round(timing.compile_seconds, 2),
@@ -548,15 +618,15 @@ def _summaries(exp: ex.Experiment, p: Progress, outputs: list[Output], timing: T
             "tokens_per_s": round(tokens_per_s, 1),
             "sample": samples[o.members[0]][:200],
         }
-        if o.config.population:
+        if o.named_by_values:
             s["members"] = [exp.members[i].values for i in o.members]
         summaries.append(s)
     return summaries
 
 
-def write_samples(exp: ex.Experiment, p: Progress, outputs: list[Output], writer: bool = True) -> list[str]:
+def write_samples(exp: ex.Experiment, p: Progress, outputs: list[OutputState], writer: bool = True) -> list[str]:
     """Sample ``sample_tokens`` characters from each output member's final params into its run's sample.txt."""
-    n = exp.config.sample_tokens
+    n = exp.parts.run.sample_tokens
     if n <= 0:
         return [""] * exp.num_members
     chars = exp.tokenizer.chars

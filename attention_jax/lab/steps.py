@@ -24,11 +24,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from attention_jax import data as data_lib
+from attention_jax.lab import parts as parts_lib
+from attention_jax.lab.parts import Optimizer
 from attention_jax.model import cross_entropy, token_nll
 
 Array = jax.Array
@@ -53,12 +54,19 @@ class TrainState:
 
 
 # The optimizer's runtime scalars: what a population's members may set each for themselves.
-HPARAM_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2")
+HPARAM_KEYS = parts_lib.HPARAM_KEYS
 
 
-def hparams_of(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """The optimizer scalars of a config: {key: value} for every key of ``HPARAM_KEYS``."""
-    return {key: float(config[key]) for key in HPARAM_KEYS}
+def _optimizer_part(optimizer: Optimizer | Any) -> Optimizer:
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    # Deprecated: an experiment config (ConfigDict); resolve it once with attention_jax.lab.parts.resolve.
+    return parts_lib.resolve(optimizer, validate=False).optimizer
+
+
+def hparams_of(optimizer: Optimizer) -> dict[str, float]:
+    """The optimizer scalars: {key: value} for every key of ``HPARAM_KEYS`` (``Optimizer.hparams``)."""
+    return _optimizer_part(optimizer).hparams()
 
 
 def learning_rate(hp: dict[str, Any], step) -> Array:
@@ -75,9 +83,9 @@ def learning_rate(hp: dict[str, Any], step) -> Array:
     return jnp.where(step < warmup, warm, jnp.where(step > decay, min_lr, cosine))
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[Array], Array]:
-    """The schedule of a config, as optax takes it: step -> learning rate."""
-    hp = hparams_of(config)
+def learning_rate_schedule(optimizer: Optimizer) -> Callable[[Array], Array]:
+    """The optimizer's schedule, as optax takes it: step -> learning rate."""
+    hp = hparams_of(optimizer)
     return lambda step: learning_rate(hp, step)
 
 
@@ -86,13 +94,14 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, hp: dict[str, Any] | None = None) -> optax.GradientTransformation:
+def make_optimizer(optimizer: Optimizer, hp: dict[str, Any] | None = None) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW with the warmup + cosine schedule.
 
-    ``hp`` (default: the config's ``hparams_of``) gives the schedule and AdamW's
-    scalars; inside a step over members they are one member's traced values.
+    ``hp`` (default: the optimizer's own ``hparams``) gives the schedule and
+    AdamW's scalars; inside a step over members they are one member's traced values.
     """
-    hp = hparams_of(config) if hp is None else hp
+    optimizer = _optimizer_part(optimizer)
+    hp = optimizer.hparams() if hp is None else hp
     adamw = optax.adamw(
         learning_rate=lambda step: learning_rate(hp, step),
         b1=hp["beta1"],
@@ -100,8 +109,8 @@ def make_optimizer(config: ml_collections.ConfigDict, hp: dict[str, Any] | None 
         weight_decay=hp["weight_decay"],
         mask=decay_mask,
     )
-    if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    if optimizer.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optimizer.grad_clip), adamw)
     return adamw
 
 

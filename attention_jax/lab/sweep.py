@@ -41,16 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attention_jax.lab import population
-from attention_jax.lab.config import (
-    ConfigError,
-    apply_overrides,
-    call_config_function,
-    get,
-    load_config,
-    run_name,
-    to_dict,
-)
+from attention_jax.lab.config import ConfigError, apply_overrides, call_config_function, load_config, run_name
+from attention_jax.lab.parts import Parts, member_entry, resolve, shared
 from attention_jax.lab.rundir import RunDir, WorkdirBusy, lock_holder, write_json
 
 Overrides = dict[str, Any]
@@ -388,19 +380,12 @@ def run_point(
 # ---------------------------------------------------------------------------
 
 
-def _group_key(config, sweep_dir: str | os.PathLike, point: Point) -> str | None:
-    """What points of one program share: their config without member values, and the step they resume from."""
-    if config.population:  # already a population of its own
+def _group_key(parts: Parts, sweep_dir: str | os.PathLike, point: Point) -> str | None:
+    """What points of one program share: their parts without member values, and the step they resume from."""
+    if parts.population.is_population:  # already a population of its own
         return None
-    shared = to_dict(config)
-    for key in population.MEMBER_KEYS:
-        parent = shared
-        *path, leaf = key.split(".")
-        for part in path:
-            parent = parent[part]
-        parent.pop(leaf)
     step = RunDir(Path(sweep_dir) / point.name).latest_checkpoint_step()
-    return json.dumps([shared, step], sort_keys=True, default=str)
+    return repr((shared(parts), step))
 
 
 def group_points(
@@ -411,7 +396,9 @@ def group_points(
     order: list[list[Point]] = []
     for point in points:
         try:
-            key = _group_key(point_config(spec, point, base_overrides), sweep_dir, point)
+            # Not validated here (a bad point fails alone, with its message, when it runs); no JAX call either:
+            # the Ray driver groups before it starts JAX.
+            key = _group_key(resolve(point_config(spec, point, base_overrides), validate=False), sweep_dir, point)
         except ConfigError:
             key = None
         if key is None:
@@ -426,8 +413,7 @@ def group_points(
 
 def group_config(configs: list) -> Any:
     """The config of one program for the points of ``configs``: the first, with a population entry per point."""
-    keys = [k for k in population.MEMBER_KEYS if k != "seed"]
-    entries = tuple({"seed": c.seed, **{k: get(c, k) for k in keys}} for c in configs)
+    entries = tuple(member_entry(resolve(c, validate=False)) for c in configs)
     config = configs[0].copy_and_resolve_references()
     config.lock()
     return apply_overrides(config, {"population": entries})
@@ -444,7 +430,7 @@ def run_group(
     log: Callable[[str], None] = _log,
 ) -> list[dict]:
     """Train ``points`` as one population, each into its own run directory; returns their records."""
-    from attention_jax.lab.loop import Output, TrainingDiverged, train_members
+    from attention_jax.lab.loop import Output, TrainingDiverged, train_parts
 
     todo = [p for p in points if read_point_status(sweep_dir, p)["status"] not in FINISHED]
     if len(todo) < 2:
@@ -458,11 +444,13 @@ def run_group(
         records.append(_PointRecords(spec, p, sweep_dir, base_overrides, status in ("interrupted", "failed")))
         records[-1].start()
     try:
+        import jax
+
         configs = [point_config(spec, p, base_overrides) for p in todo]
-        config = group_config(configs)
-        k = config.num_seeds
+        parts = resolve(group_config(configs), device_count=jax.device_count())  # once, for the whole program
+        k = parts.run.num_seeds
         outputs = [Output(r.run, c, list(range(j * k, (j + 1) * k))) for j, (r, c) in enumerate(zip(records, configs))]
-        results = train_members(config, outputs, text=text, progress=progress)
+        results = train_parts(parts, outputs, text=text, progress=progress)  # the points have no population
         statuses = [
             {"status": "diverged", "error": r["diverged"]} if "diverged" in r
             else {"status": "done", "final_val_loss": r.get("final_val_loss")}

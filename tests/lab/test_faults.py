@@ -16,7 +16,7 @@ from attention_jax.lab import commands
 from attention_jax.lab import rundir as rd
 from attention_jax.lab.cli import EXIT_BAD_INPUT
 from attention_jax.lab.experiment import Experiment
-from attention_jax.lab.loop import Output, Progress, TrainingDiverged, save_checkpoints, train
+from attention_jax.lab.loop import OutputState, Progress, TrainingDiverged, save_checkpoints, train
 from tests.helpers import assert_one_line_error_result, run_entry_point, snapshot, tiny_args
 
 STEPS = {"max_iters": 20, "eval_interval": 10, "checkpoint_every": 10, "log_interval": 5}
@@ -232,16 +232,17 @@ def test_a_diverged_seed_does_not_spoil_the_checkpoints_of_the_healthy_one(two_s
         step=jnp.full_like(state.step, 15), params=jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan), state.params)
     )
     exp = Experiment.from_config(rd.load_run(workdir).config)
-    outputs = [Output(rd.RunDir(workdir), exp.config, [0, 1])]
-    p = Progress(poisoned, 15, [1.0, 1.0], [10, 10], diverged=[0, 0])
+    p = Progress(poisoned, 15, diverged=[0, 0])
     checkpoints = rd.RunDir(workdir).checkpoints()
+    best = dict(best_val_loss=[1.0, 1.0], best_step=[10, 10])
+    outputs = [OutputState(rd.RunDir(workdir), [0, 1], checkpoints=checkpoints, **best)]
     try:
-        save_checkpoints(exp, p, outputs, [checkpoints], lambda s: np.asarray([False, True]))
+        save_checkpoints(exp, p, outputs, lambda s: np.asarray([False, True]))
         assert p.diverged == [16, 0]  # its next step's loss is the first non-finite one
         assert checkpoints.latest_step() == 15  # saved: seed 1 still has a use for it
         p.step = 16
         with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step 16.*last good checkpoint is step 15"):
-            save_checkpoints(exp, p, outputs, [checkpoints], lambda s: np.asarray([False, False]))  # nothing saved
+            save_checkpoints(exp, p, outputs, lambda s: np.asarray([False, False]))  # nothing saved
         assert checkpoints.latest_step() == 15
         # A seed with NaN parameters that is *not* marked diverged cannot come from save_checkpoints:
         # such a checkpoint (written here directly) is refused on restore, in favour of step 15.
