@@ -92,6 +92,10 @@ class AttentionOptions:
     # weights and drops them out), "xla" / "cudnn" (jax.nn.dot_product_attention; cudnn on
     # GPU), "blockwise" (flash-style in pure JAX, causal self-attention, O(T) memory).
     attention_impl: str = "dense"
+    # Soft-capping (Gemma 2; modded-nanogpt): the scaled logits become softcap·tanh(logits/softcap),
+    # bounded by ±softcap, before the mask and bias; None: no cap. "dense" and "blockwise" only:
+    # jax.nn.dot_product_attention ("xla", "cudnn") exposes no logits to cap.
+    softcap: float | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -109,6 +113,17 @@ class AttentionOptions:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise OptionError(name, f": unknown {value!r}, valid choices are {choices}")
+        if self.softcap is not None:
+            cap = self.softcap
+            if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, numbers.Real) or not 0 < cap < float("inf"):
+                raise OptionError("softcap", f" must be a positive finite number or None, got {cap!r}")
+            set_("softcap", float(cap))
+            if self.attention_impl in ("xla", "cudnn"):
+                raise OptionError(
+                    "softcap",
+                    f": attention_impl {self.attention_impl!r} cannot soft-cap (jax.nn.dot_product_attention "
+                    "exposes no logits); use 'dense' or 'blockwise'",
+                )
 
     def check(self, head_size: int) -> None:
         """The checks that need the head size D: a positive integer, even for rope."""
@@ -126,6 +141,7 @@ class AttentionOptions:
             causal=self.causal,
             impl=self.attention_impl,
             rope=self.pos_encoding == "rope",
+            softcap=self.softcap,
         )
 
     def replace(self, **changes: Any) -> AttentionOptions:

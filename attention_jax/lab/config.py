@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
     c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
     c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU) or "blockwise" (long T)
+    c.model.softcap = config_dict.placeholder(float)  # None; c: logits -> c·tanh(logits/c) ("dense", "blockwise")
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # "tinyshakespeare" or a path to any UTF-8 text file

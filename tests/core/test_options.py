@@ -197,3 +197,134 @@ def test_a_model_built_from_flat_names_equals_one_built_from_options():
     p1, p2 = flat.init(jax.random.key(0), tokens), opts.init(jax.random.key(0), tokens)
     tree_equal(p1, p2)
     tree_equal(flat.apply(p1, tokens), opts.apply(p1, tokens))
+
+
+# --- the sample option added through the schema: softcap --------------------------------------
+
+
+def numpy_softcap_attention(q, k, v, scale, softcap, causal=True):
+    """An independent float64 reference: softmax(softcap·tanh(q·kᵀ·scale/softcap), masked) · v."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = q @ np.swapaxes(k, -1, -2) * scale
+    logits = softcap * np.tanh(logits / softcap)
+    if causal:
+        logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return (w / w.sum(-1, keepdims=True)) @ v
+
+
+def hand_made_qkv():
+    # logits up to ~±40 at scale 1: a cap of 5 changes the weights a lot
+    q = np.array([[3.0, -1.0], [0.5, 4.0], [-2.0, 2.0], [6.0, 1.0]])
+    k = np.array([[2.0, 1.0], [-3.0, 5.0], [1.0, -4.0], [4.0, 3.0]])
+    v = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [3.0, -2.0, 0.5], [-1.0, 4.0, 1.0]])
+    return q, k, v
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_softcap_equals_a_float64_numpy_reference(impl):
+    q, k, v = hand_made_qkv()
+    want = numpy_softcap_attention(q, k, v, scale=1.0, softcap=5.0)
+    assert np.max(np.abs(want - numpy_softcap_attention(q, k, v, 1.0, 1e9))) > 0.1  # the cap matters here
+    got = A.attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), scale=1.0, causal=True, impl=impl, softcap=5.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    w = A.attention_weights(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), scale=1.0, softcap=5.0)
+    capped = A.attention_logits(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), scale=1.0, softcap=5.0)
+    np.testing.assert_allclose(np.asarray(capped), 5.0 * np.tanh(q @ k.T / 5.0), rtol=1e-6)
+    assert np.all(np.abs(np.log(np.asarray(w))) < 2 * 5.0 + np.log(4))  # capped logits: bounded log-weights
+
+
+def test_blockwise_softcap_gradients_equal_dense():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 10, 4)) * 3, jnp.float32) for _ in range(3))
+    g = jnp.asarray(rng.normal(size=(2, 10, 4)), jnp.float32)
+
+    def loss(impl):
+        fn = lambda q, k, v: jnp.vdot(A.attend(q, k, v, scale=0.7, causal=True, impl=impl, softcap=2.0), g)  # noqa: E731
+        return jax.grad(fn, argnums=(0, 1, 2))(q, k, v)
+
+    for got, want in zip(loss("blockwise"), loss("dense")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def softcap_model(**kw):
+    return ModelConfig(
+        **{"vocab_size": V, "block_size": T, "n_embd": C, "n_head": H, "n_layer": 2, "softcap": 1.5, **kw}
+    )
+
+
+def test_softcap_keeps_causality_exact_by_gradients(fake_init):
+    module = layers.MultiHeadAttention(H, D, options=AttentionOptions(softcap=1.5, pos_encoding="rope"))
+    x = x_input()
+    params = fake_init(module, x, std=0.5)
+    jac = jax.jacrev(lambda x: module.apply({"params": params}, x))(x)  # (B, T, C, B, T, C)
+    dep = np.abs(np.asarray(jac)).sum(axis=(2, 5))[np.arange(B), :, np.arange(B), :]  # (B, T_out, T_in)
+    assert np.all(dep[:, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0.0)  # exactly: no future
+    assert np.all(dep[:, np.tril_indices(T)[0], np.tril_indices(T)[1]] > 0.0)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_softcap_cached_decode_equals_the_full_pass(fake_init, pos_encoding):
+    model = TransformerLM(softcap_model(pos_encoding=pos_encoding))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (B, T)), jnp.int32)
+    params = fake_init(model, tokens, std=0.5)
+    full = np.asarray(model.apply({"params": params}, tokens))
+    uncapped = TransformerLM(softcap_model(softcap=None, pos_encoding=pos_encoding))
+    assert np.max(np.abs(full - np.asarray(uncapped.apply({"params": params}, tokens)))) > 1e-3  # the cap acts
+    cache = model.init_cache(B, T)
+    logits, state = model.apply({"params": params, "cache": cache}, tokens[:, :2], decode=True, mutable=["cache"])
+    steps = [np.asarray(logits)]
+    for t in range(2, T):
+        logits, state = model.apply({"params": params, **state}, tokens[:, t : t + 1], decode=True, mutable=["cache"])
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_nnx_equals_linen(fake_init):
+    model = TransformerLM(softcap_model(pos_encoding="rope", qk_norm=True))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, V, (B, T)), jnp.int32)
+    params = fake_init(model, tokens, std=0.5)
+    twin = ajx.from_linen(model, params)
+    np.testing.assert_array_equal(np.asarray(twin(tokens)), np.asarray(model.apply({"params": params}, tokens)))
+    mha = layers.MultiHeadAttention(H, D, options=AttentionOptions(softcap=2.0))
+    x = x_input()
+    p = fake_init(mha, x, std=0.5)
+    np.testing.assert_array_equal(np.asarray(ajx.from_linen(mha, p)(x)), np.asarray(mha.apply({"params": p}, x)))
+
+
+def test_softcap_model_config_round_trip():
+    from attention_jax.lab.config import ConfigError, apply_overrides, base_config, from_dict, model_config, to_dict
+
+    cfg = softcap_model()
+    assert cfg.softcap == cfg.attention.softcap == 1.5 and cfg.replace(softcap=None).softcap is None
+    assert ModelConfig(vocab_size=V).softcap is None
+    config = base_config()
+    assert config.model.softcap is None and model_config(config, V).softcap is None
+    config = apply_overrides(config, {"model.softcap": "30"})  # from the command line
+    assert model_config(config, V).attention.softcap == 30.0
+    saved = to_dict(config)
+    assert model_config(from_dict(saved), V) == model_config(config, V)  # config.json round trip
+    del saved["model"]["softcap"]  # a run trained before the option existed
+    assert model_config(from_dict(saved), V).softcap is None
+    with pytest.raises(ConfigError, match=r"^model\.softcap must be a positive"):
+        model_config(apply_overrides(base_config(), {"model.softcap": "-1"}), V)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, 0.0, float("inf"), float("nan"), True, "30", np.array(3.0)])
+def test_softcap_refuses_bad_values_in_one_line(bad):
+    with pytest.raises(ValueError) as info:
+        AttentionOptions(softcap=bad)
+    assert str(info.value).startswith("AttentionOptions.softcap must be a positive finite number"), str(info.value)
+    with pytest.raises(ValueError, match=r"^ModelConfig\.softcap must be"):
+        ModelConfig(vocab_size=V, softcap=bad)
+
+
+@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+def test_softcap_is_refused_at_construction_where_the_backend_cannot_cap(impl):
+    with pytest.raises(ValueError, match=rf"^AttentionOptions\.softcap: attention_impl '{impl}' cannot soft-cap"):
+        AttentionOptions(softcap=5.0).replace(attention_impl=impl)
+    with pytest.raises(ValueError, match=rf"^ModelConfig\.softcap: attention_impl '{impl}'"):
+        ModelConfig(vocab_size=V, softcap=5.0, attention_impl=impl)
+    x = x_input()
+    with pytest.raises(ValueError, match="cannot soft-cap"):  # the pure function refuses it too
+        A.attend(x, x, x, scale=1.0, impl=impl, softcap=5.0)
