@@ -45,6 +45,7 @@ from attention_jax.model import (
     flops_per_token,
     init_params,
 )
+from attention_jax.options import AttentionOptions
 from attention_jax.positions import POS_ENCODINGS, apply_rope, sinusoidal_encoding
 
 __version__ = "0.2.0"
@@ -53,6 +54,7 @@ __all__ = [
     "ATTENTION_IMPLS",
     "POS_ENCODINGS",
     "AddPositions",
+    "AttentionOptions",
     "BigramLM",
     "Block",
     "CharTokenizer",

@@ -155,8 +155,12 @@ def _is_static(scale: float | Array) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def attention_logits(q: Array, k: Array, *, scale: float | Array) -> Array:
+def attention_logits(q: Array, k: Array, *, scale: float | Array, softcap: float | None = None) -> Array:
     """Scaled affinities q·kᵀ·scale: (..., T, D), (..., S, D) -> (..., T, S), at least float32.
+
+    ``softcap`` (a positive number, or None) bounds them smoothly to
+    (-softcap, softcap): softcap·tanh(logits/softcap) (Gemma 2), which is
+    close to the identity for logits much smaller than softcap.
 
     The dot products accumulate in float32 (as jax.nn.dot_product_attention's
     do): in float16 a sum of D products overflows its 65504 range long before
@@ -165,7 +169,8 @@ def attention_logits(q: Array, k: Array, *, scale: float | Array) -> Array:
     """
     acc = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("...td,...sd->...ts", q, k, preferred_element_type=acc)
-    return logits * jnp.asarray(scale, acc)
+    logits = logits * jnp.asarray(scale, acc)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
 def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
@@ -185,17 +190,25 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
 
 
 def attention_weights(
-    q: Array, k: Array, *, scale: float | Array, mask: Array | None = None, bias: Array | None = None
+    q: Array,
+    k: Array,
+    *,
+    scale: float | Array,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    softcap: float | None = None,
 ) -> Array:
-    """softmax(q·kᵀ·scale + bias) over keys: (..., T, D), (..., S, D) -> (..., T, S) float32.
+    """softmax(cap(q·kᵀ·scale) + bias) over keys: (..., T, D), (..., S, D) -> (..., T, S) float32.
 
+    ``softcap``: see ``attention_logits``; the bias is added after the cap, so a
+    -inf in it still removes its edge.
     ``mask`` (boolean, broadcastable to (..., T, S), True = keep) zeroes the
     weights of the edges it removes; every row with at least one kept entry sums
     to 1, a row with none is all zeros. ``bias`` (float, broadcastable to
     (..., T, S)) is added to the scaled logits; a -inf in it acts as the most
     negative float32 (no NaN), but only ``mask`` makes a weight exactly 0.
     """
-    logits = attention_logits(q, k, scale=scale)
+    logits = attention_logits(q, k, scale=scale, softcap=softcap)
     if bias is not None:
         logits = jnp.maximum(logits + jnp.asarray(bias, logits.dtype), jnp.finfo(logits.dtype).min)
     return masked_softmax(logits, as_mask(mask))
@@ -210,6 +223,7 @@ def dot_product_attention(
     mask: Array | None = None,
     bias: Array | None = None,
     weights_hook: Callable[[Array], Array] | None = None,
+    softcap: float | None = None,
 ) -> Array:
     """Weighted average of values: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
@@ -217,7 +231,7 @@ def dot_product_attention(
     ``weights_hook`` (if given) sees them before they average the values: the
     Flax modules record them there and apply attention-weight dropout.
     """
-    w = attention_weights(q, k, scale=scale, mask=mask, bias=bias)  # (..., T, S) float32
+    w = attention_weights(q, k, scale=scale, mask=mask, bias=bias, softcap=softcap)  # (..., T, S) float32
     if weights_hook is not None:
         w = weights_hook(w)
     return jnp.einsum("...ts,...sd->...td", w.astype(v.dtype), v)
@@ -246,6 +260,7 @@ def attend(
     causal: bool = False,
     impl: str = "dense",
     weights_hook: Callable[[Array], Array] | None = None,
+    softcap: float | None = None,
 ) -> Array:
     """Attention by one of ``ATTENTION_IMPLS``: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
@@ -257,8 +272,12 @@ def attend(
     lower-triangular mask, aligned so the last query sees the last key) combine;
     a query row with no key left gives exactly zero output on every impl.
     ``bias`` (float, broadcastable to (..., T, S)) is added to the logits.
+    ``softcap`` caps the scaled logits (see ``attention_logits``): "dense" and
+    "blockwise" only.
     """
     check_choice("attention impl", impl, ATTENTION_IMPLS)
+    if softcap is not None and impl in ("xla", "cudnn"):
+        raise ValueError(f"attention impl {impl!r} cannot soft-cap the logits; use impl='dense' or 'blockwise'")
     mask = as_mask(mask)
     T, S = q.shape[-2], k.shape[-2]
     for name, extra in (("mask", mask), ("bias", bias)):
@@ -275,11 +294,13 @@ def attend(
             )
         if not _is_static(scale):  # its custom VJP takes a static scale: fold a runtime one into q
             q, scale = (q * scale).astype(q.dtype), 1.0
-        return blockwise_causal_attention(q, k, v, scale=scale)
+        return blockwise_causal_attention(q, k, v, scale=scale, softcap=softcap)
     if causal:
         mask = _and(mask, causal_mask(T, S))
     if impl == "dense":
-        return dot_product_attention(q, k, v, scale=scale, mask=mask, bias=bias, weights_hook=weights_hook)
+        return dot_product_attention(
+            q, k, v, scale=scale, mask=mask, bias=bias, weights_hook=weights_hook, softcap=softcap
+        )
     if not _is_static(scale):  # jax.nn wants one number; an array (per head, traced) goes into q
         q, scale = (q * scale).astype(q.dtype), 1.0
     out = _jax_nn_attention(q, k, v, scale=scale, mask=mask, bias=bias, implementation=impl)
@@ -417,6 +438,7 @@ def attention_heads(
     bias: Array | None = None,
     cache: tuple[Array, Array, Array] | None = None,
     weights_hook: Callable[[Array], Array] | None = None,
+    softcap: float | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """One attention layer after the projections (and the optional q/k norms).
 
@@ -439,7 +461,10 @@ def attention_heads(
         q = apply_rope(q, index + jnp.arange(q.shape[-2]))
         k = apply_rope(k, index + jnp.arange(k.shape[-2]))
     if cache is None:
-        out = attend(q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook)
+        out = attend(
+            q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook,
+            softcap=softcap,
+        )  # fmt: skip
         return out, None
     *lead, T, _ = q.shape
     N, S, _ = cache[0].shape
@@ -461,8 +486,9 @@ def attention_heads(
     k, v, new_index = cache_append(cache[0], cache[1], index, rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]))
     impl = "dense" if impl in ("blockwise", "cudnn") else impl
     out = attend(
-        rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook
-    )
+        rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook,
+        softcap=softcap,
+    )  # fmt: skip
     out = jnp.where(new_index <= S, out, jnp.nan).reshape(*lead, T, -1)  # overflowing the cache: loud
     return out, (k, v, new_index)
 

@@ -62,12 +62,15 @@ def blockwise_causal_attention(
     v: Array,
     *,
     scale: float,
+    softcap: float | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Array:
     """Causal softmax attention, tile by tile: (..., T, D), (..., T, D), (..., T, Dv) -> (..., T, Dv).
 
-    Query t attends to keys s <= t. ``scale`` multiplies q·kᵀ. ``block_q`` and
+    Query t attends to keys s <= t. ``scale`` multiplies q·kᵀ; ``softcap``
+    (None, or a positive number) caps the scaled scores to softcap·tanh(s/softcap)
+    as ``attention.attention_logits`` does. ``block_q`` and
     ``block_k`` are tile sizes (clipped to T); T need not be a multiple of them.
     Differentiable (w.r.t. q, k, v) with an O(T·D)-memory backward pass.
     """
@@ -81,8 +84,9 @@ def blockwise_causal_attention(
     Dv = v.shape[-1]
     N = math.prod(lead)  # all leading (batch, head) axes flattened into one
     bq, bk = min(block_q, T), min(block_k, T)
-    out = _attention(q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), bq, bk)  # (N, T, Dv)
-    return out.reshape(*lead, T, Dv)
+    cap = None if softcap is None else float(softcap)
+    out = _attention(q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), cap, bq, bk)
+    return out.reshape(*lead, T, Dv)  # (..., T, Dv)
 
 
 # ---------------------------------------------------------------------------
@@ -117,10 +121,11 @@ def _causal_tile_mask(i, j, bq: int, bk: int) -> Array:
     return s <= t
 
 
-def _scores(q_i: Array, k_j: Array, scale: float, acc_dtype) -> Array:
-    """(N, bq, D), (N, bk, D) -> (N, bq, bk) scaled scores in the accumulation dtype."""
+def _scores(q_i: Array, k_j: Array, scale: float, softcap: float | None, acc_dtype) -> Array:
+    """(N, bq, D), (N, bk, D) -> (N, bq, bk) scaled (and capped) scores in the accumulation dtype."""
     s = jnp.einsum("ntd,nsd->nts", q_i, k_j, preferred_element_type=acc_dtype)
-    return s * jnp.asarray(scale, acc_dtype)
+    s = s * jnp.asarray(scale, acc_dtype)
+    return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
 def _key_tile_range(i, bq: int, bk: int, nk: int):
@@ -149,7 +154,7 @@ def _query_tile_range(j, bq: int, bk: int, nq: int):
 # ---------------------------------------------------------------------------
 
 
-def _forward(q: Array, k: Array, v: Array, scale: float, bq: int, bk: int):
+def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, bq: int, bk: int):
     """q, k (N, T, D), v (N, T, Dv) -> out (N, T, Dv), logsumexp (N, T) in acc dtype."""
     N, T, _ = q.shape
     Dv = v.shape[-1]
@@ -165,7 +170,7 @@ def _forward(q: Array, k: Array, v: Array, scale: float, bq: int, bk: int):
 
         def key_tile(j, state, masked: bool):
             m, l, o = state  # (N, bq), (N, bq), (N, bq, Dv)
-            s = _scores(q_i, _tile(kt, j), scale, acc)  # (N, bq, bk)
+            s = _scores(q_i, _tile(kt, j), scale, softcap, acc)  # (N, bq, bk)
             if masked:
                 mask = _causal_tile_mask(i, j, bq, bk)
                 s = jnp.where(mask, s, jnp.finfo(acc).min)
@@ -205,7 +210,7 @@ def _forward(q: Array, k: Array, v: Array, scale: float, bq: int, bk: int):
 # ---------------------------------------------------------------------------
 
 
-def _backward(q, k, v, out, lse, g, scale: float, bq: int, bk: int):
+def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, bq: int, bk: int):
     N, T, D = q.shape
     acc = lse.dtype
     # delta_t = sum_d dO[t, d] O[t, d] = sum_s p[t, s] dp[t, s]: the softmax
@@ -225,13 +230,15 @@ def _backward(q, k, v, out, lse, g, scale: float, bq: int, bk: int):
         def query_tile(i, state, masked: bool):
             dq, dk_j, dv_j = state
             q_i, g_i = _tile(qt, i), _tile(gt, i)
-            s = _scores(q_i, k_j, scale, acc)  # (N, bq, bk)
+            s = _scores(q_i, k_j, scale, softcap, acc)  # (N, bq, bk)
             p = jnp.exp(s - _tile(lset, i)[..., None])
             if masked:
                 p = jnp.where(_causal_tile_mask(i, j, bq, bk), p, 0.0)
             dv_j = dv_j + jnp.einsum("nts,ntd->nsd", p.astype(g_i.dtype), g_i, preferred_element_type=acc)
             dp = jnp.einsum("ntd,nsd->nts", g_i, v_j, preferred_element_type=acc)
             ds = p * (dp - _tile(deltat, i)[..., None])  # d loss / d s, (N, bq, bk)
+            if softcap is not None:  # through the cap: d(c·tanh(x/c))/dx = 1 - tanh², with tanh = s/c
+                ds = ds * (1 - jnp.square(s / softcap))
             dk_j = dk_j + jnp.einsum("nts,ntd->nsd", ds.astype(q_i.dtype), q_i, preferred_element_type=acc)
             dq_i = jnp.einsum("nts,nsd->ntd", ds.astype(k_j.dtype), k_j, preferred_element_type=acc)
             dq = lax.dynamic_update_index_in_dim(dq, _tile(dq, i) + dq_i, i, axis=0)
@@ -256,19 +263,19 @@ def _backward(q, k, v, out, lse, g, scale: float, bq: int, bk: int):
     return dq, dk, _from_tiles(dv, T).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, scale, bq, bk):
-    return _forward(q, k, v, scale, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, scale, softcap, bq, bk):
+    return _forward(q, k, v, scale, softcap, bq, bk)[0]
 
 
-def _attention_fwd(q, k, v, scale, bq, bk):
-    out, lse = _forward(q, k, v, scale, bq, bk)
+def _attention_fwd(q, k, v, scale, softcap, bq, bk):
+    out, lse = _forward(q, k, v, scale, softcap, bq, bk)
     return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(scale, bq, bk, residuals, g):
+def _attention_bwd(scale, softcap, bq, bk, residuals, g):
     q, k, v, out, lse = residuals
-    return _backward(q, k, v, out, lse, g, scale, bq, bk)
+    return _backward(q, k, v, out, lse, g, scale, softcap, bq, bk)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -15,7 +15,6 @@ copy of the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,6 +23,7 @@ from jax.typing import DTypeLike
 
 from attention_jax import attention
 from attention_jax.attention import ScaleLike
+from attention_jax.options import KEYWORDS, AttentionOptions, choices_doc, from_keywords
 from attention_jax.positions import POS_ENCODINGS, sinusoidal_encoding
 
 Array = jax.Array
@@ -32,24 +32,6 @@ Initializer = Callable[..., Array]
 # GPT-2 initialization: N(0, 0.02) everywhere. Residual output projections are
 # further divided by sqrt(2 * n_layer) (see ``model.Block``).
 default_init = nn.initializers.normal(stddev=0.02)
-
-
-def check_attention_options(
-    where: str, *, head_size: int, scale: ScaleLike, pos_encoding: str, attention_impl: str, scale_field: str = "scale"
-) -> None:
-    """The checks every attention shell (Linen, NNX) and ``ModelConfig`` make at construction.
-
-    ``where`` names the owner in the message (``MultiHeadAttention``, ``ModelConfig``).
-    """
-    attention.as_int(f"{where}.head_size", head_size)
-    try:
-        attention.resolve_scale(scale, head_size)
-    except ValueError as e:
-        raise ValueError(f"{where}.{scale_field}: {e}") from None
-    attention.check_choice(f"{where}.pos_encoding", pos_encoding, POS_ENCODINGS)
-    if pos_encoding == "rope" and head_size % 2:
-        raise ValueError(f"{where}.head_size must be even for rope, got {head_size}")
-    attention.check_choice(f"{where}.attention_impl", attention_impl, attention.ATTENTION_IMPLS)
 
 
 def check_call(where: str, *, inputs_kv: Array | None, decode: bool, pos_encoding: str) -> None:
@@ -148,31 +130,26 @@ def _cache(module: nn.Module, k: Array, v: Array):
     return (ck, cv, ci) if initialized else None
 
 
-def core_options(module: Any) -> dict[str, Any]:
-    """What ``attention.attention_heads`` takes from an attention shell's options.
-
-    Linen and NNX shells keep their options under the same attribute names.
-    """
-    return dict(
-        scale=attention.resolve_scale(module.scale, module.head_size),
-        causal=module.causal,
-        impl=module.attention_impl,
-        rope=module.pos_encoding == "rope",
-    )
-
-
 def _attend_with_cache(module: nn.Module, q, k, v, *, decode: bool, mask, bias, deterministic: bool):
     """``attention.attention_heads`` with the cache read from and written to ``module``'s variables."""
     variables = _cache(module, k, v) if decode else None
     cache = None if variables is None else tuple(var.value for var in variables)
     hook = _dense_weights_hook(module, module.dropout_rate, deterministic)
+    core = module.options.attention_kwargs(module.head_size)
     out, new = attention.attention_heads(
-        q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, **core_options(module)
-    )
+        q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, **core
+    )  # fmt: skip
     if variables is not None:
         for var, value in zip(variables, new):
             var.value = value
     return out
+
+
+def _resolve_options(module: nn.Module, where: str) -> None:
+    """Set a shell's ``options`` from its ``options`` and keyword fields (``from_keywords``)."""
+    keywords = {name: getattr(module, name) for name in KEYWORDS}
+    resolved = from_keywords(where, module.options, module.head_size, **keywords)
+    object.__setattr__(module, "options", resolved)  # before Module.__post_init__ freezes the fields
 
 
 # ---------------------------------------------------------------------------
@@ -186,36 +163,34 @@ class Head(nn.Module):
     The lecture's ``Head``: bias-free ``key``, ``query``, ``value`` projections,
     a causal mask, softmax, dropout on the weights, weighted sum of values.
 
-    Options: ``scale`` ``"sqrt"`` | ``"none"`` | ``"mup"`` | a number or array
-    (see ``attention.resolve_scale``); ``pos_encoding`` one of ``POS_ENCODINGS``
-    (only ``"rope"`` acts here); ``attention_impl`` one of
-    ``attention.ATTENTION_IMPLS`` (``"dense"``, ``"xla"``, ``"cudnn"``,
-    ``"blockwise"``); ``decode`` (also a call argument, which wins) uses the
-    ``"cache"`` collection (``cached_key``/``cached_value`` (..., S, D),
-    ``cache_index``). Call: ``mask`` boolean, broadcastable to (..., T, S),
-    True = attend, combined with the causal mask; ``bias`` float, added to the logits.
-    """
+    ``options``: an :class:`AttentionOptions` (only ``pos_encoding="rope"``
+    acts here among the positions); today's keywords ``scale``, ``causal``,
+    ``qk_norm``, ``pos_encoding``, ``attention_impl`` build one (None: not
+    given; with ``options`` they must agree with it); read ``self.options``.
+    ``dropout_rate``: dropout on the weights (dense path). ``decode`` (also a
+    call argument, which wins) uses the ``"cache"`` collection
+    (``cached_key``/``cached_value`` (..., S, D), ``cache_index``). Call:
+    ``mask`` boolean, broadcastable to (..., T, S), True = attend, combined
+    with the causal mask; ``bias`` float, added to the logits.
+
+    Choices:
+    {choices}"""
 
     head_size: int
-    scale: ScaleLike = "sqrt"
-    causal: bool = True
+    scale: ScaleLike | None = None
+    causal: bool | None = None
     dropout_rate: float = 0.0
-    qk_norm: bool = False
-    pos_encoding: str = "none"
-    attention_impl: str = "dense"
+    qk_norm: bool | None = None
+    pos_encoding: str | None = None
+    attention_impl: str | None = None
     decode: bool = False
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     kernel_init: Initializer = default_init
+    options: AttentionOptions | None = None  # None: AttentionOptions(), with the keywords above
 
     def __post_init__(self):
-        check_attention_options(
-            "Head",
-            head_size=self.head_size,
-            scale=self.scale,
-            pos_encoding=self.pos_encoding,
-            attention_impl=self.attention_impl,
-        )
+        _resolve_options(self, "Head")
         super().__post_init__()
 
     @nn.compact
@@ -241,7 +216,7 @@ class Head(nn.Module):
         k = dense("key")(x)  # (..., T, D)
         q = dense("query")(x)  # (..., T, D)
         v = dense("value")(x)  # (..., T, D)
-        if self.qk_norm:
+        if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         return _attend_with_cache(
             self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
@@ -261,39 +236,35 @@ class MultiHeadAttention(nn.Module):
     ``num_heads`` ``Head``s and concatenating their outputs (tested with shared
     weights).
 
-    Options:
-      ``scale``: ``"sqrt"`` (1/sqrt(D)) | ``"none"`` (1) | ``"mup"`` (1/D) | a
-        positive number | an array (scalar, or broadcastable to (..., H, T, S);
-        may be traced or learnable).
-      ``causal``: combine the lower-triangular mask (aligned so the last query
-        sees the last key; set False for an encoder or cross-attention).
-      ``pos_encoding``: one of ``POS_ENCODINGS``; only ``"rope"`` acts here
-        (``"learned"``/``"sinusoidal"`` are added to the embeddings).
-      ``attention_impl``: ``"dense"`` (records the weights as
-        ``intermediates/attention_weights`` and applies dropout to them) |
-        ``"xla"`` | ``"cudnn"`` (GPU) | ``"blockwise"`` (causal, no mask; O(T)
-        memory). The others drop out the output only.
-      ``decode``: KV-cache decoding, Flax's convention (also a call argument,
-        which wins): the ``"cache"`` collection holds ``cached_key``,
-        ``cached_value`` (B·H, S, D), batch and heads in one axis, and
-        ``cache_index``; the first decode
-        call (``init``) sizes it from its input, later calls append their T
-        tokens and attend over everything cached.
-      ``dtype`` (compute), ``param_dtype``: JAX dtypes or their names.
+    ``options``: an :class:`AttentionOptions` (the scale may also be an array
+    broadcastable to (..., H, T, S): one per head, traced or learnable); today's
+    keywords ``scale``, ``causal``, ``qk_norm``, ``pos_encoding``,
+    ``attention_impl`` build one (None: not given; with ``options`` they must
+    agree with it); read ``self.options``. ``dropout_rate``: dropout on the
+    weights on the dense path (recorded there as
+    ``intermediates/attention_weights``), and on the output on every path.
+    ``decode``: KV-cache decoding, Flax's convention (also a call argument,
+    which wins): the ``"cache"`` collection holds ``cached_key``,
+    ``cached_value`` (B·H, S, D), batch and heads in one axis, and
+    ``cache_index``; the first decode call (``init``) sizes it from its input,
+    later calls append their T tokens and attend over everything cached.
+    ``dtype`` (compute), ``param_dtype``: JAX dtypes or their names.
 
     Call: ``mask`` boolean, broadcastable to (..., H, T, S) (e.g.
     ``attention.padding_mask``), True = attend; ``bias`` float, same shape rule,
     added to the logits. A query row with no key left gives zero output.
-    """
+
+    Choices:
+    {choices}"""
 
     num_heads: int
     head_size: int
-    scale: ScaleLike = "sqrt"
-    causal: bool = True
+    scale: ScaleLike | None = None
+    causal: bool | None = None
     dropout_rate: float = 0.0
-    qk_norm: bool = False
-    pos_encoding: str = "none"
-    attention_impl: str = "dense"
+    qk_norm: bool | None = None
+    pos_encoding: str | None = None
+    attention_impl: str | None = None
     out_features: int | None = None
     use_bias: bool = True  # bias of the output projection
     decode: bool = False
@@ -301,16 +272,11 @@ class MultiHeadAttention(nn.Module):
     param_dtype: DTypeLike = jnp.float32
     kernel_init: Initializer = default_init
     out_init: Initializer = default_init
+    options: AttentionOptions | None = None  # None: AttentionOptions(), with the keywords above
 
     def __post_init__(self):
         attention.as_int("MultiHeadAttention.num_heads", self.num_heads)
-        check_attention_options(
-            "MultiHeadAttention",
-            head_size=self.head_size,
-            scale=self.scale,
-            pos_encoding=self.pos_encoding,
-            attention_impl=self.attention_impl,
-        )
+        _resolve_options(self, "MultiHeadAttention")
         super().__post_init__()
 
     @nn.compact
@@ -325,13 +291,13 @@ class MultiHeadAttention(nn.Module):
         decode: bool | None = None,
     ) -> Array:
         decode = self.decode if decode is None else decode
-        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.pos_encoding)
+        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
         C = inputs_q.shape[-1]
         H, D = self.num_heads, self.head_size
         dtype = jnp.dtype(self.dtype)
         w_qkv = self.param("qkv_kernel", self.kernel_init, (C, 3, H, D), self.param_dtype)
         q, k, v = attention.project_qkv(w_qkv, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., H, S, D)
-        if self.qk_norm:
+        if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         out = _attend_with_cache(
             self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
@@ -343,6 +309,11 @@ class MultiHeadAttention(nn.Module):
             b_out = self.param("proj_bias", nn.initializers.zeros, (out_features,), self.param_dtype)
         y = attention.project_out(out, w_out, b_out, dtype)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # (..., T, C)
+
+
+for _shell in (Head, MultiHeadAttention):
+    if _shell.__doc__:  # None under python -OO
+        _shell.__doc__ = _shell.__doc__.format(choices=choices_doc().lstrip())
 
 
 class FeedForward(nn.Module):

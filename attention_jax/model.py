@@ -16,8 +16,8 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from attention_jax import attention
-from attention_jax.attention import ScaleLike
-from attention_jax.layers import AddPositions, FeedForward, MultiHeadAttention, check_attention_options, default_init
+from attention_jax.layers import AddPositions, FeedForward, MultiHeadAttention, default_init
+from attention_jax.options import AttentionOptions, OptionError, choices_doc
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,21 +34,33 @@ def dtype_name(where: str, value: DTypeLike) -> str:
     return name
 
 
-@dataclasses.dataclass(frozen=True)
+# The attention options read and set flat on a ModelConfig (``cfg.attn_scale``, ``ModelConfig(qk_norm=True)``),
+# as before it held an AttentionOptions, and as the experiment config's model.* keys name them:
+# every option by its own name, except the scale, which is attn_scale.
+ATTENTION_NAMES: dict[str, str] = {
+    ("attn_scale" if name == "scale" else name): name for name in AttentionOptions.names()
+}
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class ModelConfig:
     """Architecture of a ``TransformerLM``. Immutable; derive variants with ``.replace``.
 
+    The attention options are one :class:`AttentionOptions`, ``attention``;
+    each is also a keyword and an attribute by its flat name (``attn_scale``
+    for ``attention.scale``, ``causal``, ``qk_norm``, ``pos_encoding``,
+    ``attention_impl``, ...; see ``ATTENTION_NAMES``), which overrides the
+    field of ``attention``: ``ModelConfig(vocab_size=65, attn_scale="none")``,
+    ``cfg.replace(qk_norm=True)``. A model's positions default to a learned
+    table (``pos_encoding="learned"``); everything else as AttentionOptions.
+
     Checked at construction: an impossible combination raises ``ValueError``
     naming the field, before any compute. Integers may be numpy integers
-    (stored as ints); dtypes may be JAX dtypes (stored as their names).
+    (stored as ints); dtypes may be JAX dtypes (stored as their names). An
+    array ``attn_scale`` must be a scalar (one scale per vmapped model).
 
-    Choices: ``attn_scale`` ``"sqrt"`` | ``"none"`` | ``"mup"`` | a positive
-    number | a JAX scalar array (e.g. traced, one scale per vmapped model;
-    concrete values are checked, traced ones cannot be); ``pos_encoding``
-    ``"learned"`` | ``"sinusoidal"`` | ``"rope"`` | ``"none"``; ``dtype`` and
-    ``param_dtype`` ``"float32"`` | ``"bfloat16"`` | ``"float16"``;
-    ``attention_impl`` ``"dense"`` | ``"xla"`` | ``"cudnn"`` | ``"blockwise"``.
-    """
+    Choices (``dtype`` and ``param_dtype``: ``"float32"`` | ``"bfloat16"`` | ``"float16"``):
+    {choices}"""
 
     vocab_size: int  # V: number of distinct tokens
     block_size: int = 256  # longest context T the model accepts
@@ -56,18 +68,30 @@ class ModelConfig:
     n_head: int = 6  # H: heads per attention layer
     n_layer: int = 6  # number of Blocks
     head_size: int | None = None  # D; None: n_embd // n_head. Settable independently of n_embd
-    attn_scale: ScaleLike = "sqrt"  # "sqrt" | "none" | "mup" | a positive number | a JAX scalar array
-    pos_encoding: str = "learned"  # "learned" | "sinusoidal" | "rope" | "none"
-    qk_norm: bool = False  # LayerNorm on q and k before q·kᵀ
     dropout: float = 0.0  # on attention weights, residual branches
     dtype: DTypeLike = "float32"  # compute dtype
-    # "dense" (hand-written; records weights, attention dropout) | "xla" | "cudnn" |
-    # "blockwise" (fused or flash-style; no attention-weight dropout, no recorded weights)
-    attention_impl: str = "dense"
     bias: bool = True  # biases in LayerNorms, output projections, MLP and LM head (nanoGPT: False)
     tie_embeddings: bool = False  # LM head = token embedding transposed (nanoGPT and GPT-2: True)
-    causal: bool = True  # False: every token sees every token (an encoder; not for next-token training)
     param_dtype: DTypeLike = "float32"  # dtype the parameters are stored in
+    attention: AttentionOptions = AttentionOptions(pos_encoding="learned")  # every attention layer's options
+
+    def __init__(self, vocab_size: int, **fields: Any):
+        """Fields by keyword; attention options as ``attention=`` and/or by their flat names (which win)."""
+        flat = {ATTENTION_NAMES[name]: fields.pop(name) for name in list(fields) if name in ATTENTION_NAMES}
+        own = {f.name: f for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(fields) - set(own))
+        if unknown:
+            raise TypeError(f"ModelConfig got an unexpected keyword argument {unknown[0]!r}")
+        for name, f in own.items():
+            object.__setattr__(self, name, fields.get(name, f.default))
+        object.__setattr__(self, "vocab_size", vocab_size)
+        if not isinstance(self.attention, AttentionOptions):
+            raise ValueError(f"ModelConfig.attention must be an AttentionOptions, got {self.attention!r}")
+        try:
+            object.__setattr__(self, "attention", self.attention.replace(**flat))
+        except OptionError as e:
+            raise e.named("ModelConfig", _FLAT_NAME) from None
+        self.__post_init__()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -85,15 +109,11 @@ class ModelConfig:
         if not isinstance(self.attn_scale, str) and np.ndim(self.attn_scale) != 0:
             shape = np.shape(self.attn_scale)
             raise ValueError(f"ModelConfig.attn_scale: an array scale must be a scalar, got shape {shape}")
-        check_attention_options(
-            "ModelConfig",
-            head_size=self.head_dim,
-            scale=self.attn_scale,
-            pos_encoding=self.pos_encoding,
-            attention_impl=self.attention_impl,
-            scale_field="attn_scale",
-        )
-        for name in ("bias", "tie_embeddings", "qk_norm", "causal"):
+        try:
+            self.attention.check(self.head_dim)
+        except OptionError as e:
+            raise e.named("ModelConfig", _FLAT_NAME) from None
+        for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -102,11 +122,17 @@ class ModelConfig:
         set_("dtype", dtype_name("ModelConfig.dtype", self.dtype))
         set_("param_dtype", dtype_name("ModelConfig.param_dtype", self.param_dtype))
 
-    def __hash__(self) -> int:
-        # A config is a static argument of jit (through the model); an array scale is
-        # unhashable, so it is hashed by identity (equal configs share arrays when copied).
-        key = lambda v: v if isinstance(v, (str, int, float, bool, type(None))) else id(v)  # noqa: E731
-        return hash(tuple(key(getattr(self, f.name)) for f in dataclasses.fields(self)))
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the attention options by their flat names.
+        option = ATTENTION_NAMES.get(name)
+        if option is None or name == "attention":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.attention, option)
+
+    @classmethod
+    def keywords(cls) -> tuple[str, ...]:
+        """Every keyword a ModelConfig takes by a flat name: its own fields but ``attention``, then the options'."""
+        return (*(f.name for f in dataclasses.fields(cls) if f.name != "attention"), *ATTENTION_NAMES)
 
     @property
     def head_dim(self) -> int:
@@ -116,6 +142,11 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with ``changes`` (a head_size left None follows n_embd and n_head)."""
         return dataclasses.replace(self, **changes)
+
+
+_FLAT_NAME = {option: name for name, option in ATTENTION_NAMES.items()}  # "scale" -> "attn_scale"
+if ModelConfig.__doc__:  # None under python -OO
+    ModelConfig.__doc__ = ModelConfig.__doc__.format(choices=choices_doc().lstrip())
 
 
 class Block(nn.Module):
@@ -167,16 +198,7 @@ def block_options(model_config: ModelConfig) -> tuple[dict[str, Any], dict[str, 
         param_dtype=jnp.dtype(cfg.param_dtype),
         out_init=out_init,
     )
-    attn = dict(
-        num_heads=cfg.n_head,
-        head_size=cfg.head_dim,
-        scale=cfg.attn_scale,
-        causal=cfg.causal,
-        qk_norm=cfg.qk_norm,
-        pos_encoding=cfg.pos_encoding,
-        attention_impl=cfg.attention_impl,
-        **common,
-    )
+    attn = dict(num_heads=cfg.n_head, head_size=cfg.head_dim, options=cfg.attention, **common)
     return attn, dict(hidden=4 * cfg.n_embd, **common)
 
 

@@ -43,8 +43,9 @@ from jax.typing import ArrayLike, DTypeLike
 from attention_jax import attention, layers, model
 from attention_jax.attention import ScaleLike
 from attention_jax.generate import generate as _generate_linen
-from attention_jax.layers import check_attention_options, check_call, core_options, default_init
+from attention_jax.layers import check_call, default_init
 from attention_jax.model import ModelConfig
+from attention_jax.options import KEYWORDS, AttentionOptions, choices_doc, from_keywords
 from attention_jax.positions import sinusoidal_encoding
 
 Array = jax.Array
@@ -55,10 +56,17 @@ __all__ += ["from_linen", "generate", "to_linen"]
 
 
 class _Attention(nnx.Module):
-    """What Head and MultiHeadAttention share: the dense-path hook, the q/k norms and the decode cache."""
+    """What Head and MultiHeadAttention share: the options, the dense-path hook, the q/k norms and the cache.
+
+    ``self.options`` holds the :class:`AttentionOptions`; today's keyword names
+    (``scale``, ``causal``, ...) read through to it, as the Linen fields do.
+    """
+
+    def _set_options(self, where: str, options: AttentionOptions | None, head_size: int, keywords: dict) -> None:
+        self.options = from_keywords(where, options, head_size, **keywords)
 
     def _norms(self, q: Array, k: Array) -> tuple[Array, Array]:
-        return (self.query_norm(q), self.key_norm(k)) if self.qk_norm else (q, k)
+        return (self.query_norm(q), self.key_norm(k)) if self.options.qk_norm else (q, k)
 
     def _hook(self, deterministic: bool | None) -> Callable[[Array], Array]:
         def hook(w: Array) -> Array:
@@ -81,50 +89,52 @@ class _Attention(nnx.Module):
                 raise ValueError(f"{type(self).__name__}: decode needs a cache; call init_cache first")
             cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
         out, new = attention.attention_heads(
-            q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic), **core_options(self)
-        )
+            q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic),
+            **self.options.attention_kwargs(self.head_size),
+        )  # fmt: skip
         if new is not None:
             self.cached_key[...], self.cached_value[...], self.cache_index[...] = new
         return out
 
 
-def _attention_options(where, head_size, scale, pos_encoding, attention_impl):
-    check_attention_options(
-        where, head_size=head_size, scale=scale, pos_encoding=pos_encoding, attention_impl=attention_impl
-    )
+for _name in KEYWORDS:  # nnx_module.scale, .causal, ...: read-only views of self.options
+    setattr(_Attention, _name, property(lambda self, _name=_name: getattr(self.options, _name)))
 
 
 class Head(_Attention):
     """One head of self-attention: (..., T, in_features) -> (..., T, head_size). The twin of ``layers.Head``.
 
-    Options as there: ``scale`` ``"sqrt"`` | ``"none"`` | ``"mup"`` | a number
-    or array; ``pos_encoding`` one of ``POS_ENCODINGS`` (only ``"rope"`` acts
-    here); ``attention_impl`` ``"dense"`` | ``"xla"`` | ``"cudnn"`` |
-    ``"blockwise"``; ``decode`` with ``init_cache``.
-    """
+    ``options`` (an :class:`AttentionOptions`) or today's keywords as there;
+    ``decode`` with ``init_cache``.
+
+    Choices:
+    {choices}"""
 
     def __init__(
         self,
         in_features: int,
         head_size: int,
         *,
-        scale: ScaleLike = "sqrt",
-        causal: bool = True,
+        scale: ScaleLike | None = None,
+        causal: bool | None = None,
         dropout_rate: float = 0.0,
-        qk_norm: bool = False,
-        pos_encoding: str = "none",
-        attention_impl: str = "dense",
+        qk_norm: bool | None = None,
+        pos_encoding: str | None = None,
+        attention_impl: str | None = None,
         decode: bool = False,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
         kernel_init: Initializer = default_init,
         sow_weights: bool = False,
+        options: AttentionOptions | None = None,
         rngs: nnx.Rngs,
     ):
-        _attention_options("Head", head_size, scale, pos_encoding, attention_impl)
-        # the options, by the Linen field names (to_linen reads them back)
-        self.head_size, self.scale, self.causal, self.dropout_rate = head_size, scale, causal, dropout_rate
-        self.qk_norm, self.pos_encoding, self.attention_impl = qk_norm, pos_encoding, attention_impl
+        keywords = dict(
+            scale=scale, causal=causal, qk_norm=qk_norm, pos_encoding=pos_encoding, attention_impl=attention_impl
+        )
+        self._set_options("Head", options, head_size, keywords)
+        # the other arguments, by the Linen field names (to_linen reads them back)
+        self.head_size, self.dropout_rate = head_size, dropout_rate
         self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
         self.kernel_init, self.sow_weights = kernel_init, sow_weights
         linear = lambda: nnx.Linear(  # noqa: E731
@@ -137,7 +147,7 @@ class Head(_Attention):
             rngs=rngs,
         )
         self.key, self.query, self.value = linear(), linear(), linear()
-        if qk_norm:
+        if self.options.qk_norm:
             norm = lambda: nnx.LayerNorm(head_size, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
             self.query_norm, self.key_norm = norm(), norm()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -167,11 +177,12 @@ class MultiHeadAttention(_Attention):
     """The twin of ``layers.MultiHeadAttention``: (..., T, in_features) -> (..., T, out_features or in_features).
 
     Cross-attention with ``inputs_kv`` (..., S, in_features); ``qkv_kernel``
-    (C, 3, H, D), ``proj_kernel`` (H, D, C'), ``proj_bias``; every option as
-    documented there (``scale``, ``causal``, ``pos_encoding``,
-    ``attention_impl`` ``"dense"`` | ``"xla"`` | ``"cudnn"`` | ``"blockwise"``,
-    ``decode``). Cache: ``init_cache(batch_shape, max_length)``.
-    """
+    (C, 3, H, D), ``proj_kernel`` (H, D, C'), ``proj_bias``; ``options`` (an
+    :class:`AttentionOptions`) or today's keywords, and every argument, as
+    documented there. Cache: ``init_cache(batch_shape, max_length)``.
+
+    Choices:
+    {choices}"""
 
     def __init__(
         self,
@@ -179,12 +190,12 @@ class MultiHeadAttention(_Attention):
         num_heads: int,
         head_size: int,
         *,
-        scale: ScaleLike = "sqrt",
-        causal: bool = True,
+        scale: ScaleLike | None = None,
+        causal: bool | None = None,
         dropout_rate: float = 0.0,
-        qk_norm: bool = False,
-        pos_encoding: str = "none",
-        attention_impl: str = "dense",
+        qk_norm: bool | None = None,
+        pos_encoding: str | None = None,
+        attention_impl: str | None = None,
         out_features: int | None = None,
         use_bias: bool = True,
         decode: bool = False,
@@ -193,21 +204,24 @@ class MultiHeadAttention(_Attention):
         kernel_init: Initializer = default_init,
         out_init: Initializer = default_init,
         sow_weights: bool = False,
+        options: AttentionOptions | None = None,
         rngs: nnx.Rngs,
     ):
         attention.as_int("MultiHeadAttention.num_heads", num_heads)
-        _attention_options("MultiHeadAttention", head_size, scale, pos_encoding, attention_impl)
-        # the options, by the Linen field names (to_linen reads them back)
-        self.num_heads, self.head_size, self.scale, self.causal = num_heads, head_size, scale, causal
-        self.dropout_rate, self.qk_norm, self.pos_encoding = dropout_rate, qk_norm, pos_encoding
-        self.attention_impl, self.out_features, self.use_bias = attention_impl, out_features, use_bias
+        keywords = dict(
+            scale=scale, causal=causal, qk_norm=qk_norm, pos_encoding=pos_encoding, attention_impl=attention_impl
+        )
+        self._set_options("MultiHeadAttention", options, head_size, keywords)
+        # the other arguments, by the Linen field names (to_linen reads them back)
+        self.num_heads, self.head_size, self.dropout_rate = num_heads, head_size, dropout_rate
+        self.out_features, self.use_bias = out_features, use_bias
         self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
         self.kernel_init, self.out_init, self.sow_weights = kernel_init, out_init, sow_weights
         C, H, D, C_out = in_features, num_heads, head_size, out_features or in_features
         self.qkv_kernel = nnx.Param(kernel_init(rngs.params(), (C, 3, H, D), param_dtype))
         self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
-        if qk_norm:
+        if self.options.qk_norm:
             norm = lambda: nnx.LayerNorm(D, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
             self.query_norm, self.key_norm = norm(), norm()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -229,7 +243,7 @@ class MultiHeadAttention(_Attention):
         decode: bool | None = None,
     ) -> Array:
         decode = self.decode if decode is None else decode
-        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.pos_encoding)
+        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
         dtype = jnp.dtype(self.dtype)
         q, k, v = attention.project_qkv(self.qkv_kernel[...], inputs_q, inputs_kv, dtype)  # (..., H, T, D)
         q, k = self._norms(q, k)
@@ -237,6 +251,11 @@ class MultiHeadAttention(_Attention):
         b_out = None if self.proj_bias is None else self.proj_bias[...]
         y = attention.project_out(out, self.proj_kernel[...], b_out, dtype)
         return self.dropout(y, deterministic=deterministic)  # (..., T, C')
+
+
+for _shell in (Head, MultiHeadAttention):
+    if _shell.__doc__:  # None under python -OO
+        _shell.__doc__ = _shell.__doc__.format(choices=choices_doc().lstrip())
 
 
 class FeedForward(nnx.Module):

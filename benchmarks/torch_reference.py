@@ -94,6 +94,7 @@ class GPT(nn.Module):
             "dtype": (model_config.dtype, "float32"),
             "bias": (model_config.bias, True),
             "tie_embeddings": (model_config.tie_embeddings, False),
+            "softcap": (model_config.softcap, None),
         }
         for name, (got, want) in unsupported.items():
             if got != want:

@@ -15,7 +15,6 @@ its ``model`` group by :func:`model_config`.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.machinery
 import importlib.util
@@ -98,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
     c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
     c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU) or "blockwise" (long T)
+    c.model.softcap = config_dict.placeholder(float)  # None; c: logits -> c·tanh(logits/c) ("dense", "blockwise")
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # "tinyshakespeare" or a path to any UTF-8 text file
@@ -397,19 +397,24 @@ NOT_IN_CONFIG = ("vocab_size", "causal", "param_dtype")
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The frozen ModelConfig described by ``config.model``; errors name the field."""
+    """The frozen ModelConfig described by ``config.model``; errors name the key.
+
+    The one place where config keys meet the model: ``model.KEY`` is the
+    ModelConfig keyword KEY (``ModelConfig.keywords()``): one of its own
+    fields, or an attention option by its flat name (``model.attn_scale`` is
+    ``AttentionOptions.scale``, ``model.qk_norm`` is ``AttentionOptions.qk_norm``,
+    ...). A key that an older run's config.json lacks keeps its default, so
+    runs trained before an option existed still sample and resume.
+    """
     m = config.model
-    scale = m.attn_scale
-    if isinstance(scale, str):
+    kwargs = {key: m[key] for key in ModelConfig.keywords() if key not in NOT_IN_CONFIG and key in m}
+    if isinstance(kwargs.get("attn_scale"), str):  # "0.5" from the command line is the number 0.5
         try:
-            scale = float(scale)
+            kwargs["attn_scale"] = float(kwargs["attn_scale"])
         except ValueError:
             pass
-    # config.model holds every ModelConfig field by the same name (base_config), plus "type";
-    # except the library-only fields, which keep their defaults in training runs.
-    kwargs = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name not in NOT_IN_CONFIG}
     try:
-        return ModelConfig(vocab_size=vocab_size, **{**kwargs, "attn_scale": scale})
+        return ModelConfig(vocab_size=vocab_size, **kwargs)
     except ValueError as e:
         raise ConfigError(str(e).replace("ModelConfig.", "model.")) from None
 

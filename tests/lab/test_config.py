@@ -148,11 +148,9 @@ def test_every_model_config_field_is_a_config_key_and_maps_through():
     Except the library-only fields (NOT_IN_CONFIG: the vocabulary, causal, param_dtype), which keep
     their defaults in a training run.
     """
-    import dataclasses
-
     from attention_jax.lab.config import NOT_IN_CONFIG
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(NOT_IN_CONFIG)
+    fields = set(ModelConfig.keywords()) - set(NOT_IN_CONFIG)  # the attention options by their flat names
     assert set(base_config().model.keys()) == fields | {"type"}
     config = apply_overrides(load_config(SMOKE), {"model.head_size": "8", "model.attn_scale": "0.5"})
     mc = model_config(config, vocab_size=7)

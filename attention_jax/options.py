@@ -1,0 +1,195 @@
+"""``AttentionOptions``: the one schema of an attention layer's options.
+
+Every option an attention layer has is one field here, with its default, its
+comment and its check; nothing else names, defaults or validates them. The
+consumers take the object whole: ``ModelConfig.attention``, the Linen and NNX
+``Head`` and ``MultiHeadAttention`` (``options=``), and the pure functions
+through :meth:`AttentionOptions.attention_kwargs`. Adding an option is: one
+field with its comment, its check in ``__post_init__`` (or
+:meth:`AttentionOptions.check` when it needs the head size D), its use in
+:mod:`attention_jax.attention`, its test.
+
+A refused value is one ``OptionError`` (a ``ValueError``) whose one line
+names the field: ``AttentionOptions.pos_encoding: unknown 'alibi', valid
+choices are ...``; an owner renames it to its own field (``ModelConfig.attn_scale``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+from attention_jax import attention
+from attention_jax.attention import ATTENTION_IMPLS, SCALES, ScaleLike
+from attention_jax.positions import POS_ENCODINGS
+
+_PLAIN = (str, int, float, bool, type(None))  # values hashed and compared by value; arrays by identity
+
+
+class OptionError(ValueError):
+    """A refused attention option: ``owner.field`` followed by why, on one line."""
+
+    def __init__(self, field: str, why: str, owner: str = "AttentionOptions"):
+        self.field, self.why, self.owner = field, why, owner
+        super().__init__(f"{owner}.{field}{why}")
+
+    def named(self, owner: str, fields: dict[str, str] | None = None) -> OptionError:
+        """The same error as ``owner`` says it, with its own field names (``{"scale": "attn_scale"}``)."""
+        return OptionError((fields or {}).get(self.field, self.field), self.why, owner)
+
+
+def _is_array(value: object) -> bool:
+    return isinstance(value, (np.ndarray, jax.Array))  # jax.Array includes tracers
+
+
+def _quoted(choices) -> str:
+    return " | ".join(f'"{c}"' for c in choices)
+
+
+def choices_doc() -> str:
+    """The choices of the string-valued options, one line each, as the docstrings list them."""
+    return (
+        f"    ``scale``: {_quoted(SCALES)} | a positive number | a JAX or numpy array (a scalar,\n"
+        "      or broadcastable to the (..., H, T, S) logits; a traced one passes unchecked)\n"
+        f"    ``pos_encoding``: {_quoted(POS_ENCODINGS)}\n"
+        f"    ``attention_impl``: {_quoted(ATTENTION_IMPLS)}\n"
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionOptions:
+    """What one attention layer computes, apart from its shapes. Frozen; derive variants with ``.replace``.
+
+    Checked at construction (one ``ValueError`` naming the field); the checks
+    that need the head size D (rope needs an even D, a rule scale resolves
+    with D) are :meth:`check`, which every shell calls with its D. Hashed and
+    compared by value, except an array scale: by identity (the options are
+    part of static jit arguments, and an array, possibly traced, has no hash).
+    Attention-weight dropout is not an option here: it is training noise,
+    set on the layer (``dropout_rate``) from ``ModelConfig.dropout``.
+
+    Choices:
+    {choices}"""
+
+    # What multiplies q·kᵀ: a rule of D ("sqrt" 1/sqrt(D), Vaswani et al.; "none" 1; "mup"
+    # 1/D, Yang et al.), a positive number, or an array (a learnable temperature, one scale
+    # per vmapped model); see attention.resolve_scale.
+    scale: ScaleLike = "sqrt"
+    # Combine the lower-triangular mask, aligned so the last query sees the last key
+    # (False: an encoder, or cross-attention).
+    causal: bool = True
+    # LayerNorm on q and k before q·kᵀ (Dehghani et al. 2023): bounds the logits whatever
+    # the projections grow to. Adds the query_norm and key_norm parameters.
+    qk_norm: bool = False
+    # Positions: only "rope" acts inside attention (rotating q and k); "learned" and
+    # "sinusoidal" are tables added to the embeddings by the model (AddPositions).
+    pos_encoding: str = "none"
+    # The backend (attention.attend): "dense" (hand-written; the only one that records the
+    # weights and drops them out), "xla" / "cudnn" (jax.nn.dot_product_attention; cudnn on
+    # GPU), "blockwise" (flash-style in pure JAX, causal self-attention, O(T) memory).
+    attention_impl: str = "dense"
+    # Soft-capping (Gemma 2; modded-nanogpt): the scaled logits become softcap·tanh(logits/softcap),
+    # bounded by ±softcap, before the mask and bias; None: no cap. "dense" and "blockwise" only:
+    # jax.nn.dot_product_attention ("xla", "cudnn") exposes no logits to cap.
+    softcap: float | None = None
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        try:
+            attention.resolve_scale(self.scale, 1)  # whether a scale is valid does not depend on D
+        except ValueError as e:
+            raise OptionError("scale", f": {e}") from None
+        if isinstance(self.scale, numbers.Real) and not isinstance(self.scale, (bool, np.bool_)):
+            set_("scale", float(self.scale))  # numpy scalars too: hashed by value
+        for name in ("causal", "qk_norm"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise OptionError(name, f" must be True or False, got {getattr(self, name)!r}")
+            set_(name, bool(getattr(self, name)))
+        for name, choices in (("pos_encoding", POS_ENCODINGS), ("attention_impl", ATTENTION_IMPLS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise OptionError(name, f": unknown {value!r}, valid choices are {choices}")
+        if self.softcap is not None:
+            cap = self.softcap
+            if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, numbers.Real) or not 0 < cap < float("inf"):
+                raise OptionError("softcap", f" must be a positive finite number or None, got {cap!r}")
+            set_("softcap", float(cap))
+            if self.attention_impl in ("xla", "cudnn"):
+                raise OptionError(
+                    "softcap",
+                    f": attention_impl {self.attention_impl!r} cannot soft-cap (jax.nn.dot_product_attention "
+                    "exposes no logits); use 'dense' or 'blockwise'",
+                )
+
+    def check(self, head_size: int) -> None:
+        """The checks that need the head size D: a positive integer, even for rope."""
+        try:
+            attention.as_int("head_size", head_size)
+        except ValueError as e:
+            raise OptionError("head_size", str(e).removeprefix("head_size")) from None
+        if self.pos_encoding == "rope" and head_size % 2:
+            raise OptionError("head_size", f" must be even for rope, got {head_size}")
+
+    def attention_kwargs(self, head_size: int) -> dict[str, Any]:
+        """What ``attention.attention_heads`` takes from these options, the scale resolved for D."""
+        return dict(
+            scale=attention.resolve_scale(self.scale, head_size),
+            causal=self.causal,
+            impl=self.attention_impl,
+            rope=self.pos_encoding == "rope",
+            softcap=self.softcap,
+        )
+
+    def replace(self, **changes: Any) -> AttentionOptions:
+        """A checked copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The options' names, in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def _key(self) -> tuple:
+        values = (getattr(self, name) for name in self.names())  # not astuple: it copies arrays
+        return tuple(v if isinstance(v, _PLAIN) else ("id", id(v)) for v in values)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+if AttentionOptions.__doc__:  # None under python -OO
+    AttentionOptions.__doc__ = AttentionOptions.__doc__.format(choices=choices_doc().lstrip())
+
+# The options that the Linen and NNX shells also take as keyword arguments (``scale=...``),
+# as they did before AttentionOptions; a newer option is given through ``options=`` only.
+KEYWORDS = ("scale", "causal", "qk_norm", "pos_encoding", "attention_impl")
+
+
+def from_keywords(where: str, options: AttentionOptions | None, head_size: int, **keywords: Any) -> AttentionOptions:
+    """The options of a shell named ``where``: ``options`` (default ``AttentionOptions()``) and ``keywords``.
+
+    ``keywords`` are the ``KEYWORDS`` a shell was given (None: not given). With
+    ``options`` given too they must agree with it. Checked with the head size;
+    errors name ``where`` (``MultiHeadAttention.pos_encoding: ...``).
+    """
+    given = {name: value for name, value in keywords.items() if value is not None}
+    try:
+        if options is None:
+            options = AttentionOptions(**given)
+        elif not isinstance(options, AttentionOptions):
+            raise OptionError("options", f" must be an AttentionOptions, got {type(options).__name__}")
+        for name, value in given.items():
+            ours = getattr(options, name)
+            if not (value is ours or (not _is_array(value) and not _is_array(ours) and value == ours)):
+                raise OptionError(name, f"={value!r} contradicts options.{name}={ours!r}; give one of them")
+        options.check(head_size)
+    except OptionError as e:
+        raise e.named(where) from None
+    return options
