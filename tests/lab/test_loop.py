@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,20 @@ def test_resume_continues_exactly(source_run, reference_run, tiny_config, text_f
     assert "already finished: 30 steps" in err and training_starts(err) == [] and "compiled in" not in err
     assert snapshot(workdir) == before
     assert again["final_val_loss"] == resumed["final_val_loss"]
+
+
+def test_only_the_restored_step_tells_a_resume_from_a_fresh_start(source_run, reference_run, tiny_config, text_file,
+                                                                  tmp_path, capsys):  # fmt: skip
+    """The test of the resume tests: training is deterministic, so a loop that ignored every checkpoint and
+    trained from step 0 would write the losses of an exact resume. Here the checkpoints are gone instead:
+    the metrics match the uninterrupted run all the same, and only the step the session started from differs."""
+    workdir = copy_run(source_run, tmp_path / "b")
+    shutil.rmtree(workdir / "checkpoints")
+    shutil.rmtree(workdir / "best")
+    capsys.readouterr()
+    train(tiny_config(**{**SOURCE, "max_iters": 30, "data.dataset": str(text_file)}), workdir, progress=False)
+    assert_same_metrics(workdir, rows_up_to(reference_run, 30), min_rows=9)  # what a losses check sees
+    assert training_starts(capsys.readouterr().err) == [0]  # what the resume tests check: not [20]
 
 
 def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(
