@@ -142,6 +142,39 @@ def start_holder(workdir):
     return proc
 
 
+def signal_when(condition, proc: subprocess.Popen, sig: int, timeout: float = 300) -> None:
+    """Send ``sig`` to ``proc`` as soon as ``condition()`` holds, checking it while ``proc`` is stopped.
+
+    Each check freezes the process (SIGSTOP, then its state in /proc until it reads T), so it cannot run
+    past the state it was found in: the signal is pending before it runs again (SIGCONT). A short run on a
+    loaded machine cannot finish between a check and the signal, as it could with plain polling.
+    """
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, "the process ended before the condition held"
+        proc.send_signal(signal.SIGSTOP)
+        while _state(proc.pid) not in ("T", "t", "Z", "X", None):
+            time.sleep(0.001)
+        held = condition()
+        if held:
+            proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        if held:
+            return
+        assert time.time() < deadline, "timed out waiting for the condition"
+        time.sleep(0.02)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from unittest import mock
@@ -33,6 +32,7 @@ from tests.helpers import (
     checkpoint_steps,
     run_command,
     run_entry_point,
+    signal_when,
     training_starts,
 )
 
@@ -131,12 +131,8 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, text_f
     cmd = [sys.executable, "-m", "experiments.train", *map(str, train_args(workdir, text_file, *extra))]
     for target_rows in (3, 8):  # kill after the log has this many rows: early, then later
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if len(read_jsonl(workdir / "metrics.jsonl")) >= target_rows:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        # Checked while the process is stopped: killed at that moment, not some steps (or the end) later.
+        signal_when(lambda: len(read_jsonl(workdir / "metrics.jsonl")) >= target_rows, proc, signal.SIGKILL)
         proc.wait()
         assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
         assert json.loads((workdir / "train.lock").read_text())["pid"] == proc.pid  # a stale lock: no obstacle

@@ -28,6 +28,7 @@ from tests.helpers import (
     checkpoint_steps,
     run_command,
     run_entry_point,
+    signal_when,
     snapshot,
     tiny_args,
     training_starts,
@@ -221,8 +222,9 @@ def test_ctrl_c_stops_training_at_a_checkpoint_and_the_resume_equals_an_uninterr
     clean = trained(**steps)
     workdir = tmp_path / "w"
     trainer = start_training(workdir, text_file, steps)
-    wait_for(lambda: len(read_jsonl(workdir / "metrics.jsonl")) >= 5, trainer)  # step 20: checkpoints at 5-15 saved
-    trainer.send_signal(signal.SIGINT)
+    # At step 20 (5 rows), checkpoints 5 to 15 saved; checked while the trainer is stopped, so the Ctrl-C
+    # lands long before its 120 steps are done, however loaded the machine.
+    signal_when(lambda: len(read_jsonl(workdir / "metrics.jsonl")) >= 5, trainer, signal.SIGINT)
     _, err = trainer.communicate(timeout=300)
     assert trainer.returncode == EXIT_INTERRUPTED, err
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
