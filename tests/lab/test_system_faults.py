@@ -157,10 +157,16 @@ def test_permission_denied_is_one_line_and_changes_nothing(text_file):
         shutil.rmtree(folder)
 
 
+def as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it: a shell starts background jobs with SIGINT ignored, and an ignored
+    signal stays ignored across exec (the trainer then leaves it so: ``loop.stop_at_safe_point``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_training(workdir, text_file, overrides):
     args = tiny_args(workdir, text_file, overrides)
     return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=as_in_a_terminal)  # fmt: skip
 
 
 def wait_for(condition, proc, timeout=300):
@@ -271,7 +277,7 @@ def test_ctrl_c_stops_sampling_at_once(tmp_path, text_file):
     decoding = tmp_path / "decoding"
     sampler = subprocess.Popen(
         [sys.executable, "-c", SAMPLER, str(decoding), "--workdir", str(workdir), "--max_new_tokens", "1000000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal,
     )  # fmt: skip
     try:
         wait_for(decoding.exists, sampler)  # inside the compiled decoding loop now
