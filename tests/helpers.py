@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, experiments/, benchmarks/
 SMOKE = "configs/shakespeare_char.py:smoke"
 TINY = {"model.block_size": 8, "model.n_embd": 16, "model.n_layer": 1, "sample_tokens": 0}  # the tiny_config fixture
+# The uninterrupted reference run of the resume tests (tests/lab/conftest.py ``reference_run``): checkpoints every
+# 5 steps, evaluations every 10, 60 steps. Its learning-rate schedule ends at lr_decay_iters (20 in the smoke
+# config), not at max_iters, and the checkpoint interval changes no row, so its rows up to step N are exactly those
+# of the same run trained to N (a multiple of 10): a resume compares with that prefix (``rows_up_to``).
+REFERENCE = {"max_iters": 60, "checkpoint_every": 5, "eval_interval": 10, "log_interval": 5}
+# A finished run with checkpoints at steps 10 and 20 (``source_run``), which resume and damage tests copy and continue.
+SOURCE = {"max_iters": 20, "eval_interval": 10, "checkpoint_every": 10, "log_interval": 5}
 WORDS = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "good", "night", "and", "to"]
 
 
@@ -38,6 +50,31 @@ def run_entry_point(name: str, *args, env: dict | None = None, timeout: float = 
         text=True,
         timeout=timeout,
     )
+
+
+def run_command(name: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``attention_jax.lab.commands.<name>(ARGS)`` in this process, from the checkout, reported as ``run_entry_point``.
+
+    The console scripts are ``sys.exit(commands.<name>())``: the status is the
+    command's return value (an argparse usage error raises SystemExit with it).
+    Costs no interpreter start and no JAX import; keep subprocesses for tests
+    whose subject is the process (signals, kill -9, several processes, install).
+    """
+    from attention_jax.lab import commands
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = getattr(commands, name.replace("-", "_"))(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
 
 
 def tiny_args(workdir, text_file, overrides: dict | None = None) -> list[str]:
@@ -105,6 +142,39 @@ def start_holder(workdir):
     return proc
 
 
+def signal_when(condition, proc: subprocess.Popen, sig: int, timeout: float = 300) -> None:
+    """Send ``sig`` to ``proc`` as soon as ``condition()`` holds, checking it while ``proc`` is stopped.
+
+    Each check freezes the process (SIGSTOP, then its state in /proc until it reads T), so it cannot run
+    past the state it was found in: the signal is pending before it runs again (SIGCONT). A short run on a
+    loaded machine cannot finish between a check and the signal, as it could with plain polling.
+    """
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, "the process ended before the condition held"
+        proc.send_signal(signal.SIGSTOP)
+        while _state(proc.pid) not in ("T", "t", "Z", "X", None):
+            time.sleep(0.001)
+        held = condition()
+        if held:
+            proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        if held:
+            return
+        assert time.time() < deadline, "timed out waiting for the condition"
+        time.sleep(0.02)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -126,3 +196,117 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and state != "Z":  # a zombie has ended; only its exit status is left
             found.append(cmdline.strip())
     return found
+
+
+# ---------------------------------------------------------------------------
+# Trained runs: copies, their checkpoints, where a session started, their metrics
+# ---------------------------------------------------------------------------
+
+
+def copy_run(source: Path, workdir: Path) -> Path:
+    """A copy of the run directory ``source`` at ``workdir`` (shared runs are copied before a test changes them)."""
+    shutil.copytree(source, workdir, symlinks=True)
+    return Path(workdir)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The steps of the finished latest-checkpoints in ``workdir`` (orbax renames a save into place when done)."""
+    folder = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def training_starts(stderr: str) -> list[int]:
+    """The step each training session in ``stderr`` started from: the loop's ``training from step N to M`` line.
+
+    0 for a fresh start; a resumed session starts at the step of the checkpoint it restored.
+    """
+    return [int(n) for n in re.findall(r"training from step (\d+) to \d+", stderr)]
+
+
+def read_events(folder: Path) -> list:
+    """Every event of the TensorBoard event files of ``folder``, file by file (oldest session first).
+
+    Written out independently of tensorboardX's writer: the TFRecord framing (length, crc,
+    payload, crc) parsed by hand, each payload decoded as an ``Event`` protocol buffer.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+
+    def session(path):  # the name ends in the session's start in ns (rundir.MetricsWriter)
+        last = path.name.rsplit(".", 1)[1]
+        return (int(last) if last.isdigit() else 0, path.name)
+
+    for path in sorted(Path(folder).glob("events.out.tfevents.*"), key=session):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def sessions_resumed_from(workdir, board: str | None = None) -> list[int]:
+    """Per training session of a run, in order: the step it resumed from (-1: a fresh start).
+
+    Read from the run's TensorBoard files: each session opens its event file
+    with a START marker at its purge step, the restored checkpoint's step + 1.
+    ``board``: one member's folder (default: the first).
+    """
+    boards = sorted((Path(workdir) / "tensorboard").iterdir())
+    folder = Path(workdir) / "tensorboard" / board if board else boards[0]
+    return [e.step - 1 for e in read_events(folder) if e.HasField("session_log") and e.session_log.status == 1]
+
+
+METRIC_KEYS = ("loss", "grad_norm", "lr", "train_loss", "val_loss")
+
+
+def rows_up_to(workdir, step: int) -> list[dict]:
+    """The metrics rows of ``workdir`` up to ``step`` (of ``REFERENCE``: those of the same run trained to ``step``)."""
+    from attention_jax.lab.rundir import read_jsonl
+
+    return [r for r in read_jsonl(Path(workdir) / "metrics.jsonl") if r["step"] <= step]
+
+
+def _rows(rows_or_run) -> list[dict]:
+    if isinstance(rows_or_run, (str, os.PathLike)):
+        from attention_jax.lab.rundir import read_jsonl
+
+        return read_jsonl(Path(rows_or_run) / "metrics.jsonl")
+    return list(rows_or_run)
+
+
+def _missing(x) -> bool:  # null in metrics.jsonl (a NaN or Inf written as strict JSON), or NaN when read back
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def assert_same_metrics(
+    got, want, *, rel: float = 1e-6, abs: float = 0.0, ids=("step", "member", "seed"), keys=METRIC_KEYS,
+    min_rows: int = 1,
+) -> None:  # fmt: skip
+    """Two runs' metrics agree: the same rows in the same order, each metric within ``rel``/``abs``.
+
+    ``got``/``want``: lists of metrics rows, or run directories (their metrics.jsonl).
+    Rows match on ``ids`` and on which of ``keys`` they hold; a metric missing
+    (null, NaN) in one must be missing in the other. ``min_rows``: at least that
+    many rows, so an empty comparison cannot pass.
+    """
+    import pytest
+
+    a, b = _rows(got), _rows(want)
+
+    def shape(rows):
+        return [(tuple(r.get(k) for k in ids), tuple(k in r for k in keys)) for r in rows]
+
+    assert shape(a) == shape(b), "the runs wrote different rows"
+    assert len(b) >= min_rows, f"only {len(b)} rows to compare"
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in rb:
+                x, y = ra[key], rb[key]
+                assert _missing(x) == _missing(y), (key, ra, rb)
+                if not _missing(y):
+                    assert x == pytest.approx(y, rel=rel, abs=abs), (key, ra, rb)

@@ -9,11 +9,11 @@ import pytest
 from attention_jax.lab import hardware
 from attention_jax.lab.bench import benchmark_training, format_table
 from attention_jax.lab.config import load_config
-from tests.helpers import SMOKE, run_entry_point
+from tests.helpers import SMOKE, run_command
 
 
 def test_bench_prints_json_last_line(text_file):
-    result = run_entry_point(
+    result = run_command(
         "bench", "--config", SMOKE, "--steps", 3, "--matmul_n", 256, f"--config.data.dataset={text_file}"
     )
     assert result.returncode == 0, result.stderr

@@ -17,39 +17,30 @@ from attention_jax.lab import rundir as rd
 from attention_jax.lab.cli import EXIT_BAD_INPUT
 from attention_jax.lab.experiment import Experiment
 from attention_jax.lab.loop import OutputState, Progress, TrainingDiverged, save_checkpoints, train
-from tests.helpers import assert_one_line_error_result, run_entry_point, snapshot, tiny_args
+from tests.helpers import (
+    SOURCE,
+    assert_one_line_error_result,
+    assert_same_metrics,
+    checkpoint_steps,
+    copy_run,
+    rows_up_to,
+    run_command,
+    snapshot,
+    tiny_args,
+    training_starts,
+)
 
-STEPS = {"max_iters": 20, "eval_interval": 10, "checkpoint_every": 10, "log_interval": 5}
+STEPS = SOURCE  # the shared source_run (tests/lab/conftest.py): a finished 20-step run, checkpoints at 10 and 20
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory, tiny_config, text_file):
-    """A finished tiny run on ``text_file`` with checkpoints at steps 10 and 20 (copy it before damaging it)."""
-    workdir = tmp_path_factory.mktemp("source") / "run"
-    train(tiny_config(**STEPS, **{"data.dataset": str(text_file)}), workdir, progress=False)
-    assert sorted(p.name for p in (workdir / rd.CHECKPOINTS).iterdir()) == ["10", "20"]
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def straight_rows(tmp_path_factory, tiny_config, text_file):
+@pytest.fixture
+def straight_rows(reference_run):
     """metrics.jsonl of the same run trained to step 30 without interruption."""
-    workdir = tmp_path_factory.mktemp("straight") / "run"
-    train(tiny_config(**{**STEPS, "max_iters": 30}, **{"data.dataset": str(text_file)}), workdir, progress=False)
-    return rd.read_jsonl(workdir / rd.METRICS)
+    return rows_up_to(reference_run, 30)
 
 
 def copy_of(source, tmp_path):
-    workdir = tmp_path / "run"
-    shutil.copytree(source, workdir)
-    return workdir
-
-
-def assert_same_losses(rows, want):
-    assert [(r["step"], r["seed"], "loss" in r) for r in rows] == [(r["step"], r["seed"], "loss" in r) for r in want]
-    for key in ("loss", "val_loss", "train_loss"):
-        got = [r[key] for r in rows if key in r]
-        np.testing.assert_allclose(got, [r[key] for r in want if key in r], rtol=1e-6)
+    return copy_run(source, tmp_path / "run")
 
 
 def largest_data_file(checkpoint):
@@ -76,6 +67,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
     damage, source_run, straight_rows, tiny_config, text_file, tmp_path, capsys
 ):
     workdir = copy_of(source_run, tmp_path)
+    assert checkpoint_steps(workdir) == [10, 20]
     DAMAGE[damage](workdir / rd.CHECKPOINTS / "20")
     before = snapshot(workdir)
     run = rd.load_run(workdir)  # a reader: falls back, says so, changes nothing
@@ -86,9 +78,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
     assert snapshot(workdir) == before
     # The trainer falls back too, moves the damaged one aside, and ends as if nothing had happened.
     train(tiny_config(**{**STEPS, "max_iters": 30}, **{"data.dataset": str(text_file)}), workdir, progress=False)
+    assert training_starts(capsys.readouterr().err) == [10]  # from the previous checkpoint, not from scratch
     assert (workdir / rd.DAMAGED / "checkpoints_20").is_dir()
     assert sorted(p.name for p in (workdir / rd.CHECKPOINTS).iterdir()) == ["20", "30"]
-    assert_same_losses(rd.read_jsonl(workdir / rd.METRICS), straight_rows)
+    assert_same_metrics(rd.read_jsonl(workdir / rd.METRICS), straight_rows)
 
 
 def test_with_no_good_checkpoint_left_both_sample_and_train_refuse_in_one_line(source_run, text_file, tmp_path, capsys):
@@ -156,7 +149,7 @@ def test_a_damaged_metrics_row_is_dropped_on_resume_with_its_line_number(
     train(tiny_config(**{**STEPS, "max_iters": 30}, **{"data.dataset": str(text_file)}), workdir, progress=False)
     assert f"note: {workdir / rd.METRICS}: line 3 not valid JSON" in capsys.readouterr().err
     kind = lambda r: (r["step"], r["seed"], "loss" in r)  # noqa: E731
-    assert_same_losses(rd.read_jsonl(workdir / rd.METRICS), [r for r in straight_rows if kind(r) != kind(lost)])
+    assert_same_metrics(rd.read_jsonl(workdir / rd.METRICS), [r for r in straight_rows if kind(r) != kind(lost)])
 
 
 def strict_json(text: str):
@@ -214,13 +207,10 @@ def test_max_new_tokens_is_bounded_before_anything_is_loaded(tmp_path, capsys):
     assert err == ["error: --max_new_tokens must be in [1, 1,000,000], got 1,000,000,000"]
 
 
-@pytest.fixture(scope="module")
-def two_seed_run(tmp_path_factory, tiny_config, text_file):
+@pytest.fixture
+def two_seed_run(trained):
     """A tiny run of two seeds to step 10."""
-    workdir = tmp_path_factory.mktemp("two") / "run"
-    train(tiny_config(**{**STEPS, "max_iters": 10}, num_seeds=2, **{"data.dataset": str(text_file)}), workdir,
-          progress=False)  # fmt: skip
-    return workdir
+    return trained(**{**STEPS, "max_iters": 10}, num_seeds=2)
 
 
 @pytest.mark.slow
@@ -278,6 +268,6 @@ def test_a_changed_dataset_is_refused_before_anything_is_written(tiny_config, sm
         (text + "Z", r"vocabulary differs from the run's in .* \(added 'Z'; \d+ -> \d+ characters\)"),
     ):
         data.write_text(new_text)
-        result = run_entry_point("train", *tiny_args(workdir, data, STEPS))
+        result = run_command("train", *tiny_args(workdir, data, STEPS))
         assert_one_line_error_result(result, pattern)
         assert snapshot(workdir) == before

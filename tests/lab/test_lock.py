@@ -14,7 +14,7 @@ import time
 import pytest
 
 from attention_jax.lab import rundir as rd
-from tests.helpers import ROOT, SMOKE, assert_one_line_error_result, run_entry_point, snapshot, start_holder
+from tests.helpers import ROOT, SMOKE, assert_one_line_error_result, run_command, snapshot, start_holder
 
 
 def wait_until_stopped(pid: int, timeout: float = 30) -> None:
@@ -109,13 +109,15 @@ def test_a_second_trainer_is_refused_and_the_first_finishes_with_all_its_rows(tm
         [sys.executable, "-m", "experiments.train", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+            assert first.poll() is None, first.stderr.read()
             time.sleep(0.05)
+        assert (workdir / "metrics.jsonl").exists(), "the first trainer did not start training"
         first.send_signal(signal.SIGSTOP)  # hold the first trainer mid-run, lock in hand
         wait_until_stopped(first.pid)
         before = snapshot(workdir)
-        second = run_entry_point("train", *args)
+        second = run_command("train", *args)  # in this process: the lock is held by another
         assert_one_line_error_result(
             second, rf"workdir .* is in use by a trainer \(pid {first.pid} on host {socket.gethostname()}, started "
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,15 @@ from attention_jax.lab.experiment import Experiment
 from attention_jax.lab.loop import TrainingDiverged, health_program, merge_members, train
 from attention_jax.lab.rundir import load_run, read_jsonl
 from attention_jax.lab.steps import TrainState
+from tests.helpers import (
+    SOURCE,
+    assert_same_metrics,
+    checkpoint_steps,
+    copy_run,
+    rows_up_to,
+    snapshot,
+    training_starts,
+)
 
 
 def losses_of(workdir):
@@ -43,57 +53,70 @@ def summary_vocab(workdir):
     return len(json.loads((workdir / "tokenizer.json").read_text())["chars"])
 
 
-@pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, tiny_config, small_text):
-    text = small_text()
-    base = dict(eval_interval=10, checkpoint_every=10, log_interval=5)
-    straight = train(tiny_config(max_iters=30, **base), tmp_path / "a", text=text, progress=False)
-    train(tiny_config(max_iters=20, **base), tmp_path / "b", text=text, progress=False)
-    resumed = train(tiny_config(max_iters=30, **base), tmp_path / "b", text=text, progress=False)
-    np.testing.assert_allclose(resumed["final_val_loss"], straight["final_val_loss"], rtol=1e-6)
-    a_train, a_val = losses_of(tmp_path / "a")
-    b_train, b_val = losses_of(tmp_path / "b")
-    assert [s for s, _ in a_train] == [s for s, _ in b_train]
-    np.testing.assert_allclose([v for _, v in b_train], [v for _, v in a_train], rtol=1e-6)
-    np.testing.assert_allclose([v for _, v in b_val], [v for _, v in a_val], rtol=1e-6)
-    # Finished runs are not trained again.
-    again = train(tiny_config(max_iters=30, **base), tmp_path / "b", text=text, progress=False)
+def test_resume_continues_exactly(source_run, reference_run, tiny_config, text_file, tmp_path, capsys):
+    """A copy of the 20-step run (checkpoints at 10 and 20) trained on to 30 equals the uninterrupted run."""
+    workdir = copy_run(source_run, tmp_path / "b")
+    assert checkpoint_steps(workdir) == [10, 20]
+    config = tiny_config(**{**SOURCE, "max_iters": 30, "data.dataset": str(text_file)})
+    capsys.readouterr()
+    resumed = train(config, workdir, progress=False)
+    assert training_starts(capsys.readouterr().err) == [20]  # it restored step 20, and trained 20 -> 30 only
+    straight = rows_up_to(reference_run, 30)
+    assert_same_metrics(workdir, straight, min_rows=9)  # train and val losses, step by step
+    np.testing.assert_allclose(resumed["final_val_loss"], [straight[-1]["val_loss"]], rtol=1e-6)
+    # Finished runs are not trained again: no program compiled, no file written, the stored summary returned.
+    before = snapshot(workdir)
+    again = train(config, workdir, progress=False)
+    err = capsys.readouterr().err
+    assert "already finished: 30 steps" in err and training_starts(err) == [] and "compiled in" not in err
+    assert snapshot(workdir) == before
     assert again["final_val_loss"] == resumed["final_val_loss"]
 
 
-def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, tiny_config, small_text):
-    text = small_text()
-    config = tiny_config(max_iters=10, eval_interval=10, checkpoint_every=10, log_interval=5)
-    train(config, tmp_path, text=text, progress=False)
-    with open(tmp_path / "metrics.jsonl", "a") as f:  # as if killed after logging step 15, and mid-line
+def test_only_the_restored_step_tells_a_resume_from_a_fresh_start(source_run, reference_run, tiny_config, text_file,
+                                                                  tmp_path, capsys):  # fmt: skip
+    """The test of the resume tests: training is deterministic, so a loop that ignored every checkpoint and
+    trained from step 0 would write the losses of an exact resume. Here the checkpoints are gone instead:
+    the metrics match the uninterrupted run all the same, and only the step the session started from differs."""
+    workdir = copy_run(source_run, tmp_path / "b")
+    shutil.rmtree(workdir / "checkpoints")
+    shutil.rmtree(workdir / "best")
+    capsys.readouterr()
+    train(tiny_config(**{**SOURCE, "max_iters": 30, "data.dataset": str(text_file)}), workdir, progress=False)
+    assert_same_metrics(workdir, rows_up_to(reference_run, 30), min_rows=9)  # what a losses check sees
+    assert training_starts(capsys.readouterr().err) == [0]  # what the resume tests check: not [20]
+
+
+def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(
+    trained, tiny_config, text_file, tmp_path, capsys
+):
+    workdir = copy_run(trained(**{**SOURCE, "max_iters": 10}), tmp_path / "run")
+    assert checkpoint_steps(workdir) == [10]
+    with open(workdir / "metrics.jsonl", "a") as f:  # as if killed after logging step 15, and mid-line
         f.write(json.dumps({"step": 15, "seed": 1337, "loss": 123.0}) + '\n{"step": 1')
-    (tmp_path / "summary.json").unlink()
-    train(
-        tiny_config(max_iters=20, eval_interval=10, checkpoint_every=10, log_interval=5),
-        tmp_path,
-        text=text,
-        progress=False,
-    )
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    (workdir / "summary.json").unlink()
+    capsys.readouterr()
+    train(tiny_config(**{**SOURCE, "data.dataset": str(text_file)}), workdir, progress=False)
+    assert training_starts(capsys.readouterr().err) == [10]  # resumed from the checkpoint, not from scratch
+    rows = read_jsonl(workdir / "metrics.jsonl")
     assert all(r.get("loss") != 123.0 for r in rows)
     assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20]
 
 
-def test_different_config_in_same_workdir_is_refused(tmp_path, tiny_config, small_text):
-    text = small_text()
-    train(tiny_config(max_iters=10), tmp_path, text=text, progress=False)
+def test_different_config_in_same_workdir_is_refused(source_run, tiny_config, text_file, tmp_path):
+    workdir = copy_run(source_run, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"different config.*learning_rate"):
-        train(tiny_config(max_iters=10, learning_rate=5e-3), tmp_path, text=text, progress=False)
+        train(tiny_config(**SOURCE, learning_rate=5e-3, **{"data.dataset": str(text_file)}), workdir, progress=False)
 
 
 @pytest.mark.parametrize("k", [5, 3])  # 3 does not divide log_interval=5: calls split into single steps
-def test_steps_per_call_gives_the_same_losses(tmp_path, k, tiny_config, small_text):
-    text = small_text()
-    one = train(tiny_config(max_iters=20), tmp_path / "one", text=text, progress=False)
-    five = train(tiny_config(max_iters=20, steps_per_call=k), tmp_path / "five", text=text, progress=False)
+def test_steps_per_call_gives_the_same_losses(tmp_path, k, source_run, tiny_config, text_file):
+    one = json.loads((source_run / "summary.json").read_text())  # steps_per_call=1
+    config = tiny_config(**SOURCE, steps_per_call=k, **{"data.dataset": str(text_file)})
+    five = train(config, tmp_path / "five", progress=False)
     np.testing.assert_allclose(five["final_val_loss"], one["final_val_loss"], rtol=1e-5)
     np.testing.assert_allclose(
-        [v for _, v in losses_of(tmp_path / "five")[0]], [v for _, v in losses_of(tmp_path / "one")[0]], rtol=1e-5
+        [v for _, v in losses_of(tmp_path / "five")[0]], [v for _, v in losses_of(source_run)[0]], rtol=1e-5
     )
 
 
@@ -134,12 +157,13 @@ def test_best_state_is_kept_per_seed():
     np.testing.assert_array_equal(merged.params["w"], [[9.0, 9.0], [2.0, 2.0]])
 
 
-def test_killed_after_the_last_checkpoint_but_before_the_summary(tmp_path, tiny_config, small_text):
-    text = small_text()
-    config = tiny_config(max_iters=20, eval_interval=10, checkpoint_every=10, log_interval=5)
-    first = train(config, tmp_path, text=text, progress=False)
-    rows_before = read_jsonl(tmp_path / "metrics.jsonl")
-    (tmp_path / "summary.json").unlink()  # as if killed while writing the sample
-    again = train(config, tmp_path, text=text, progress=False)
-    assert read_jsonl(tmp_path / "metrics.jsonl") == rows_before  # no evaluation written twice
+def test_killed_after_the_last_checkpoint_but_before_the_summary(source_run, tiny_config, text_file, tmp_path, capsys):
+    workdir = copy_run(source_run, tmp_path / "run")
+    first = json.loads((workdir / "summary.json").read_text())
+    rows_before = read_jsonl(workdir / "metrics.jsonl")
+    (workdir / "summary.json").unlink()  # as if killed while writing the sample
+    capsys.readouterr()
+    again = train(tiny_config(**SOURCE, **{"data.dataset": str(text_file)}), workdir, progress=False)
+    assert training_starts(capsys.readouterr().err) == [20]  # restored at the end: nothing trained again
+    assert read_jsonl(workdir / "metrics.jsonl") == rows_before  # no evaluation written twice
     assert again["final_val_loss"] == first["final_val_loss"]

@@ -17,9 +17,7 @@ from attention_jax.lab.loop import train
 from attention_jax.lab.rundir import RunDir, load_run
 from attention_jax.lab.sampling import sample_text
 from attention_jax.lab.sweep import product, sweep
-from tests.helpers import ROOT
-
-METRIC_KEYS = ("loss", "grad_norm", "lr", "train_loss", "val_loss")
+from tests.helpers import ROOT, assert_same_metrics, checkpoint_steps, training_starts
 
 
 def rows_of(workdir, member: int) -> list[dict]:
@@ -28,12 +26,8 @@ def rows_of(workdir, member: int) -> list[dict]:
 
 
 def assert_same_rows(got: list[dict], want: list[dict], rel: float = 2e-5) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want] and len(want) >= 4
-    for a, b in zip(got, want):
-        assert a["seed"] == b["seed"]
-        for key in METRIC_KEYS:
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=rel, abs=rel), (a["step"], key)
+    """A member's rows against a run's (its member index differs: matched by step and seed)."""
+    assert_same_metrics(got, want, rel=rel, abs=rel, ids=("step", "seed"), min_rows=4)
 
 
 def test_members_are_entries_times_seeds_with_the_config_filling_in(tiny_config):
@@ -83,32 +77,37 @@ def test_population_from_the_command_line_is_a_json_list(tiny_config):
 
 @pytest.mark.slow
 def test_each_member_equals_a_separate_run_with_its_values(tmp_path, tiny_config, small_text):
-    """Different learning rates, weight decays, warmups and seeds, with dropout: one program vs one run each."""
+    """Different learning rates, schedules, weight decays, Adam betas and seeds, with dropout: one program vs one
+    run each. Every optimizer value a member may set is set by one (a member's value the program ignored would
+    make that member differ from its run)."""
     text = small_text(3000)
     base = dict(max_iters=8, eval_interval=4, log_interval=2, checkpoint_every=8, eval_iters=2, warmup_iters=2)
     entries = (
         {"learning_rate": 1e-3, "seed": 3},
-        {"learning_rate": 4e-3, "weight_decay": 0.0, "warmup_iters": 0, "seed": 3},
-        {"learning_rate": 2e-3, "min_lr": 2e-4, "beta2": 0.95, "seed": 9},
+        {"learning_rate": 4e-3, "weight_decay": 0.0, "warmup_iters": 0, "lr_decay_iters": 5, "seed": 3},
+        {"learning_rate": 2e-3, "min_lr": 2e-4, "beta1": 0.7, "beta2": 0.95, "seed": 9},
         {"model.attn_scale": "none", "seed": 3},  # the attention scale a runtime number too
         {"model.attn_scale": "mup", "learning_rate": 4e-3, "seed": 9},
     )
     config = tiny_config(**base, population=entries, **{"model.dropout": 0.1})
     summary = train(config, tmp_path / "pop", text=text, progress=False)
     assert summary["members"] == [{k: v for k, v in e.items() if k != "seed"} for e in entries]
-    one_model = train(tiny_config(**{**base, "max_iters": 0}), tmp_path / "zero", text=text, progress=False)
-    assert summary["params"] == one_model["params"]  # the parameters of one model, not of the population
+    varied = {"learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2"}
+    assert {k for e in entries for k in e} == varied | {"seed", "model.attn_scale"}  # every value a member may set
     finals = []
     for i, member in enumerate(population.members(config)):
         alone = population.member_config(config, member)
         single = train(alone, tmp_path / f"alone{i}", text=text, progress=False)
+        assert summary["params"] == single["params"]  # the parameters of one model, not of the population
         if "model.attn_scale" in member.values:  # sampling a member uses its own scale
             got = sample_text(load_run(tmp_path / "pop"), "the", max_new_tokens=6, temperature=0.0, member=i)
             assert got == sample_text(load_run(tmp_path / f"alone{i}"), "the", max_new_tokens=6, temperature=0.0)
         assert_same_rows(rows_of(tmp_path / "pop", i), rows_of(tmp_path / f"alone{i}", 0))
         assert summary["final_val_loss"][i] == pytest.approx(single["final_val_loss"][0], rel=2e-5)
         finals.append(single["final_val_loss"][0])
-    assert len(set(finals)) == 5  # the members really differ: equality above is not one run compared with itself
+    assert len(set(finals)) == len(
+        entries
+    )  # the members really differ: equality above is not one run compared with itself
 
 
 @pytest.mark.slow
@@ -132,13 +131,16 @@ def test_a_diverging_member_stops_alone_and_the_others_go_on(tmp_path, tiny_conf
 
 
 @pytest.mark.slow
-def test_a_population_resumes_exactly(tmp_path, tiny_config, small_text):
+def test_a_population_resumes_exactly(tmp_path, tiny_config, small_text, capsys):
     text = small_text(3000)
     entries = ({"learning_rate": 1e-3}, {"learning_rate": 3e-3})
     base = dict(eval_interval=5, checkpoint_every=5, log_interval=5, population=entries, **{"model.dropout": 0.1})
     straight = train(tiny_config(max_iters=15, **base), tmp_path / "a", text=text, progress=False)
     train(tiny_config(max_iters=10, **base), tmp_path / "b", text=text, progress=False)
+    assert checkpoint_steps(tmp_path / "b") == [5, 10]
+    capsys.readouterr()
     resumed = train(tiny_config(max_iters=15, **base), tmp_path / "b", text=text, progress=False)
+    assert training_starts(capsys.readouterr().err) == [10]  # both members restored at step 10
     np.testing.assert_allclose(resumed["final_val_loss"], straight["final_val_loss"], rtol=1e-6)
     for member in (0, 1):
         assert_same_rows(rows_of(tmp_path / "b", member), rows_of(tmp_path / "a", member), rel=1e-6)

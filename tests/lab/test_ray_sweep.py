@@ -32,7 +32,7 @@ import pytest
 
 from attention_jax.lab.ray_backend import RAY_LOOPBACK_ENV
 from attention_jax.lab.rundir import RunDir, read_json
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, assert_same_metrics, free_port, sessions_resumed_from
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None or shutil.which("ray") is None,
@@ -199,18 +199,6 @@ def run_sweep(env, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def metrics(point_dir: Path) -> list[tuple]:
-    return [(r["step"], r["member"], r.get("loss"), r.get("val_loss")) for r in RunDir(point_dir).read_metrics()]
-
-
-def assert_same_metrics(a: Path, b: Path) -> None:
-    rows_a, rows_b = metrics(a), metrics(b)
-    assert [r[:2] for r in rows_a] == [r[:2] for r in rows_b]
-    for ra, rb in zip(rows_a, rows_b):
-        for x, y in zip(ra[2:], rb[2:]):
-            assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=1e-6)), (a.name, ra, rb)
-
-
 def kill_the_worker_running(point: Path, driver: subprocess.Popen, at_step: int, timeout: float = 300) -> int | None:
     """SIGKILL the process that runs ``point`` (its sweep_point.json says which) once it reached ``at_step``."""
     deadline = time.time() + timeout
@@ -224,6 +212,7 @@ def kill_the_worker_running(point: Path, driver: subprocess.Popen, at_step: int,
     return None
 
 
+KEYS = ("loss", "val_loss")  # the metrics compared between a point's runs
 TIMING = ("started", "seconds", "host", "pid")  # what differs between two runs of the same point
 
 
@@ -251,7 +240,7 @@ def test_a_sweep_on_ray_records_and_trains_what_the_local_backend_does(cluster, 
     for record in status["local"]["points"][:4]:
         a, b = tmp_path / "local" / record["name"], tmp_path / "ray" / record["name"]
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-        assert_same_metrics(a, b)
+        assert_same_metrics(b, a, keys=KEYS)
         summary_a, summary_b = (read_json(d / "summary.json") for d in (a, b))
         assert summary_b["final_val_loss"] == pytest.approx(summary_a["final_val_loss"], rel=1e-6)
 
@@ -275,10 +264,12 @@ def test_a_killed_worker_is_retried_and_its_point_resumes_to_the_uninterrupted_r
             driver.kill()
     assert killed is not None, "the point ended before its worker could be killed"
     assert driver.returncode == 0, err
-    assert "resuming" in err  # the retry picked up the checkpoint
+    assert "resuming" in err  # the sweep's record says so (it does whether or not a checkpoint is restored)
+    (first, retry) = sessions_resumed_from(point)  # what the run itself records of its two sessions
+    assert first == -1 and retry >= 20 and retry % 20 == 0, (first, retry)  # a checkpoint (every 20 steps)
     record = RunDir(point).read_point_record()
     assert record["status"] == "done"
-    assert_same_metrics(tmp_path / "local" / point.name, point)
+    assert_same_metrics(point, tmp_path / "local" / point.name, keys=KEYS)
 
 
 @pytest.mark.slow
@@ -310,13 +301,11 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_
     assert driver.returncode == 0, err
     assert "process 1 of 2, 4 devices in all (2 here)" in err
     assert "a host failed" in err and "(attempt 2)" in err and "resuming" in err
+    (first, retry) = sessions_resumed_from(tmp_path / "ray" / name)  # the run's own record: the retry restored
+    assert first == -1 and retry >= 20 and retry % 20 == 0, (first, retry)  # a checkpoint (every 20 steps)
     state = tmp_path / "ray" / name / "checkpoints" / "200" / "state"
     assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
-    a, b = metrics(tmp_path / "local" / name), metrics(tmp_path / "ray" / name)
-    assert [r[:2] for r in a] == [r[:2] for r in b]
-    for ra, rb in zip(a, b):
-        for x, y in zip(ra[2:], rb[2:]):
-            assert (x is None) == (y is None) and (x is None or y == pytest.approx(x, rel=2e-5, abs=1e-6))
+    assert_same_metrics(tmp_path / "ray" / name, tmp_path / "local" / name, rel=2e-5, abs=1e-6, keys=KEYS)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 from attention_jax.lab.config import apply_overrides, load_config
 from attention_jax.lab.loop import train
 from attention_jax.lab.rundir import read_jsonl
+from tests.helpers import assert_same_metrics
 
 
 def tiny(**overrides):
@@ -34,11 +35,7 @@ def test_k_seed_run_matches_separate_single_seed_runs(tmp_path, small_text):
         train(tiny(seed=7 + i), tmp_path / f"seed{i}", text=text, progress=False)
         alone = by_seed(read_jsonl(tmp_path / f"seed{i}" / "metrics.jsonl"), 7 + i)
         mine = by_seed(together, 7 + i)
-        assert [r["step"] for r in mine] == [r["step"] for r in alone] and len(mine) >= 4
-        for a, b in zip(mine, alone):
-            for key in ("loss", "grad_norm", "train_loss", "val_loss"):
-                if key in b:
-                    assert a[key] == pytest.approx(b[key], rel=2e-5, abs=2e-5), (i, a["step"], key)
+        assert_same_metrics(mine, alone, rel=2e-5, abs=2e-5, ids=("step", "seed"), min_rows=4)
         per_seed_losses.append([r["val_loss"] for r in alone if "val_loss" in r])
     # the seeds really differ, so equality above is not the same run compared with itself
     assert per_seed_losses[0] != per_seed_losses[1]
