@@ -21,6 +21,7 @@ import time
 import pytest
 
 from attention_jax.lab import distributed
+from attention_jax.lab.cli import EXIT_JOIN_FAILED, EXIT_PROCESS_LOST
 from attention_jax.lab.config import ConfigError, apply_overrides, load_config
 from attention_jax.lab.rundir import read_jsonl
 from tests.helpers import (
@@ -272,7 +273,9 @@ def test_sigkill_of_one_process_stops_the_other_then_both_resume_to_the_uninterr
         print(f"process {1 - victim} exited {time.time() - t0:.1f} s after process {victim} was killed")
         assert time.time() - t0 < 120
         error = subprocess.CompletedProcess([], survivor.returncode, "", errs[1 - victim])
-        assert_one_line_error_result(error, r"distributed: .*stopped.*resumes from the last checkpoint", code=1)
+        assert_one_line_error_result(
+            error, r"distributed: .*stopped.*resumes from the last checkpoint", code=EXIT_PROCESS_LOST
+        )
         assert "Check failure" not in error.stderr and "F1126" not in error.stderr
         assert_no_process_left(workdir)
     assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
@@ -302,7 +305,7 @@ def test_a_run_that_cannot_form_fails_within_the_timeout_with_one_line(tmp_path,
     result = subprocess.run(train_cmd(tmp_path / "w", text_file, *args), cwd=ROOT, env=env_with_devices(1, port),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     elapsed = time.time() - t0
-    assert_one_line_error_result(result, pattern, code=1)
+    assert_one_line_error_result(result, pattern, code=EXIT_JOIN_FAILED)
     # The 3 s timeout, plus starting Python and importing JAX twice (about 5 s idle; several times that on a
     # loaded machine). Bounded well below the default timeout (300 s), which a run ignoring the setting waits.
     assert elapsed < 3 + 90, elapsed
