@@ -158,3 +158,27 @@ def randomize_params(params, key: jax.Array, std: float):
 @pytest.fixture(scope="session")
 def randomize():
     return randomize_params
+
+
+@pytest.fixture
+def leaky_decode_mask(monkeypatch):
+    """A mutation for tests of the tests: while active, ``decode_mask`` lets each query of a
+    multi-token decode call (a prefill or refill) also see the next slot, one position in its
+    future; a one-token step has nothing to leak. generate's compiled programs are dropped
+    before and after, so neither the leak nor the correct mask is served from jit's cache.
+    """
+    from attention_jax import attention
+    from attention_jax.generate import _generate
+
+    correct = attention.decode_mask
+
+    def leaky(index, T, S, *, causal=True):
+        s = jnp.arange(S)[None, :]
+        one_ahead = (s == index + jnp.arange(T)[:, None] + 1) & (s < index + T)  # (T, S)
+        return correct(index, T, S, causal=causal) | one_ahead
+
+    _generate.clear_cache()
+    monkeypatch.setattr(attention, "decode_mask", leaky)
+    yield leaky
+    monkeypatch.undo()
+    _generate.clear_cache()

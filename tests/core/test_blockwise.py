@@ -7,8 +7,6 @@ the order of float additions differs, so float32 results agree to 2e-5
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,7 +133,12 @@ def test_multi_head_attention_blockwise_equals_dense(fake_init, monkeypatch):
 
     Tiles of 8 against T = 21: several tiles and a ragged last one through the module path.
     """
-    small_tiles = functools.partial(blockwise.blockwise_causal_attention, block_q=8, block_k=8)
+    calls = []
+
+    def small_tiles(*args, **kwargs):  # counted: an impl option the module ignored would pass the comparison
+        calls.append(1)
+        return blockwise.blockwise_causal_attention(*args, **kwargs, block_q=8, block_k=8)
+
     monkeypatch.setattr(attention, "blockwise_causal_attention", small_tiles)  # the dispatcher's reference
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 21, 32)), jnp.float32)
     make = lambda impl: MultiHeadAttention(num_heads=4, head_size=8, pos_encoding="rope", attention_impl=impl)
@@ -149,7 +152,11 @@ def test_multi_head_attention_blockwise_equals_dense(fake_init, monkeypatch):
         (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return y, grads
 
-    got, want = output_and_grads("blockwise"), output_and_grads("dense")
+    got = output_and_grads("blockwise")
+    assert calls, "attention_impl='blockwise' never reached blockwise_causal_attention"
+    n_calls = len(calls)
+    want = output_and_grads("dense")
+    assert len(calls) == n_calls  # and the dense side never did
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL32)
 

@@ -58,13 +58,17 @@ def decode_in_chunks(model, params, toks, chunks):
 # --- logits --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pos_encoding, qk_norm", GRID)
-def test_cached_logits_equal_the_full_forward(pos_encoding, qk_norm):
+def assert_cached_logits_equal_the_full_forward(pos_encoding, qk_norm):
     model, params = lm_and_params(pos_encoding, qk_norm)
     toks = tokens()
     full = model.apply({"params": params}, toks)
     got = decode_in_chunks(model, params, toks, (3, 1, 4))  # a prefill, one token, a chunk
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos_encoding, qk_norm", GRID)
+def test_cached_logits_equal_the_full_forward(pos_encoding, qk_norm):
+    assert_cached_logits_equal_the_full_forward(pos_encoding, qk_norm)
 
 
 @pytest.mark.parametrize("pos_encoding, qk_norm", [("learned", True), ("rope", False)])
@@ -151,7 +155,7 @@ def test_decode_prefill_gradient_is_causal(causal_check, fake_init, pos_encoding
 
 def test_a_decode_step_sees_the_cached_past_and_nothing_after(influence, fake_init):
     """After a prefill of 3, a 3-token chunk at positions 3..5: causal within it, and every output
-    depends on the cached tokens through the cache (checked against the full pass above)."""
+    depends on every cached token through the cache (by gradients through prefill and step)."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 6, C)), jnp.float32)
     mha = MultiHeadAttention(H, 8, pos_encoding="rope", decode=True)
     cache = mha.init(jax.random.key(0), jnp.zeros((1, 6, C)))["cache"]
@@ -162,19 +166,47 @@ def test_a_decode_step_sees_the_cached_past_and_nothing_after(influence, fake_in
     future = np.triu(np.ones((3, 3), bool), k=1)
     assert np.all(m[future] == 0.0) and np.all(m[~future] > 0.0), m
 
+    def prefill_then_step(x):  # both calls as one function of all 6 inputs: the past reaches through the cache
+        _, state = mha.apply({"params": params, "cache": cache}, x[:, :3], mutable=["cache"])
+        return mha.apply({"params": params, "cache": state["cache"]}, x[:, 3:], mutable=["cache"])[0]
+
+    jac = np.asarray(jax.jacrev(jax.jit(prefill_then_step))(x))  # (1, 3, C, 1, 6, C)
+    m = np.abs(jac[0]).sum(axis=(1, 4))[:, 0, :]  # (3 outputs, 6 inputs)
+    assert np.all(m[:, :3] > 0.0), m  # every output sees every cached token
+    assert np.all(m[:, 3:][future] == 0.0) and np.all(m[:, 3:][~future] > 0.0), m
+
 
 # --- generate: cached against full window --------------------------------------------------
 
 
-@pytest.mark.parametrize("pos_encoding, qk_norm", GRID)
-def test_cached_generate_equals_the_full_window_greedy_and_sampled(pos_encoding, qk_norm):
+def assert_cached_generate_equals_the_full_window(pos_encoding, qk_norm):
     model, params = lm_and_params(pos_encoding, qk_norm)
-    prompt = tokens(2, 2)
-    n = BLOCK - 2  # the text fills the block exactly: no refill, both paths see the same context
+    # 8 rows and a 3-token prompt: enough tokens that a leak during the prefill changes some
+    # of them on every case of the grid (test_a_prefill_leak_fails_... below; a 2-row, 2-token
+    # prompt let it through on sinusoidal positions)
+    prompt = tokens(PROMPT_ROWS, PROMPT_LEN)
+    n = BLOCK - PROMPT_LEN  # the text fills the block exactly: no refill, both paths see the same context
     for temperature in (0.0, 1.0):  # greedy and sampled (the temperature is a runtime value: one compile)
         full = generate(model, params, prompt, n, jax.random.key(3), temperature, use_cache=False)
         cached = generate(model, params, prompt, n, jax.random.key(3), temperature)
         np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))
+
+
+PROMPT_ROWS, PROMPT_LEN = 8, 3
+
+
+@pytest.mark.parametrize("pos_encoding, qk_norm", GRID)
+def test_cached_generate_equals_the_full_window_greedy_and_sampled(pos_encoding, qk_norm):
+    assert_cached_generate_equals_the_full_window(pos_encoding, qk_norm)
+
+
+@pytest.mark.parametrize("pos_encoding, qk_norm", [("sinusoidal", False), ("rope", True)])
+def test_a_prefill_leak_fails_the_logit_and_the_token_checks(pos_encoding, qk_norm, leaky_decode_mask):
+    # The test of the tests above: each prefill query seeing one future slot must fail both.
+    with pytest.raises(AssertionError, match="Mismatched elements"):
+        assert_cached_logits_equal_the_full_forward(pos_encoding, qk_norm)
+    with pytest.raises(AssertionError, match="Mismatched elements"):
+        assert_cached_generate_equals_the_full_window(pos_encoding, qk_norm)
 
 
 @pytest.mark.slow

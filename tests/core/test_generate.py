@@ -20,7 +20,10 @@ from attention_jax.generate import _generate, generate
 from attention_jax.model import BigramLM, ModelConfig, TransformerLM
 
 V, BLOCK, T0, N = 11, 8, 6, 7  # T0 + N = 13 > BLOCK: generation runs past the context window
-CFG = ModelConfig(vocab_size=V, block_size=BLOCK, n_embd=16, n_head=2, n_layer=1)
+# Two layers: in one, a query's leak during a prefill changes only the outputs at the prefill's
+# earlier positions, which sampling never reads; from two on, those outputs are the next layer's
+# cached keys and values, so a leak changes the sampled tokens (test_a_prefill_leak_... below).
+CFG = ModelConfig(vocab_size=V, block_size=BLOCK, n_embd=16, n_head=2, n_layer=2)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +100,7 @@ def test_deterministic_for_a_key_and_varies_across_keys(lm, prompt):
     assert not np.array_equal(a[:, T0:], c[:, T0:])
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_temperature_zero_is_greedy_step_by_step(lm, prompt, path):
-    model, params = lm
+def assert_greedy_step_by_step(model, params, prompt, path):
     kwargs, refill_to = PATHS[path]
     out = generate(model, params, prompt, N, jax.random.key(0), temperature=0.0, **kwargs)
     other_key = generate(model, params, prompt, N, jax.random.key(7), temperature=0.0, **kwargs)
@@ -110,6 +111,19 @@ def test_temperature_zero_is_greedy_step_by_step(lm, prompt, path):
         nxt = jnp.argmax(_last_logits(model, params, seq[:, start:]), axis=-1).astype(jnp.int32)
         seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_temperature_zero_is_greedy_step_by_step(lm, prompt, path):
+    assert_greedy_step_by_step(*lm, prompt, path)
+
+
+@pytest.mark.parametrize("path", ["cache_exact", "cache_default"])
+def test_a_prefill_leak_fails_the_greedy_check(lm, prompt, path, leaky_decode_mask):
+    # The test of the test above: with each prefill/refill query seeing one future slot, the
+    # cached tokens differ from the hand-made loop's (which runs without the cache).
+    with pytest.raises(AssertionError, match="Mismatched elements"):
+        assert_greedy_step_by_step(*lm, prompt, path)
 
 
 def test_top_k_one_is_greedy(lm, prompt):

@@ -293,3 +293,31 @@ def test_transformer_lm_any_leading_batch_axes(fake_init):
     many = np.asarray(lm.apply(p, tokens))
     assert many.shape == (2, 3, T, 7)
     np.testing.assert_allclose(many[1, 2], np.asarray(lm.apply(p, tokens[1, 2])), rtol=1e-5, atol=1e-6)
+
+
+# --- the impl option is not ignored ------------------------------------------------------------
+
+
+def test_the_xla_impl_reaches_jax_nn_and_dense_does_not(fake_init, monkeypatch):
+    # "dense" and "xla" agree to float rounding (the tests above), so only this tells an ignored impl.
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, x = normal(0, (B, H, T, D)), normal(1, (B, T, C))
+    traced = {  # traced only (eval_shape): nothing compiled
+        "attend": lambda impl: jax.eval_shape(lambda q: A.attend(q, q, q, scale=1.0, causal=True, impl=impl), q),
+        "mha": lambda impl: jax.eval_shape(
+            lambda x: MultiHeadAttention(H, D, attention_impl=impl).init(jax.random.key(0), x), x
+        ),
+    }
+    for entry, trace in traced.items():
+        trace("dense")
+        assert calls == [], entry
+        trace("xla")
+        assert calls == ["xla"], entry
+        calls.clear()
