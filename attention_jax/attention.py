@@ -318,8 +318,8 @@ def _jax_nn_attention(q, k, v, *, scale, mask, bias, implementation):
     *lead, T, D = q.shape
     S, Dv = k.shape[-2], v.shape[-1]
     n = math.prod(lead)
-    as_bthd = lambda a, t, d: a.reshape(n, t, 1, d)  # noqa: E731  (..., t, d) -> (N, t, 1, d)
-    as_bnts = lambda a: None if a is None else jnp.broadcast_to(a, (*lead, T, S)).reshape(n, 1, T, S)  # noqa: E731
+    as_bthd = lambda a, t, d: a.reshape(n, t, 1, d)  # (..., t, d) -> (N, t, 1, d)
+    as_bnts = lambda a: None if a is None else jnp.broadcast_to(a, (*lead, T, S)).reshape(n, 1, T, S)
     out = jax.nn.dot_product_attention(
         as_bthd(q, T, D), as_bthd(k, S, D), as_bthd(v, S, Dv),
         scale=scale, mask=as_bnts(mask), bias=as_bnts(bias), implementation=implementation,
@@ -473,7 +473,7 @@ def attention_heads(
             f"decode: the cache holds {N} rows (batch x heads), the queries {q.shape} need {math.prod(lead)}; "
             "initialize the cache for this batch size"
         )
-    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # noqa: E731  -> (N, *tail)
+    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # -> (N, *tail)
     flat_mask = decode_mask(index, T, S, causal=causal)  # (T, S)
     if mask is not None:
         flat_mask = rows(as_mask(mask), T, S) & flat_mask
@@ -482,7 +482,7 @@ def attention_heads(
         scale = rows(scale, 1, 1)
     hook = None
     if weights_hook is not None:  # the hook sees the weights in their (..., T, S) shape
-        hook = lambda w: weights_hook(w.reshape(*lead, T, S)).reshape(N, T, S)  # noqa: E731
+        hook = lambda w: weights_hook(w.reshape(*lead, T, S)).reshape(N, T, S)
     k, v, new_index = cache_append(cache[0], cache[1], index, rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]))
     impl = "dense" if impl in ("blockwise", "cudnn") else impl
     out = attend(

@@ -188,7 +188,7 @@ def get_batch(key: Array, data: Array, batch_size: int, block_size: int) -> tupl
     if data.shape[0] <= block_size:
         raise ValueError(f"data has {data.shape[0]} tokens; get_batch needs more than block_size={block_size}")
     starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)  # (B,)
-    crop = lambda s: jax.lax.dynamic_slice_in_dim(data, s, block_size + 1)  # noqa: E731
+    crop = lambda s: jax.lax.dynamic_slice_in_dim(data, s, block_size + 1)
     chunks = jax.vmap(crop)(starts)  # (B, T + 1)
     return chunks[:, :-1], chunks[:, 1:]
 

@@ -73,7 +73,7 @@ def _generate(model, params, tokens, key, temperature, *, max_new_tokens, top_k,
     L = T0 + max_new_tokens
     W = min(_block_size(model) or L, L)  # the longest window (and the cache's length)
     buf = jnp.zeros((B, L), tokens.dtype).at[:, :T0].set(tokens)
-    write = lambda buf, nxt, pos: jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype), pos, axis=1)  # noqa: E731
+    write = lambda buf, nxt, pos: jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype), pos, axis=1)
 
     if not use_cache:
 

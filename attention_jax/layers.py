@@ -101,7 +101,7 @@ class AddPositions(nn.Module):
 def _qk_norms(module: nn.Module, q: Array, k: Array, param_dtype: DTypeLike) -> tuple[Array, Array]:
     """QK-LayerNorm (Dehghani et al. 2023; Wortsman et al. 2023): bounds the logits' scale
     regardless of the projections' growth. q, k (..., T, D)."""
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=q.dtype, param_dtype=param_dtype, name=name)  # noqa: E731
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=q.dtype, param_dtype=param_dtype, name=name)
     return norm("query_norm")(q), norm("key_norm")(k)
 
 
@@ -205,7 +205,7 @@ class Head(nn.Module):
     ) -> Array:
         decode = self.decode if decode is None else decode
         dtype = jnp.dtype(self.dtype)
-        dense = lambda name: nn.Dense(  # noqa: E731
+        dense = lambda name: nn.Dense(
             self.head_size,
             use_bias=False,
             kernel_init=self.kernel_init,
@@ -332,7 +332,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         C = x.shape[-1]
-        dense = lambda features, init, name: nn.Dense(  # noqa: E731
+        dense = lambda features, init, name: nn.Dense(
             features,
             use_bias=self.use_bias,
             dtype=self.dtype,

@@ -94,7 +94,7 @@ class ModelConfig:
         self.__post_init__()
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # (frozen)
         for name in ("vocab_size", "block_size", "n_embd", "n_head"):
             set_(name, attention.as_int(f"ModelConfig.{name}", getattr(self, name)))
         set_("n_layer", attention.as_int("ModelConfig.n_layer", self.n_layer, minimum=0))
@@ -173,7 +173,7 @@ class Block(nn.Module):
     ) -> Array:
         cfg = self.model_config
         attn, mlp = block_options(cfg)
-        norm = lambda name: nn.LayerNorm(  # noqa: E731
+        norm = lambda name: nn.LayerNorm(
             epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype, name=name
         )
         h = norm("ln_attn")(x)

@@ -137,7 +137,7 @@ class Head(_Attention):
         self.head_size, self.dropout_rate = head_size, dropout_rate
         self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
         self.kernel_init, self.sow_weights = kernel_init, sow_weights
-        linear = lambda: nnx.Linear(  # noqa: E731
+        linear = lambda: nnx.Linear(
             in_features,
             head_size,
             use_bias=False,
@@ -148,7 +148,7 @@ class Head(_Attention):
         )
         self.key, self.query, self.value = linear(), linear(), linear()
         if self.options.qk_norm:
-            norm = lambda: nnx.LayerNorm(head_size, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+            norm = lambda: nnx.LayerNorm(head_size, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             self.query_norm, self.key_norm = norm(), norm()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
@@ -222,7 +222,7 @@ class MultiHeadAttention(_Attention):
         self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
         if self.options.qk_norm:
-            norm = lambda: nnx.LayerNorm(D, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+            norm = lambda: nnx.LayerNorm(D, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             self.query_norm, self.key_norm = norm(), norm()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
@@ -319,7 +319,7 @@ class Block(nnx.Module):
     def __init__(self, model_config: ModelConfig, *, rngs: nnx.Rngs):
         cfg = self.model_config = model_config
         attn, mlp = model.block_options(cfg)
-        norm = lambda: nnx.LayerNorm(  # noqa: E731
+        norm = lambda: nnx.LayerNorm(
             cfg.n_embd,
             epsilon=1e-5,
             use_bias=cfg.bias,

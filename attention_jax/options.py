@@ -98,7 +98,7 @@ class AttentionOptions:
     softcap: float | None = None
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # (frozen)
         try:
             attention.resolve_scale(self.scale, 1)  # whether a scale is valid does not depend on D
         except ValueError as e:

@@ -59,7 +59,7 @@ def race(calls: dict[str, tuple], repeats: int) -> dict[str, float]:
 
 
 def linen_train_step(module, params, x, **kwargs):
-    loss = lambda p, x: jnp.sum(module.apply({"params": p}, x, **kwargs) ** 2)  # noqa: E731
+    loss = lambda p, x: jnp.sum(module.apply({"params": p}, x, **kwargs) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1))), params, x
 
 
@@ -90,12 +90,12 @@ def train_rows(B: int, T: int, C: int, H: int, repeats: int) -> dict[str, float]
     calls["flax.nnx.MultiHeadAttention"] = nnx_train_step(flax_nnx, x, mask=causal)
 
     q, k, v = (jax.random.normal(jax.random.key(i), (B, H, T, D)) for i in (1, 2, 3))
-    core = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))  # noqa: E731
+    core = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
     for impl in ("dense", "xla"):
-        f = lambda q, k, v, impl=impl: attention.attend(q, k, v, scale=D**-0.5, causal=True, impl=impl)  # noqa: E731
+        f = lambda q, k, v, impl=impl: attention.attend(q, k, v, scale=D**-0.5, causal=True, impl=impl)
         calls[f"core: attention_jax.attend ({impl})"] = (core(f), q, k, v)
-    bthd = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  jax.nn wants (B, T, H, D)
-    f = lambda q, k, v: jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True)  # noqa: E731
+    bthd = lambda a: jnp.swapaxes(a, 1, 2)  # jax.nn wants (B, T, H, D)
+    f = lambda q, k, v: jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True)
     calls["core: jax.nn.dot_product_attention"] = (core(f), q, k, v)
     return race(calls, repeats)
 

@@ -32,7 +32,7 @@ from attention_jax.model import ModelConfig, TransformerLM, init_params, matmul_
 def forward_flops(cfg: ModelConfig, batch: int, prompt: int, new_tokens: int, cached: bool) -> float:
     """Forward FLOPs of one ``generate`` call: 2 per matmul weight per token fed, plus q·kᵀ and w·v."""
     per_token = 2.0 * matmul_params(cfg)
-    attn = lambda keys: cfg.n_layer * cfg.n_head * 2 * 2 * keys * cfg.head_dim  # noqa: E731  per query
+    attn = lambda keys: cfg.n_layer * cfg.n_head * 2 * 2 * keys * cfg.head_dim  # per query
     total, L = 0.0, prompt + new_tokens
     W = min(cfg.block_size, L)
     if cached:  # the prompt once, then one token per step against the whole cache (masked slots included)

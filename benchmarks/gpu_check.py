@@ -56,7 +56,7 @@ def check_attention_paths(report):
                     "max_rel_err_out": float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))),
                     "max_rel_err_grad": g_err,
                 }
-            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            except Exception as e:  # recorded, not fatal
                 value = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             log(report, f"attention_{impl}_{dtype}", value)
 
@@ -79,7 +79,7 @@ def check_causality(report):
                 out = model.apply(params, changed)
                 worst = max(worst, float(jnp.max(jnp.abs(out[:, : t + 1] - base[:, : t + 1]))))
             log(report, f"causality_max_change_{impl}", worst)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(report, f"causality_max_change_{impl}", f"error: {type(e).__name__}: {str(e)[:300]}")
 
 
@@ -99,7 +99,7 @@ def bench_paths(report, steps):
                 result = benchmark_training(config, steps=steps, warmup=1, matmul_n=4096)
                 timings[f"{impl}/{dtype}"] = result["ms_per_step"]
                 log(report, f"bench_{impl}_{dtype}", result)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log(report, f"bench_{impl}_{dtype}", f"error: {type(e).__name__}: {str(e)[:300]}")
     return timings
 
@@ -136,7 +136,7 @@ def main():
     ):
         try:
             fn()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log(report, f"{name}_failed", traceback.format_exc()[-1500:])
         (out / "gpu_report.json").write_text(json.dumps(report, indent=2))
     if not args.skip_train:
@@ -145,7 +145,7 @@ def main():
         impl, dtype = best.split("/")
         try:
             full_recipe(report, impl, dtype, "/tmp/gpu_recipe")
-        except Exception:  # noqa: BLE001
+        except Exception:
             log(report, "full_recipe_failed", traceback.format_exc()[-1500:])
     (out / "gpu_report.json").write_text(json.dumps(report, indent=2))
 

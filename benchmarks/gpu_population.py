@@ -128,7 +128,7 @@ def main() -> None:
     log(report, "jax", jax.__version__, out)
     try:
         log(report, "population_equals_separate", check_members_equal_separate_runs(variant), out)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log(report, "population_equals_separate_failed", traceback.format_exc()[-1500:], out)
     try:
         from attention_jax.lab.config import apply_overrides, load_config
@@ -138,11 +138,11 @@ def main() -> None:
         text = synthetic_text()
         for k in args.members:
             log(report, f"population_vs_separate_K{k}", bench.compare(config, k, text, args.steps), out)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log(report, "population_speed_failed", traceback.format_exc()[-1500:], out)
     try:
         log(report, "tuned_grid", tuned_grid(out, start + args.budget, tuned_variant, report), out)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log(report, "tuned_grid_failed", traceback.format_exc()[-1500:], out)
     log(report, "script_seconds", round(time.time() - start, 1), out)
 

@@ -69,7 +69,7 @@ def overrides_epilog() -> str:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like every other bad input."""
 
-    def error(self, message):  # noqa: D401 - argparse API
+    def error(self, message):  # argparse API
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
@@ -208,7 +208,7 @@ def main_wrapper(main: Callable[[list[str] | None], int | None] | None = None, *
         except KeyboardInterrupt:
             print(interrupted, file=sys.stderr)
             return EXIT_INTERRUPTED
-        except Exception as e:  # noqa: BLE001 - every failure: one line and its documented code
+        except Exception as e:  # every failure: one line and its documented code
             if any(isinstance(x, KeyboardInterrupt) for x in (e.__cause__, e.__context__)):  # Ctrl-C inside C code
                 print(interrupted, file=sys.stderr)
                 return EXIT_INTERRUPTED

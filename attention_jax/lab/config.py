@@ -192,7 +192,7 @@ def call_config_function(spec: str, function: str, missing_hint: str = "") -> An
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - a broken config file: say which and why, in one line
+    except Exception as e:  # a broken config file: say which and why, in one line
         raise ConfigError(f"could not load config file {path}: {type(e).__name__}: {e}") from None
     if not hasattr(module, function):
         raise ConfigError(f"config file {path} defines no {function}(arg){missing_hint}")
@@ -200,7 +200,7 @@ def call_config_function(spec: str, function: str, missing_hint: str = "") -> An
         return getattr(module, function)(arg or None)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a bug in the config file: say where, in one line
+    except Exception as e:  # a bug in the config file: say where, in one line
         raise ConfigError(f"{path}: {function}({arg or None!r}) failed: {type(e).__name__}: {e}") from None
 
 
@@ -228,7 +228,7 @@ def unknown_key_message(key: str, valid: Iterable[str]) -> str:
 
 
 def _field_type(parent: ml_collections.ConfigDict, name: str) -> type | None:
-    field = parent._fields[name]  # noqa: SLF001 - ConfigDict exposes no public way to read a placeholder's type
+    field = parent._fields[name]  # ConfigDict exposes no public way to read a placeholder's type
     if isinstance(field, config_dict.FieldReference):
         return field.get_type()
     return None if field is None else type(field)
@@ -236,7 +236,7 @@ def _field_type(parent: ml_collections.ConfigDict, name: str) -> type | None:
 
 def _nullable(parent: ml_collections.ConfigDict, name: str) -> bool:
     """Fields declared as ``placeholder(type)`` (default None) accept None."""
-    return parent[name] is None or isinstance(parent._fields[name], config_dict.FieldReference)  # noqa: SLF001
+    return parent[name] is None or isinstance(parent._fields[name], config_dict.FieldReference)
 
 
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}

@@ -370,7 +370,7 @@ def run_point(
     except KeyboardInterrupt:
         records.write(status="interrupted", seconds=round(time.time() - records.t0, 1))
         raise
-    except Exception as e:  # noqa: BLE001 - record and go on with the next point
+    except Exception as e:  # record and go on with the next point
         status = _failure(e)
     return records.finish(status, log)
 
@@ -462,7 +462,7 @@ def run_group(
         for r in records:
             r.write(status="interrupted", seconds=round(time.time() - r.t0, 1))
         raise
-    except Exception as e:  # noqa: BLE001 - record and go on with the next group
+    except Exception as e:  # record and go on with the next group
         statuses = [_failure(e)] * len(todo)
     return [r.finish(status, log) for r, status in zip(records, statuses)]
 

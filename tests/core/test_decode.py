@@ -161,7 +161,7 @@ def test_a_decode_step_sees_the_cached_past_and_nothing_after(influence, fake_in
     cache = mha.init(jax.random.key(0), jnp.zeros((1, 6, C)))["cache"]
     params = fake_init(mha, x, std=0.3)
     _, state = mha.apply({"params": params, "cache": cache}, x[:, :3], mutable=["cache"])
-    step = lambda chunk: mha.apply({"params": params, "cache": state["cache"]}, chunk, mutable=["cache"])[0]  # noqa: E731
+    step = lambda chunk: mha.apply({"params": params, "cache": state["cache"]}, chunk, mutable=["cache"])[0]
     m = influence(jax.jacrev(jax.jit(step))(x[:, 3:]))
     future = np.triu(np.ones((3, 3), bool), k=1)
     assert np.all(m[future] == 0.0) and np.all(m[~future] > 0.0), m

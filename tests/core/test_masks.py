@@ -46,7 +46,7 @@ def np_attention(q, k, v, scale, mask=None, bias=None):
 def np_mha(p, xq, xkv, scale, mask=None):
     """MultiHeadAttention by hand: the fused kernel's q slice on xq, k and v slices on xkv."""
     w = np.asarray(p["qkv_kernel"], np.float64)  # (C, 3, H, D)
-    heads = lambda x, i: np.einsum("...tc,chd->...htd", np.asarray(x, np.float64), w[:, i])  # noqa: E731
+    heads = lambda x, i: np.einsum("...tc,chd->...htd", np.asarray(x, np.float64), w[:, i])
     out = np_attention(heads(xq, 0), heads(xkv, 1), heads(xkv, 2), scale, mask)  # (..., H, T, D)
     y = np.einsum("...htd,hdc->...tc", out, np.asarray(p["proj_kernel"], np.float64))
     return y + np.asarray(p["proj_bias"], np.float64)
@@ -64,7 +64,7 @@ def _entry_points(fake_init):
     cfg = ModelConfig(vocab_size=7, block_size=T, n_embd=C, n_head=H, n_layer=1)
     block, lm = Block(cfg), TransformerLM(cfg)
     tokens = jnp.zeros((B, T), jnp.int32)
-    call = lambda m, *a: lambda mask: m.apply({"params": fake_init(m, *a)}, *a, mask=mask)  # noqa: E731
+    call = lambda m, *a: lambda mask: m.apply({"params": fake_init(m, *a)}, *a, mask=mask)
     return {
         "attention_weights": lambda mask: A.attention_weights(q, q, scale=1.0, mask=mask),
         "dot_product_attention": lambda mask: A.dot_product_attention(q, q, q, scale=1.0, mask=mask),
@@ -200,7 +200,7 @@ def test_fully_masked_rows_give_zero_output_and_finite_gradients(impl):
     mask = np.array(random_mask(3, (B, 1, T, T)))
     mask[0, :, 2] = False  # row 2 of batch 0 sees nothing, for every head
     mask[1, :, :, 0] = False  # with causal, row 0 of batch 1 sees nothing
-    f = lambda q, k, v: A.attend(q, k, v, scale=0.5, mask=mask, causal=True, impl=impl)  # noqa: E731
+    f = lambda q, k, v: A.attend(q, k, v, scale=0.5, mask=mask, causal=True, impl=impl)
     out = np.asarray(f(q, k, v))
     assert np.all(out[0, :, 2] == 0.0) and np.all(out[1, :, 0] == 0.0)
     empty = ~(mask & np.tril(np.ones((T, T), bool))).any(-1)  # (B, 1, T)

@@ -360,7 +360,7 @@ def test_xla_attention_equals_dense_in_a_block():
     # Random weights of std 0.3 give O(1) logits: a wrong mask or scale shows far above float noise.
     params = jax.tree_util.tree_map(lambda p: 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
     np.testing.assert_allclose(jax.jit(xla.apply)(params, x), jax.jit(dense.apply)(params, x), rtol=1e-5, atol=1e-5)
-    grad = lambda block: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(block.apply(p, x)))))  # noqa: E731
+    grad = lambda block: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(block.apply(p, x)))))
     g_dense, g_xla = grad(dense)(params), grad(xla)(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_dense), jax.tree_util.tree_leaves(g_xla)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

@@ -240,7 +240,7 @@ def test_blockwise_softcap_gradients_equal_dense():
     g = jnp.asarray(rng.normal(size=(2, 10, 4)), jnp.float32)
 
     def loss(impl):
-        fn = lambda q, k, v: jnp.vdot(A.attend(q, k, v, scale=0.7, causal=True, impl=impl, softcap=2.0), g)  # noqa: E731
+        fn = lambda q, k, v: jnp.vdot(A.attend(q, k, v, scale=0.7, causal=True, impl=impl, softcap=2.0), g)
         return jax.grad(fn, argnums=(0, 1, 2))(q, k, v)
 
     for got, want in zip(loss("blockwise"), loss("dense")):

@@ -75,9 +75,9 @@ def test_resolve_scale_refuses(scale, match):
 @pytest.mark.parametrize("impl", ["dense", "xla", "blockwise"])
 def test_a_traced_scale_equals_the_static_one_and_has_the_right_gradient(impl):
     q, k, v = normal(0, (B, H, T, D)), normal(1, (B, H, T, D)), normal(2, (B, H, T, D))
-    f = lambda s: A.attend(q, k, v, scale=A.resolve_scale(s, D), causal=True, impl=impl)  # noqa: E731
+    f = lambda s: A.attend(q, k, v, scale=A.resolve_scale(s, D), causal=True, impl=impl)
     np.testing.assert_allclose(np.asarray(jax.jit(f)(0.3)), np.asarray(f(0.3)), rtol=1e-5, atol=1e-6)
-    loss = lambda s: jnp.sum(jnp.sin(f(s)))  # noqa: E731
+    loss = lambda s: jnp.sum(jnp.sin(f(s)))
     grad = float(jax.grad(loss)(jnp.float32(0.3)))
     h = 1e-2
     finite_difference = (float(loss(0.3 + h)) - float(loss(0.3 - h))) / (2 * h)
@@ -108,10 +108,10 @@ def test_a_learnable_temperature_trains_through_the_module(fake_init):
     model = Tempered()
     params = dict(model.init(jax.random.key(0), x)["params"])
     params["attn"] = fake_init(MultiHeadAttention(H, D), x, std=0.3)
-    loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))  # noqa: E731
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
     g = float(jax.grad(loss)(params)["temperature"])
     h = 1e-2
-    shift = lambda d: {**params, "temperature": jnp.float32(0.5 + d)}  # noqa: E731
+    shift = lambda d: {**params, "temperature": jnp.float32(0.5 + d)}
     assert abs(g) > 1e-4
     assert g == pytest.approx((float(loss(shift(h))) - float(loss(shift(-h)))) / (2 * h), rel=2e-2)
 
@@ -194,7 +194,7 @@ def test_float16_logits_stay_finite_where_jax_nn_does():
     assert not np.all(np.isfinite(np.asarray(jnp.einsum("btnd,bsnd->bnts", q, k))))  # the naive product overflows
     reference = jax.nn.dot_product_attention(q, k, v, scale=0.125, is_causal=True)
     assert np.all(np.isfinite(np.asarray(reference, np.float32)))
-    heads = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  (B, T, N, D) -> (B, N, T, D)
+    heads = lambda a: jnp.swapaxes(a, 1, 2)  # (B, T, N, D) -> (B, N, T, D)
     for impl in ("dense", "xla"):
         ours = heads(A.attend(heads(q), heads(k), heads(v), scale=0.125, causal=True, impl=impl))
         assert ours.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(ours, np.float32)))

@@ -148,7 +148,7 @@ def test_a_damaged_metrics_row_is_dropped_on_resume_with_its_line_number(
     (workdir / rd.METRICS).write_text("".join(lines))
     train(tiny_config(**{**STEPS, "max_iters": 30}, **{"data.dataset": str(text_file)}), workdir, progress=False)
     assert f"note: {workdir / rd.METRICS}: line 3 not valid JSON" in capsys.readouterr().err
-    kind = lambda r: (r["step"], r["seed"], "loss" in r)  # noqa: E731
+    kind = lambda r: (r["step"], r["seed"], "loss" in r)
     assert_same_metrics(rd.read_jsonl(workdir / rd.METRICS), [r for r in straight_rows if kind(r) != kind(lost)])
 
 
