@@ -54,7 +54,7 @@ def _summary(losses: list[float], target: float) -> dict:
 
 def run_jax(exp: ex.Experiment) -> tuple[list[float], float]:
     """Train ``exp``'s seeds (vmapped) for max_iters steps -> whole-split val loss per seed, seconds."""
-    c = exp.config
+    c = exp.parts.run
     t0 = time.perf_counter()
     state = ex.init_state(exp)
     per_call = c.steps_per_call if c.max_iters % c.steps_per_call == 0 else 1
@@ -72,8 +72,8 @@ def run_torch(exp: ex.Experiment) -> tuple[list[float], float]:
     train, val = jax.device_get(exp.train_data), jax.device_get(exp.val_data)
     losses, t0 = [], time.perf_counter()
     for seed in exp.seeds:
-        ref = torch_reference.TorchTrainer(exp.config, exp.model_config, train, seed=seed)
-        for _ in range(exp.config.max_iters):
+        ref = torch_reference.TorchTrainer(exp.parts, exp.model_config, train, seed=seed)
+        for _ in range(exp.parts.run.max_iters):
             ref.step()
         losses.append(torch_reference.full_split_loss(ref.model, val, exp.model_config.block_size))
         print(f"torch seed {seed}: whole val split {losses[-1]:.4f}", flush=True)

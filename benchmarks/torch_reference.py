@@ -15,7 +15,9 @@ comparisons in ``benchmarks/`` and their tests import this module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 
 import numpy as np
 import torch
@@ -177,6 +179,20 @@ def make_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
 
 
+def hyperparameters(config):
+    """What the reference reads of a run (optimizer values, batch_size, grad_clip), by the config's key names.
+
+    ``config`` is the experiment's ConfigDict, or its typed parts (``attention_jax.lab.parts.Parts``).
+    """
+    from attention_jax.lab.parts import Parts
+
+    if not isinstance(config, Parts):
+        return config
+    optimizer = config.optimizer
+    values = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)}
+    return types.SimpleNamespace(**values, batch_size=config.data.batch_size)
+
+
 class TorchTrainer:
     """One seed of ``config`` trained in eager PyTorch: random crops, forward, backward, clip, AdamW.
 
@@ -187,7 +203,7 @@ class TorchTrainer:
 
     def __init__(self, config, model_config, train_data, seed: int = 0):
         torch.manual_seed(seed)
-        self.config = config
+        self.config = config = hyperparameters(config)
         self.model = GPT.from_config(model_config)
         self.opt = make_optimizer(self.model, config)
         self.data = torch.from_numpy(np.array(train_data, np.int64))

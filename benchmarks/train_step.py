@@ -36,8 +36,8 @@ def torch_reference(threads: int | None):
             from benchmarks.torch_reference import TorchTrainer
         except ImportError:
             raise NoReference("torch is not installed (pip install torch): PyTorch comparison skipped") from None
-        if exp.config.model.type != "transformer":
-            raise NoReference(f"no PyTorch reference for model.type={exp.config.model.type!r}: comparison skipped")
+        if exp.parts.model.type != "transformer":
+            raise NoReference(f"no PyTorch reference for model.type={exp.parts.model.type!r}: comparison skipped")
         if exp.num_members != 1:  # the reference trains one model; a K-model step is not comparable
             raise NoReference(
                 f"{exp.num_members} models (num_seeds or a population): the PyTorch reference trains one, "
@@ -45,7 +45,7 @@ def torch_reference(threads: int | None):
             )
         torch.set_num_threads(threads or cpu_cores())
         try:
-            return TorchTrainer(exp.config, exp.model_config, jax.device_get(exp.train_data))
+            return TorchTrainer(exp.parts, exp.model_config, jax.device_get(exp.train_data))
         except ValueError as e:
             raise NoReference(f"{e}: PyTorch comparison skipped") from None
 
