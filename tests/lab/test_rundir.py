@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,7 @@ from attention_jax.data import CharTokenizer
 from attention_jax.lab import rundir as rd
 from attention_jax.lab.config import ConfigError
 from attention_jax.lab.loop import train
-
-
-def read_events(folder: Path) -> list:
-    """Every event of the TensorBoard event files of ``folder``, file by file (oldest first).
-
-    Written out independently of tensorboardX's writer: the TFRecord framing (length, crc,
-    payload, crc) parsed by hand, each payload decoded as an ``Event`` protocol buffer.
-    """
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
-            pos += 12 + length + 4
-    return events
+from tests.helpers import read_events
 
 
 def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
