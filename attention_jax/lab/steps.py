@@ -24,12 +24,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from attention_jax import data as data_lib
 from attention_jax.lab import parts as parts_lib
 from attention_jax.lab.parts import Optimizer
+from attention_jax.lab.rundir.checkpoints import to_host  # noqa: F401  (re-exported: steps.to_host)
 from attention_jax.model import cross_entropy, token_nll
 
 Array = jax.Array
@@ -291,18 +291,3 @@ def repeat(step: Callable, num_steps: int) -> Callable:
         return jax.lax.scan(lambda s, _: step(s), state, None, length=num_steps)
 
     return many
-
-
-def to_host(tree: Any) -> Any:
-    """Numpy values of a tree of arrays, also of arrays whose shards live in other processes.
-
-    With several processes every one of them must call it (it gathers over them).
-    """
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(x)
-
-    return jax.tree_util.tree_map(one, tree)

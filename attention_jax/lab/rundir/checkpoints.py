@@ -32,8 +32,8 @@ KEEP_LATEST = 2
 def to_host(tree: Any) -> Any:
     """Numpy values of a tree of arrays, also of arrays whose shards live in other processes.
 
-    With several processes every one of them must call it (it gathers over them). The same as
-    ``steps.to_host``, here so that the run directory needs no training code.
+    With several processes every one of them must call it (it gathers over them). It lives here,
+    in the I/O layer, so that the run directory needs no training code; ``steps`` re-exports it.
     """
     from jax.experimental import multihost_utils
 
