@@ -55,7 +55,7 @@ def timed_run(config, text: str | None, steps: int) -> dict:
     t0 = time.perf_counter()
     exp = ex.Experiment.from_config(config, text=text)
     state = ex.init_state(exp)
-    program = ex.train_program(exp, config.steps_per_call).lower(state).compile()
+    program = ex.train_steps(exp, config.steps_per_call, state)
     jax.block_until_ready(state)
     t_compiled = time.perf_counter()
     calls = max(steps // config.steps_per_call, 2)

@@ -58,7 +58,7 @@ def run_jax(exp: ex.Experiment) -> tuple[list[float], float]:
     t0 = time.perf_counter()
     state = ex.init_state(exp)
     per_call = c.steps_per_call if c.max_iters % c.steps_per_call == 0 else 1
-    step = ex.train_program(exp, per_call)
+    step = ex.train_steps(exp, per_call)
     for _ in range(c.max_iters // per_call):
         state, _ = step(state)
     losses = jax.device_get(ex.full_split_loss(exp, state.params, exp.val_data))

@@ -36,7 +36,7 @@ def _build(config, text, num_seeds, seed):
     exp = ex.Experiment.from_config(c, text=text)
     t0 = time.perf_counter()
     state = ex.init_state(exp)
-    step = ex.train_program(exp, c.steps_per_call).lower(state).compile()
+    step = ex.train_steps(exp, c.steps_per_call, state)
     compile_s = time.perf_counter() - t0
     state, _ = step(state)  # warm-up
     jax.block_until_ready(state)

@@ -29,11 +29,14 @@ def _share_compilation_cache() -> None:
 
     Many tests compile the same tiny programs (in-process and in subprocesses
     running the entry points); the cache makes the second compile a lookup.
-    Honours an ATTENTION_JAX_CACHE_DIR that is already set (CI sets one).
+    Every program is stored, however fast it compiled (the commands' default
+    skips those under 0.5 s). Honours an ATTENTION_JAX_CACHE_DIR that is
+    already set (CI sets one).
     """
     where = os.environ.setdefault("ATTENTION_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="attention_jax_xla_"))
+    os.environ["ATTENTION_JAX_CACHE_MIN_COMPILE_S"] = "0"  # read by the commands, here and in subprocesses
     jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 

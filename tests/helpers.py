@@ -98,7 +98,7 @@ def run_losses(exp, steps_per_call: int, calls: int):
     from attention_jax.lab import experiment as ex
 
     state = ex.init_state(exp)
-    step = ex.train_program(exp, steps_per_call)
+    step = ex.train_steps(exp, steps_per_call)
     losses = []
     for _ in range(calls):
         state, out = step(state)

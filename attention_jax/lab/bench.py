@@ -100,7 +100,7 @@ def benchmark_training(
     per_call = parts.run.steps_per_call
     state = ex.init_state(exp)
     t0 = time.perf_counter()
-    step = ex.train_program(exp, per_call).lower(state).compile()
+    step = ex.train_steps(exp, per_call, state)
     compile_s = time.perf_counter() - t0
     calls = max(1, -(-steps // per_call))
     jax_times, ref_times = time_side_by_side(step, state, reference, calls, per_call, warmup)

@@ -77,7 +77,8 @@ def enable_compilation_cache() -> None:
     """Persist compiled XLA programs across runs (cuts start-up of repeated runs).
 
     The cache lives in $ATTENTION_JAX_CACHE_DIR, else ~/.cache/attention_jax/xla;
-    ATTENTION_JAX_CACHE_DIR=off disables it.
+    ATTENTION_JAX_CACHE_DIR=off disables it. Programs that compile in less than
+    $ATTENTION_JAX_CACHE_MIN_COMPILE_S seconds (default 0.5) are not stored.
     """
     from pathlib import Path
 
@@ -87,8 +88,20 @@ def enable_compilation_cache() -> None:
     if where.lower() in ("off", "0", "none", ""):
         return
     jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", _min_compile_seconds())
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _min_compile_seconds() -> float:
+    value = os.environ.get("ATTENTION_JAX_CACHE_MIN_COMPILE_S", "0.5")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # nan too
+        print(f"error: ATTENTION_JAX_CACHE_MIN_COMPILE_S={value!r}: expected a number of seconds >= 0", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+    return seconds
 
 
 def keep_freed_host_memory() -> None:

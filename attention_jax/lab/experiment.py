@@ -81,8 +81,9 @@ class Experiment:
         pop = list(parts.members)
         mesh = Mesh(np.array(jax.devices()).reshape(parts.mesh.shape), MESH_AXES)
         replicated = NamedSharding(mesh, P())
-        # Replicated, from host values: the programs close over them (as constants), which
-        # processes can do only with arrays of which they hold a whole copy.
+        # Replicated, from host values: every process holds a whole copy. The programs take them
+        # (and the data) as arguments, not as constants, so members, seeds, learning rates and texts
+        # of one shape share one compiled program (and its entry in the compilation cache).
         member_inputs = {
             "key": np.asarray(jax.random.key_data(jnp.stack([jax.random.key(m.seed) for m in pop]))),  # (M, 2)
             "hparams": population.hparams(parts.population),
@@ -175,28 +176,43 @@ def abstract_state(exp: Experiment, num_members: int | None = None) -> steps.Tra
     return steps.abstract_train_state(exp.model, exp.tx, exp.model_config.block_size, M, sharding)
 
 
-def train_program(exp: Experiment, steps_per_call: int) -> Callable[[steps.TrainState], tuple[steps.TrainState, dict]]:
-    """A jitted function doing ``steps_per_call`` optimizer steps of every member.
+def train_program(exp: Experiment, steps_per_call: int) -> Callable[..., tuple[steps.TrainState, dict]]:
+    """A jitted ``(state, exp.member_inputs, exp.train_data) -> (state, metrics)``: ``steps_per_call``
+    optimizer steps of every member.
 
-    Returns the new state and the per-step metrics stacked as (steps_per_call, num_members).
+    The metrics are stacked as (steps_per_call, num_members). ``state`` is donated.
     """
-    one_member = functools.partial(
-        steps.train_step,
-        model=exp.model,
-        optimizer=functools.partial(steps.make_optimizer, exp.parts.optimizer),
-        data=exp.train_data,
-        batch_size=exp.parts.data.batch_size,
-        block_size=exp.model_config.block_size,
-        batch_sharding=exp.batch_sharding,
-    )
-    all_members = _over_members(exp, one_member, (0, 0))
-    member_inputs = exp.member_inputs
-    many = steps.repeat(lambda state: all_members(state, member_inputs), steps_per_call)
+
+    def one_member(state, member, data):
+        return steps.train_step(
+            state, member, model=exp.model, optimizer=functools.partial(steps.make_optimizer, exp.parts.optimizer),
+            data=data, batch_size=exp.parts.data.batch_size, block_size=exp.model_config.block_size,
+            batch_sharding=exp.batch_sharding,
+        )  # fmt: skip
+
+    all_members = _over_members(exp, one_member, (0, 0, None))
+
+    def many(state, members, data):
+        return steps.repeat(lambda s: all_members(s, members, data), steps_per_call)(state)
+
     return jax.jit(many, out_shardings=(exp.member_sharding, exp.replicated), donate_argnums=0)
 
 
-def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
-    """A jitted function: params -> {"train": (M,), "val": (M,)} mean losses on fixed batches."""
+def train_steps(exp: Experiment, steps_per_call: int, state: steps.TrainState | None = None) -> Callable:
+    """``train_program`` bound to the experiment's inputs: ``state -> (state, metrics)``.
+
+    With ``state`` it is compiled now, for that state's shapes (else on the first call).
+    """
+    program = train_program(exp, steps_per_call)
+    inputs = (exp.member_inputs, exp.train_data)
+    if state is not None:
+        program = program.lower(state, *inputs).compile()
+    return lambda s: program(s, *inputs)
+
+
+def eval_program(exp: Experiment) -> Callable[..., dict[str, Array]]:
+    """A jitted ``(params, exp.member_inputs, exp.train_data, exp.val_data) -> {"train": (M,), "val": (M,)}``:
+    mean losses on fixed batches."""
     one_member = functools.partial(
         steps.eval_loss,
         model=exp.model,
@@ -206,13 +222,9 @@ def eval_program(exp: Experiment) -> Callable[[Any], dict[str, Array]]:
         batch_sharding=exp.batch_sharding,
     )
     all_members = _over_members(exp, one_member, (0, 0, None))
-    members = exp.member_inputs
 
-    def evaluate(params):
-        return {
-            "train": all_members(params, members, exp.train_data),
-            "val": all_members(params, members, exp.val_data),
-        }
+    def evaluate(params, members, train, val):
+        return {"train": all_members(params, members, train), "val": all_members(params, members, val)}
 
     return jax.jit(evaluate, out_shardings=exp.replicated)  # replicated: every process reads the losses
 

@@ -225,23 +225,34 @@ class Programs:
         t0 = time.perf_counter()
         self.exp = exp
         self.stop = stop
-        self.evaluate = ex.eval_program(exp).lower(state.params).compile()
+        self._evaluate = ex.eval_program(exp).lower(state.params, *self._eval_inputs).compile()
         self.steps_per_call = exp.parts.run.steps_per_call
-        self.many = ex.train_program(exp, self.steps_per_call).lower(state).compile()
+        self.many = ex.train_program(exp, self.steps_per_call).lower(state, *self._train_inputs).compile()
         # Single steps are needed only when a boundary splits a call of steps_per_call steps;
         # the shipped configs never do that, so that program is compiled on first use.
         self.single = self.many if self.steps_per_call == 1 else None
         self.health = None  # compiled at the first checkpoint
         self.compile_seconds = time.perf_counter() - t0
 
+    @property
+    def _train_inputs(self) -> tuple:
+        return self.exp.member_inputs, self.exp.train_data
+
+    @property
+    def _eval_inputs(self) -> tuple:
+        return self.exp.member_inputs, self.exp.train_data, self.exp.val_data
+
+    def evaluate(self, params) -> dict[str, jax.Array]:
+        """{"train": (M,), "val": (M,)} mean losses on the fixed evaluation batches."""
+        return self._evaluate(params, *self._eval_inputs)
+
     def healthy(self, state: steps.TrainState) -> np.ndarray:
         """(num_members,) bool: whether each member's state is fit to checkpoint (``health_program``)."""
-        members = self.exp.member_inputs
         if self.health is None:
             t0 = time.perf_counter()
-            self.health = health_program(self.exp).lower(state, members).compile()
+            self.health = health_program(self.exp).lower(state, *self._train_inputs).compile()
             self.compile_seconds += time.perf_counter() - t0
-        return steps.to_host(self.health(state, members))
+        return steps.to_host(self.health(state, *self._train_inputs))
 
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
         """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays).
@@ -253,12 +264,12 @@ class Programs:
             self.stop.check()
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
-            self.single = ex.train_program(self.exp, 1).lower(state).compile()
+            self.single = ex.train_program(self.exp, 1).lower(state, *self._train_inputs).compile()
             self.compile_seconds += time.perf_counter() - t0
         outs = []
         while n > 0:
             fn, m = (self.many, self.steps_per_call) if n >= self.steps_per_call else (self.single, 1)
-            state, out = fn(state)
+            state, out = fn(state, *self._train_inputs)
             outs.append(out)
             n -= m
         outs = jax.device_get(outs)
@@ -266,7 +277,7 @@ class Programs:
 
 
 def health_program(exp: ex.Experiment):
-    """A jitted function (state, member inputs) -> (M,) bool: finite parameters and a finite loss on
+    """A jitted ``(state, exp.member_inputs, exp.train_data) -> (M,) bool``: finite parameters and a finite loss on
     the batch each member's next step trains on (that step's own loss: same keys, same dropout).
 
     Finite parameters alone are not enough: a learning rate far too high
@@ -274,15 +285,15 @@ def health_program(exp: ex.Experiment):
     Costs one forward pass per checkpoint.
     """
 
-    def one_member(state: steps.TrainState, member) -> jax.Array:
+    def one_member(state: steps.TrainState, member, data) -> jax.Array:
         data_key, dropout_key = steps.step_keys(member["key"], state.step)
-        x, y = steps.batch(data_key, exp.train_data, exp.parts.data.batch_size, exp.model_config.block_size,
+        x, y = steps.batch(data_key, data, exp.parts.data.batch_size, exp.model_config.block_size,
                            exp.batch_sharding)  # fmt: skip
         loss = steps.loss_fn(state.params, steps.member_model(exp.model, member), x, y, dropout_key, False)
         finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
         return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
 
-    health = steps.over_members(one_member, (0, 0), exp.num_members, mesh_axis="population")
+    health = steps.over_members(one_member, (0, 0, None), exp.num_members, mesh_axis="population")
     return jax.jit(health, out_shardings=exp.replicated)  # replicated: every process reads the verdict
 
 
@@ -322,7 +333,7 @@ def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[OutputStat
     if int(steps.to_host(p.state.step)[0]) != p.step:
         return  # interrupted between the new state and the step count
     check = health_program(exp)
-    save_checkpoints(exp, p, outputs, lambda state: steps.to_host(check(state, exp.member_inputs)))
+    save_checkpoints(exp, p, outputs, lambda state: steps.to_host(check(state, exp.member_inputs, exp.train_data)))
     print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
 
 

@@ -113,3 +113,30 @@ def test_wrapped_commands_keep_their_name_and_help():
     from attention_jax.lab import commands
 
     assert commands.train.__name__ == "train" and "Train a model" in commands.train.__doc__
+
+
+def test_the_cache_threshold_comes_from_the_environment(monkeypatch, tmp_path, capsys):
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    monkeypatch.setenv("ATTENTION_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATTENTION_JAX_DEBUG", raising=False)
+    try:
+        for value, seconds in (("2.5", 2.5), ("0", 0.0)):
+            monkeypatch.setenv("ATTENTION_JAX_CACHE_MIN_COMPILE_S", value)
+            cli.enable_compilation_cache()
+            assert jax.config.jax_persistent_cache_min_compile_time_secs == seconds
+        monkeypatch.delenv("ATTENTION_JAX_CACHE_MIN_COMPILE_S")
+        cli.enable_compilation_cache()
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5  # the default
+        for bad in ("soon", "-1", "nan"):
+            monkeypatch.setenv("ATTENTION_JAX_CACHE_MIN_COMPILE_S", bad)
+            with pytest.raises(SystemExit) as exit_:
+                command(RuntimeError("never reached"))([])
+            assert exit_.value.code == cli.EXIT_BAD_INPUT
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"error: ATTENTION_JAX_CACHE_MIN_COMPILE_S={bad!r}: expected a number of seconds >= 0"
+            ]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

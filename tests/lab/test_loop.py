@@ -141,7 +141,8 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(tmp_path, tiny_
     assert run.step() == good and run.diverged == [None]
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(run.params()))
     exp = Experiment.from_config(huge, text=text)
-    assert np.asarray(health_program(exp)(run.state, exp.member_inputs)).tolist() == [True]  # its next loss is finite
+    healthy = health_program(exp)(run.state, exp.member_inputs, exp.train_data)
+    assert np.asarray(healthy).tolist() == [True]  # its next loss is finite
 
 
 def test_best_state_is_kept_per_seed():

@@ -89,7 +89,7 @@ def test_train_step_is_a_plain_function_of_its_arguments(experiment):
             s, m, model=exp.model, optimizer=optimizer, data=exp.train_data, batch_size=4, block_size=16
         )
     )(one_state, member)
-    _, out = ex.train_program(exp, 1)(state)
+    _, out = ex.train_steps(exp, 1)(state)
     assert int(new.step) == 1 and int(new.diverged_at) == 0
     np.testing.assert_allclose(float(metrics["loss"]), float(out["loss"][0, 0]), rtol=1e-6)
 
@@ -107,3 +107,25 @@ def test_full_split_loss_equals_independent_computation(tiny_config, small_text)
         logits = exp.model.apply({"params": params}, jnp.asarray(x)[None])[0]
         losses.append(float(cross_entropy(logits, jnp.asarray(y))))
     assert got == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_seeds_learning_rates_and_texts_of_one_shape_share_one_program(tiny_config, small_text):
+    """The members' keys and scalars and the data are arguments of the compiled programs, not constants in them:
+    one program (one compilation-cache entry) serves every run of the same shapes."""
+    from attention_jax.lab.loop import health_program
+
+    def programs(text, **overrides):
+        exp = ex.Experiment.from_config(tiny_config(**overrides), text=text)
+        state = jax.eval_shape(lambda: ex.init_state(exp))
+        train_inputs = (exp.member_inputs, exp.train_data)
+        return [
+            ex.train_program(exp, 2).lower(state, *train_inputs).as_text(),
+            ex.eval_program(exp).lower(state.params, *train_inputs, exp.val_data).as_text(),
+            health_program(exp).lower(state, *train_inputs).as_text(),
+        ]
+
+    text = small_text(3000)
+    other_text = text[::-1]  # the same characters (vocabulary) and length, another text
+    base = programs(text)
+    assert programs(other_text, seed=7, learning_rate=3e-3, beta2=0.9, warmup_iters=3) == base
+    assert programs(text, **{"model.n_embd": 32}) != base  # a shape does change the program
