@@ -24,6 +24,21 @@ import numpy as np
 import pytest
 
 
+def _compile_quickly() -> None:
+    """XLA:CPU's backend (LLVM) optimizes at level 0 in the tests, here and in the subprocesses they start.
+
+    The suite compiles hundreds of tiny programs that run for milliseconds, so
+    LLVM's optimization passes are most of its time: measured 154 -> 108 s for
+    tests/core/test_decode.py and test_model.py. XLA's own HLO passes (fusion,
+    layout) still run, so the programs compute the same operations; every
+    comparison keeps its tolerance. Runs outside the tests keep XLA's default.
+    Flags already in XLA_FLAGS are kept (``tests.helpers.with_devices`` adds to them).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {TEST_XLA_FLAGS}".strip()
+
+
 def _share_compilation_cache() -> None:
     """One persistent XLA cache for this session and the subprocesses it starts.
 
@@ -40,9 +55,20 @@ def _share_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+from tests.helpers import SMOKE, TEST_XLA_FLAGS, TINY, make_small_text  # noqa: E402
+
+_compile_quickly()  # before JAX starts its CPU backend (the first computation), not before the import
 _share_compilation_cache()
 
-from tests.helpers import SMOKE, TINY, make_small_text  # noqa: E402
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml): a worker per core, at most 4.
+
+    Most tests compile and run tiny programs on one core; more workers than
+    cores only slow each other's timed waits. Four keeps a large machine from
+    starting dozens of JAX processes (and Ray clusters) at once.
+    """
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

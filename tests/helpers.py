@@ -26,6 +26,7 @@ TINY = {"model.block_size": 8, "model.n_embd": 16, "model.n_layer": 1, "sample_t
 REFERENCE = {"max_iters": 60, "checkpoint_every": 5, "eval_interval": 10, "log_interval": 5}
 # A finished run with checkpoints at steps 10 and 20 (``source_run``), which resume and damage tests copy and continue.
 SOURCE = {"max_iters": 20, "eval_interval": 10, "checkpoint_every": 10, "log_interval": 5}
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # tests/conftest.py: XLA:CPU compiles quickly in the tests
 WORDS = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "good", "night", "and", "to"]
 
 
@@ -38,6 +39,14 @@ def make_small_text(n_chars: int = 6000, seed: int = 0) -> str:
         if rng.random() < 0.1:
             out[-1] += ".\n"
     return " ".join(out)[:n_chars]
+
+
+def with_devices(n: int, env: dict | None = None) -> dict:
+    """``env`` (default: this process's environment) with ``n`` simulated CPU devices, the tests' XLA flags kept."""
+    env = dict(os.environ if env is None else env)
+    kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
+    env["XLA_FLAGS"] = f"{kept} --xla_force_host_platform_device_count={n}".strip()
+    return env
 
 
 def run_entry_point(name: str, *args, env: dict | None = None, timeout: float = 300, cwd: Path = ROOT):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from tests.helpers import (
     run_entry_point,
     signal_when,
     training_starts,
+    with_devices,
 )
 
 run = run_command
@@ -172,7 +172,7 @@ def run_multi_device_script(workdir, text_file, devices: int) -> dict:
         with mock.patch.object(sys, "argv", ["-c", str(workdir), str(text_file)]), contextlib.redirect_stdout(out):
             exec(MULTI_DEVICE_SCRIPT, {"__name__": "__main__"})
         return json.loads(out.getvalue().strip().splitlines()[-1])
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = with_devices(devices)
     result = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(workdir), str(text_file)], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -188,6 +188,6 @@ def test_four_simulated_devices_give_the_same_losses_as_one(tmp_path, text_file)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, text_file):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}  # a process of its own: 3 devices
+    env = with_devices(3)  # a process of its own: 3 devices
     result = run_entry_point("train", *train_args(tmp_path / "w", text_file, "--config.batch_size=4"), env=env)
     assert_one_line_error(result, r"batch_size=4: must be divisible by the 3 devices")

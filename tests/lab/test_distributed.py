@@ -33,6 +33,7 @@ from tests.helpers import (
     free_port,
     processes_mentioning,
     training_starts,
+    with_devices,
 )
 
 # The run every multi-process test trains: the smoke model, 8 sequences per step over 4 devices.
@@ -156,7 +157,7 @@ def train_cmd(workdir, text_file, *extra) -> list[str]:
 
 def env_with_devices(n: int, port: int | None = None) -> dict:
     """``n`` simulated CPU devices; with ``port``, process 0 serves on 127.0.0.1 only (JAX: all interfaces)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    env = with_devices(n)
     return env if port is None else dict(env, JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
 
 

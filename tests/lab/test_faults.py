@@ -271,3 +271,29 @@ def test_a_changed_dataset_is_refused_before_anything_is_written(tiny_config, sm
         result = run_command("train", *tiny_args(workdir, data, STEPS))
         assert_one_line_error_result(result, pattern)
         assert snapshot(workdir) == before
+
+
+def test_a_reader_racing_a_trainer_lists_again_and_never_says_there_is_no_checkpoint(source_run, tmp_path, monkeypatch):
+    """A live trainer saving every few milliseconds can replace each checkpoint a reader listed before it reads it.
+    The reader lists again; a trainer that always wins is reported as that, not as "no checkpoint yet"."""
+    from attention_jax.lab.rundir.checkpoints import READ_ATTEMPTS, Checkpoints
+
+    workdir = copy_of(source_run, tmp_path)
+    real = Checkpoints._restore_step
+    calls = []
+
+    def replaced_while_reading(manager, folder, step, abstract_state, *, times):
+        calls.append(step)
+        if len(calls) <= times:  # as a trainer does: a newer checkpoint is saved and this one deleted meanwhile
+            (folder / str(step)).rename(folder / str(step + 1))  # (the newer one: the same arrays, for the test)
+            raise rd.DamagedFile("arrays unreadable: NOT_FOUND")
+        return real(manager, folder, step, abstract_state)
+
+    monkeypatch.setattr(Checkpoints, "_restore_step", staticmethod(lambda *a: replaced_while_reading(*a, times=1)))
+    assert rd.load_run(workdir).step() == 20  # the arrays of step 20, read from the next listing's newest
+    assert calls == [20, 21]
+
+    calls.clear()
+    monkeypatch.setattr(Checkpoints, "_restore_step", staticmethod(lambda *a: replaced_while_reading(*a, times=99)))
+    with pytest.raises(rd.DamagedFile, match=rf"were replaced {READ_ATTEMPTS} times while being read.*try again"):
+        rd.load_run(copy_of(source_run, tmp_path / "again"))

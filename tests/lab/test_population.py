@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from attention_jax.lab.loop import train
 from attention_jax.lab.rundir import RunDir, load_run
 from attention_jax.lab.sampling import sample_text
 from attention_jax.lab.sweep import product, sweep
-from tests.helpers import ROOT, assert_same_metrics, checkpoint_steps, training_starts
+from tests.helpers import ROOT, assert_same_metrics, checkpoint_steps, training_starts, with_devices
 
 
 def rows_of(workdir, member: int) -> list[dict]:
@@ -169,7 +168,7 @@ print(json.dumps({"mesh": dict(mesh.shape), "rows": RunDir(sys.argv[1]).read_met
 def test_members_and_batch_on_a_two_dimensional_mesh_give_the_losses_of_one_device(tmp_path, text_file):
     outs = {}
     for n in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        env = with_devices(n)
         result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / f"d{n}"), str(text_file)],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
         assert result.returncode == 0, result.stderr

@@ -32,7 +32,7 @@ import pytest
 
 from attention_jax.lab.ray_backend import RAY_LOOPBACK_ENV
 from attention_jax.lab.rundir import RunDir, read_json
-from tests.helpers import ROOT, assert_same_metrics, free_port, sessions_resumed_from
+from tests.helpers import ROOT, TEST_XLA_FLAGS, assert_same_metrics, free_port, sessions_resumed_from, with_devices
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None or shutil.which("ray") is None,
@@ -50,7 +50,7 @@ def ray_env(marker: str) -> dict:
     """
     env = dict(os.environ, **{MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # no simulated devices
     env.pop(RAY_LOOPBACK_ENV, None)
     return env
 
@@ -283,11 +283,11 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_
     address, marker, env = cluster
     run = ["--index", "3", "--config.batch_size=8", "--config.max_iters=200", "--config.checkpoint_every=20",
            "--config.eval_interval=50", "--config.log_interval=10"]  # fmt: skip
-    four_devices = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    four_devices = with_devices(4, env)
     reference = run_sweep(four_devices, "--config", sweep_config, "--workdir", tmp_path / "local", *run)
     assert reference.returncode == 0, reference.stderr
     name = read_json(tmp_path / "local" / "status.json")["points"][3]["name"]
-    two_hosts = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")  # forwarded to the tasks
+    two_hosts = with_devices(2, env)  # XLA_FLAGS is forwarded to the tasks
     cmd = [sys.executable, "-m", "experiments.sweep", "--config", sweep_config, "--workdir", str(tmp_path / "ray"),
            *run, "--config.ray.hosts=2", "--backend", "ray", "--address", address]  # fmt: skip
     driver = subprocess.Popen(cmd, cwd=ROOT, env=two_hosts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

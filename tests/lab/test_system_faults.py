@@ -197,7 +197,7 @@ def test_sampling_a_live_run_leaves_the_trainer_running_and_ctrl_c_saves_a_check
     workdir = tmp_path / "w"
     trainer = start_training(workdir, text_file, {"max_iters": 100_000, "checkpoint_every": 5, "eval_interval": 1000})
     try:
-        wait_for(lambda: (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()), trainer)
+        wait_for(lambda: checkpoint_steps(workdir), trainer)  # a finished one: a save in flight is only a tmp folder
         for seed in (1, 2):  # each sample races dozens of saves, each deleting the oldest checkpoint
             sample = run_command("sample", "--workdir", workdir, "--prompt", "the", "--max_new_tokens", 10,
                                      "--seed", seed)  # fmt: skip

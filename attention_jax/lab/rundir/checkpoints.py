@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # Latest checkpoints kept: the newest, and one to fall back to when the newest is damaged.
 # Costs one more checkpoint of disk (params + AdamW moments: 12 bytes per parameter).
 KEEP_LATEST = 2
+READ_ATTEMPTS = 10  # listings of a folder a live trainer keeps replacing checkpoints in, before giving up
 
 
 def to_host(tree: Any) -> Any:
@@ -201,7 +202,8 @@ class Checkpoints:
     def _restore(self, manager: ocp.CheckpointManager, folder: Path, abstract_state: Any):
         """(state, meta) of the newest checkpoint that verifies, or None when there is none."""
         damaged: list[Damaged] = []
-        for _ in range(3):  # a live trainer may replace a checkpoint while we read it: then list again
+        replaced = False
+        for _ in range(READ_ATTEMPTS):  # a live trainer may replace a checkpoint while we read it: then list again
             replaced = False
             for step in sorted(manager.all_steps(), reverse=True):
                 try:
@@ -219,6 +221,11 @@ class Checkpoints:
             if not replaced:
                 break
             manager.reload()
+        if replaced:  # every listing was out of date before it could be read: not the same as "none yet"
+            raise DamagedFile(
+                f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being read (a trainer "
+                "saving very often); try again"
+            )
         if damaged:
             self.damaged += damaged
             each = "; ".join(f"step {d.step} is damaged ({d.why})" for d in damaged)
