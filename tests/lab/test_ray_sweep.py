@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -156,6 +157,9 @@ def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float 
 def cluster(tmp_path_factory):
     """A head and a worker node; yields (address, marker, env). Stopped, and checked gone, at the end."""
     root = tmp_path_factory.mktemp("ray")
+    # Ray's session folder holds its sockets, whose paths may not exceed 107 bytes: a short folder of its own
+    # (pytest's, under an xdist worker's, is too long), removed with the cluster.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     marker = uuid.uuid4().hex
     env = ray_env(marker)
     common = ["--block", "--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
@@ -163,7 +167,7 @@ def cluster(tmp_path_factory):
     try:
         port = free_port()
         head = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                f"--temp-dir={root / 'tmp'}", *common]  # fmt: skip
+                f"--temp-dir={ray_tmp}", *common]  # fmt: skip
         head_env = dict(env, **{RAY_LOOPBACK_ENV: "0"})
         log = open(root / "head.log", "w")
         nodes.append(subprocess.Popen(head, env=head_env, stdout=log, stderr=subprocess.STDOUT))
@@ -185,6 +189,7 @@ def cluster(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 node.kill()
         assert_none_left(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

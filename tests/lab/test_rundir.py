@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from attention_jax.data import CharTokenizer
 from attention_jax.lab import rundir as rd
 from attention_jax.lab.config import ConfigError
 from attention_jax.lab.loop import train
-from tests.helpers import read_events
+from tests.helpers import ROOT, read_events
 
 
 def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -129,3 +132,24 @@ def test_load_run_errors_name_the_folder(tmp_path, tiny_config, small_text):
     best = rd.load_run(tmp_path / "w", which="best")
     summary = json.loads((tmp_path / "w" / rd.SUMMARY).read_text())
     assert best.step() == summary["best_step"][0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="what is measured is an import of torch")
+def test_the_metrics_writer_does_not_import_torch_and_torch_still_imports(tmp_path):
+    """tensorboardX loads torch when it is installed (about 1 s and 200 MB per training process)."""
+    script = f"""
+import sys
+from attention_jax.lab.rundir import RunDir
+writer = RunDir({str(tmp_path)!r}).metrics_writer(["seed_0"])
+writer.write_many([{{"step": 1, "member": 0, "seed": 0, "loss": 2.5}}])
+writer.close()
+loaded = "torch" in sys.modules
+import torch
+print(loaded, torch.zeros(2).sum().item())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "0.0"]
+    scalars = [(v.tag, e.step, v.simple_value) for e in read_events(tmp_path / "tensorboard" / "seed_0")
+               for v in e.summary.value]  # fmt: skip
+    assert scalars == [("train/loss", 1, 2.5)]  # the writer still writes
