@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -47,6 +50,26 @@ def with_devices(n: int, env: dict | None = None) -> dict:
     kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
     env["XLA_FLAGS"] = f"{kept} --xla_force_host_platform_device_count={n}".strip()
     return env
+
+
+def script_result(script: str, *args, devices: int = 1) -> dict:
+    """The JSON object on the last line a Python ``script`` (run with ``args``) prints, on ``devices`` CPU devices.
+
+    In this process when it has that many devices (no interpreter start, no JAX import), else in a
+    process of its own with ``devices`` simulated devices.
+    """
+    import jax
+
+    argv = [str(a) for a in args]
+    if devices == jax.device_count():
+        out = io.StringIO()
+        with mock.patch.object(sys, "argv", ["-c", *argv]), contextlib.redirect_stdout(out):
+            exec(script, {"__name__": "__main__"})
+        return json.loads(out.getvalue().strip().splitlines()[-1])
+    result = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=with_devices(devices),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_entry_point(name: str, *args, env: dict | None = None, timeout: float = 300, cwd: Path = ROOT):
@@ -319,3 +342,36 @@ def assert_same_metrics(
                 assert _missing(x) == _missing(y), (key, ra, rb)
                 if not _missing(y):
                     assert x == pytest.approx(y, rel=rel, abs=abs), (key, ra, rb)
+
+
+MARKER = "ATTENTION_JAX_TEST_RAY"  # in the environment of every Ray process (and driver) a test starts
+
+
+def marked_processes(marker: str) -> dict[int, str]:
+    """The live processes whose environment has ``MARKER=marker``: pid -> command line."""
+    found, needle = {}, f"{MARKER}={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie has ended; only its exit status is left
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # not ours to read, or ended meanwhile
+            continue
+    return found
+
+
+def assert_none_left(marker: str, grace: float = 30) -> None:
+    """No process of ``marker`` is left after ``grace`` s (any that is gets killed, then the test fails)."""
+    deadline = time.time() + grace
+    while marked_processes(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    left = marked_processes(marker)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert left == {}, f"processes left behind: {list(left.values())}"

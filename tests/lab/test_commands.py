@@ -8,17 +8,13 @@ a process starts).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from unittest import mock
 
-import jax
 import numpy as np
 import pytest
 
@@ -31,6 +27,7 @@ from tests.helpers import (
     checkpoint_steps,
     run_command,
     run_entry_point,
+    script_result,
     signal_when,
     training_starts,
     with_devices,
@@ -167,16 +164,7 @@ print(json.dumps({"devices": jax.device_count(), "rows": rows}))
 
 def run_multi_device_script(workdir, text_file, devices: int) -> dict:
     """MULTI_DEVICE_SCRIPT's output: in this process for its one device, else in a process with ``devices``."""
-    if devices == 1 and jax.device_count() == 1:
-        out = io.StringIO()
-        with mock.patch.object(sys, "argv", ["-c", str(workdir), str(text_file)]), contextlib.redirect_stdout(out):
-            exec(MULTI_DEVICE_SCRIPT, {"__name__": "__main__"})
-        return json.loads(out.getvalue().strip().splitlines()[-1])
-    env = with_devices(devices)
-    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(workdir), str(text_file)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return script_result(MULTI_DEVICE_SCRIPT, workdir, text_file, devices=devices)
 
 
 @pytest.mark.slow

@@ -37,8 +37,9 @@ from tests.helpers import (
 )
 
 # The run every multi-process test trains: the smoke model, 8 sequences per step over 4 devices.
-RUN = ["--config.batch_size=8", "--config.max_iters=24", "--config.eval_interval=6", "--config.log_interval=3",
-       "--config.checkpoint_every=3", "--config.model.dropout=0.1", "--config.sample_tokens=20"]  # fmt: skip
+RUN = ["--config.batch_size=8", "--config.max_iters=12", "--config.eval_interval=4", "--config.log_interval=2",
+       "--config.checkpoint_every=4", "--config.model.dropout=0.1", "--config.sample_tokens=20"]  # fmt: skip
+LAST = 12  # the run's last step
 
 
 def settings_of(**overrides):
@@ -250,7 +251,7 @@ def test_two_processes_give_the_losses_of_one_process_with_four_devices(referenc
         assert len(list(board.iterdir())) == 1, board
     assert (two / "sample.txt").read_text().count("=== seed") == seeds
     # Every process wrote its part of each checkpoint (orbax: one folder of shards per process).
-    state = two / "checkpoints" / "24" / "state"
+    state = two / "checkpoints" / str(LAST) / "state"
     assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
 
 
@@ -260,7 +261,7 @@ def test_sigkill_of_one_process_stops_the_other_then_both_resume_to_the_uninterr
 ):
     """Kill -9 process 1 (its peer notices after the heartbeat timeout), then process 0 (noticed at once)."""
     workdir = tmp_path / "killed"
-    for victim, at_step in ((1, 6), (0, 12)):
+    for victim, at_step in ((1, 4), (0, 8)):  # each a step before the run's end (LAST)
         procs = start_processes(workdir, text_file, "--config.num_seeds=2")
         deadline = time.time() + 240
         while time.time() < deadline and all(p.poll() is None for p in procs):

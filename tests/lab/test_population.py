@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -16,7 +12,7 @@ from attention_jax.lab.loop import train
 from attention_jax.lab.rundir import RunDir, load_run
 from attention_jax.lab.sampling import sample_text
 from attention_jax.lab.sweep import product, sweep
-from tests.helpers import ROOT, assert_same_metrics, checkpoint_steps, training_starts, with_devices
+from tests.helpers import assert_same_metrics, checkpoint_steps, script_result, training_starts
 
 
 def rows_of(workdir, member: int) -> list[dict]:
@@ -167,12 +163,8 @@ print(json.dumps({"mesh": dict(mesh.shape), "rows": RunDir(sys.argv[1]).read_met
 @pytest.mark.slow
 def test_members_and_batch_on_a_two_dimensional_mesh_give_the_losses_of_one_device(tmp_path, text_file):
     outs = {}
-    for n in (1, 4):
-        env = with_devices(n)
-        result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / f"d{n}"), str(text_file)],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        outs[n] = json.loads(result.stdout.strip().splitlines()[-1])
+    for n in (1, 4):  # 1 in this process
+        outs[n] = script_result(MESH_SCRIPT, tmp_path / f"d{n}", text_file, devices=n)
     assert outs[1]["mesh"] == {"population": 1, "data": 1}
     assert outs[4]["mesh"] == {"population": 2, "data": 2}  # 2 members over 2 devices, each batch over 2
     rows1, rows4 = outs[1]["rows"], outs[4]["rows"]

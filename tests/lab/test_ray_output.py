@@ -6,23 +6,24 @@ Ray wraps the "(task pid=...)" prefix of worker lines in ANSI colours unless
 what it held back at shutdown, and warns that it turned token authentication
 on for a local instance unless ``RAY_AUTH_MODE`` is set. The unit tests check
 the settings and the line split between worker and driver; the slow one runs a
-two-point sweep on a local Ray instance and reads what it printed.
+two-point sweep on a Ray instance the sweep starts and stops itself, reads what it
+printed, and checks that no process of that instance is left.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import uuid
 
 import pytest
 
 from attention_jax.lab import ray_backend
 from attention_jax.lab import sweep as sweep_lib
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import MARKER, ROOT, assert_none_left
 
 
 def test_output_switches_are_set_unless_the_user_set_them(tmp_path):
@@ -100,7 +101,8 @@ def test_a_ray_sweep_prints_no_colour_no_auth_warning_and_every_done_line(tmp_pa
     config = tmp_path / "ray_output.py"
     config.write_text(SWEEP_CONFIG.format(dataset=str(text_file)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # Ray's defaults, as a user has them
-    env.update(RAY_USAGE_STATS_ENABLED="0", HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    marker = uuid.uuid4().hex  # in the environment of the driver and of the Ray instance it starts
+    env.update(RAY_USAGE_STATS_ENABLED="0", HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), **{MARKER: marker})
     cmd = [sys.executable, "-m", "experiments.sweep", "--config", str(config), "--workdir", str(tmp_path / "sweep"),
            "--backend", "ray", "--no-group"]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -113,3 +115,6 @@ def test_a_ray_sweep_prints_no_colour_no_auth_warning_and_every_done_line(tmp_pa
     for name in ("learning_rate=0.001", "learning_rate=0.002"):
         done = [line for line in output.splitlines() if f"{name}: done in " in line]
         assert len(done) == 1 and done[0].startswith("["), output  # once, from the driver: no "(run_program pid=...)"
+    # Without --address the sweep started its own Ray instance, and stopped it: no process of it is left.
+    assert json.loads((tmp_path / "sweep" / "status.json").read_text())["counts"] == {"done": 2}
+    assert_none_left(marker)

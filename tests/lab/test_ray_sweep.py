@@ -33,15 +33,22 @@ import pytest
 
 from attention_jax.lab.ray_backend import RAY_LOOPBACK_ENV
 from attention_jax.lab.rundir import RunDir, read_json
-from tests.helpers import ROOT, TEST_XLA_FLAGS, assert_same_metrics, free_port, sessions_resumed_from, with_devices
+from tests.helpers import (
+    MARKER,
+    ROOT,
+    TEST_XLA_FLAGS,
+    assert_none_left,
+    assert_same_metrics,
+    free_port,
+    marked_processes,
+    sessions_resumed_from,
+    with_devices,
+)
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None or shutil.which("ray") is None,
     reason='Ray is an optional extra: pip install "attention_jax[ray]"',
 )
-
-MARKER = "ATTENTION_JAX_TEST_RAY"  # in the environment of every process a test here starts
-
 
 def ray_env(marker: str) -> dict:
     """The environment of a test's Ray processes: the marker, and token authentication with a fresh token.
@@ -110,36 +117,6 @@ def get_sweep(arg=None):
         points.append({{"model.n_head": 3}})
     return points
 """
-
-
-def marked_processes(marker: str) -> dict[int, str]:
-    """The live processes whose environment has ``MARKER=marker``: pid -> command line."""
-    found, needle = {}, f"{MARKER}={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":  # a zombie has ended; only its exit status is left
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:  # not ours to read, or ended meanwhile
-            continue
-    return found
-
-
-def assert_none_left(marker: str, grace: float = 30) -> None:
-    """No process of ``marker`` is left after ``grace`` s (any that is gets killed, then the test fails)."""
-    deadline = time.time() + grace
-    while marked_processes(marker) and time.time() < deadline:
-        time.sleep(0.5)
-    left = marked_processes(marker)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    assert left == {}, f"processes left behind: {list(left.values())}"
 
 
 def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> str:
@@ -311,17 +288,6 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_
     state = tmp_path / "ray" / name / "checkpoints" / "200" / "state"
     assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
     assert_same_metrics(tmp_path / "ray" / name, tmp_path / "local" / name, rel=2e-5, abs=1e-6, keys=KEYS)
-
-
-@pytest.mark.slow
-@needs_ray
-def test_without_an_address_the_sweep_starts_and_stops_its_own_ray(sweep_config, tmp_path, text_file):
-    marker = uuid.uuid4().hex
-    env = ray_env(marker)
-    result = run_sweep(env, "--config", sweep_config, "--workdir", tmp_path / "ray", "--index", "1", "--backend", "ray")
-    assert result.returncode == 0, result.stderr
-    assert read_json(tmp_path / "ray" / "status.json")["counts"] == {"done": 1, "pending": 3}
-    assert_none_left(marker)
 
 
 def test_without_ray_installed_the_backend_says_how_to_get_it(monkeypatch, capsys, tmp_path):
