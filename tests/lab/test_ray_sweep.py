@@ -104,8 +104,8 @@ from attention_jax.lab.sweep import product, sweep
 def get_config(arg=None):
     c = smoke(base_config())
     c.data.dataset = {dataset!r}
-    c.max_iters = 30
-    c.lr_decay_iters = 30
+    c.max_iters = 10
+    c.lr_decay_iters = 10
     c.checkpoint_every = 5
     c.sample_tokens = 0
     return c
@@ -263,7 +263,7 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_
     they resume. The losses are those of one process with 4 devices (rel 2e-5: reduction order).
     """
     address, marker, env = cluster
-    run = ["--index", "3", "--config.batch_size=8", "--config.max_iters=200", "--config.checkpoint_every=20",
+    run = ["--index", "3", "--config.batch_size=8", "--config.max_iters=100", "--config.checkpoint_every=20",
            "--config.eval_interval=50", "--config.log_interval=10"]  # fmt: skip
     four_devices = with_devices(4, env)
     reference = run_sweep(four_devices, "--config", sweep_config, "--workdir", tmp_path / "local", *run)
@@ -285,7 +285,7 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_
     assert "a host failed" in err and "(attempt 2)" in err and "resuming" in err
     (first, retry) = sessions_resumed_from(tmp_path / "ray" / name)  # the run's own record: the retry restored
     assert first == -1 and retry >= 20 and retry % 20 == 0, (first, retry)  # a checkpoint (every 20 steps)
-    state = tmp_path / "ray" / name / "checkpoints" / "200" / "state"
+    state = tmp_path / "ray" / name / "checkpoints" / "100" / "state"
     assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
     assert_same_metrics(tmp_path / "ray" / name, tmp_path / "local" / name, rel=2e-5, abs=1e-6, keys=KEYS)
 
