@@ -71,6 +71,18 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with the most slow tests first (the order within a file kept).
+
+    The workers (``--dist loadfile``) take files in this order, so the long
+    multi-process and Ray files start at once instead of running alone at the end.
+    """
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: the rest keeps its order
+
+
 @pytest.fixture(scope="session")
 def small_text():
     """``small_text(n_chars=6000, seed=0)``: the text most training tests train on (no dataset needed)."""
