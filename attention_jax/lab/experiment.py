@@ -128,6 +128,16 @@ class Experiment:
         return self.num_members * self.parts.data.batch_size * self.model_config.block_size
 
     @property
+    def train_inputs(self) -> tuple:
+        """The arguments after the state of ``train_program`` and ``health_program``: (member inputs, train data)."""
+        return self.member_inputs, self.train_data
+
+    @property
+    def eval_inputs(self) -> tuple:
+        """The arguments after the params of ``eval_program``: (member inputs, train data, val data)."""
+        return self.member_inputs, self.train_data, self.val_data
+
+    @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
@@ -177,8 +187,8 @@ def abstract_state(exp: Experiment, num_members: int | None = None) -> steps.Tra
 
 
 def train_program(exp: Experiment, steps_per_call: int) -> Callable[..., tuple[steps.TrainState, dict]]:
-    """A jitted ``(state, exp.member_inputs, exp.train_data) -> (state, metrics)``: ``steps_per_call``
-    optimizer steps of every member.
+    """A jitted ``(state, *exp.train_inputs) -> (state, metrics)``: ``steps_per_call`` optimizer steps of
+    every member.
 
     The metrics are stacked as (steps_per_call, num_members). ``state`` is donated.
     """
@@ -204,15 +214,13 @@ def train_steps(exp: Experiment, steps_per_call: int, state: steps.TrainState | 
     With ``state`` it is compiled now, for that state's shapes (else on the first call).
     """
     program = train_program(exp, steps_per_call)
-    inputs = (exp.member_inputs, exp.train_data)
     if state is not None:
-        program = program.lower(state, *inputs).compile()
-    return lambda s: program(s, *inputs)
+        program = program.lower(state, *exp.train_inputs).compile()
+    return lambda s: program(s, *exp.train_inputs)
 
 
 def eval_program(exp: Experiment) -> Callable[..., dict[str, Array]]:
-    """A jitted ``(params, exp.member_inputs, exp.train_data, exp.val_data) -> {"train": (M,), "val": (M,)}``:
-    mean losses on fixed batches."""
+    """A jitted ``(params, *exp.eval_inputs) -> {"train": (M,), "val": (M,)}``: mean losses on fixed batches."""
     one_member = functools.partial(
         steps.eval_loss,
         model=exp.model,

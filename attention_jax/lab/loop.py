@@ -225,34 +225,26 @@ class Programs:
         t0 = time.perf_counter()
         self.exp = exp
         self.stop = stop
-        self._evaluate = ex.eval_program(exp).lower(state.params, *self._eval_inputs).compile()
+        self._evaluate = ex.eval_program(exp).lower(state.params, *exp.eval_inputs).compile()
         self.steps_per_call = exp.parts.run.steps_per_call
-        self.many = ex.train_program(exp, self.steps_per_call).lower(state, *self._train_inputs).compile()
+        self.many = ex.train_program(exp, self.steps_per_call).lower(state, *exp.train_inputs).compile()
         # Single steps are needed only when a boundary splits a call of steps_per_call steps;
         # the shipped configs never do that, so that program is compiled on first use.
         self.single = self.many if self.steps_per_call == 1 else None
         self.health = None  # compiled at the first checkpoint
         self.compile_seconds = time.perf_counter() - t0
 
-    @property
-    def _train_inputs(self) -> tuple:
-        return self.exp.member_inputs, self.exp.train_data
-
-    @property
-    def _eval_inputs(self) -> tuple:
-        return self.exp.member_inputs, self.exp.train_data, self.exp.val_data
-
     def evaluate(self, params) -> dict[str, jax.Array]:
         """{"train": (M,), "val": (M,)} mean losses on the fixed evaluation batches."""
-        return self._evaluate(params, *self._eval_inputs)
+        return self._evaluate(params, *self.exp.eval_inputs)
 
     def healthy(self, state: steps.TrainState) -> np.ndarray:
         """(num_members,) bool: whether each member's state is fit to checkpoint (``health_program``)."""
         if self.health is None:
             t0 = time.perf_counter()
-            self.health = health_program(self.exp).lower(state, *self._train_inputs).compile()
+            self.health = health_program(self.exp).lower(state, *self.exp.train_inputs).compile()
             self.compile_seconds += time.perf_counter() - t0
-        return steps.to_host(self.health(state, *self._train_inputs))
+        return steps.to_host(self.health(state, *self.exp.train_inputs))
 
     def advance(self, state: steps.TrainState, n: int) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
         """``n`` optimizer steps -> (state, {"loss", "grad_norm"} as (n, num_members) host arrays).
@@ -264,12 +256,12 @@ class Programs:
             self.stop.check()
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
-            self.single = ex.train_program(self.exp, 1).lower(state, *self._train_inputs).compile()
+            self.single = ex.train_program(self.exp, 1).lower(state, *self.exp.train_inputs).compile()
             self.compile_seconds += time.perf_counter() - t0
         outs = []
         while n > 0:
             fn, m = (self.many, self.steps_per_call) if n >= self.steps_per_call else (self.single, 1)
-            state, out = fn(state, *self._train_inputs)
+            state, out = fn(state, *self.exp.train_inputs)
             outs.append(out)
             n -= m
         outs = jax.device_get(outs)
@@ -277,7 +269,7 @@ class Programs:
 
 
 def health_program(exp: ex.Experiment):
-    """A jitted ``(state, exp.member_inputs, exp.train_data) -> (M,) bool``: finite parameters and a finite loss on
+    """A jitted ``(state, *exp.train_inputs) -> (M,) bool``: finite parameters and a finite loss on
     the batch each member's next step trains on (that step's own loss: same keys, same dropout).
 
     Finite parameters alone are not enough: a learning rate far too high
@@ -333,7 +325,7 @@ def _save_on_interrupt(exp: ex.Experiment, p: Progress, outputs: list[OutputStat
     if int(steps.to_host(p.state.step)[0]) != p.step:
         return  # interrupted between the new state and the step count
     check = health_program(exp)
-    save_checkpoints(exp, p, outputs, lambda state: steps.to_host(check(state, exp.member_inputs, exp.train_data)))
+    save_checkpoints(exp, p, outputs, lambda state: steps.to_host(check(state, *exp.train_inputs)))
     print(f"interrupted: saved a checkpoint at step {p.step}", file=sys.stderr)
 
 

@@ -141,7 +141,7 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(tmp_path, tiny_
     assert run.step() == good and run.diverged == [None]
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(run.params()))
     exp = Experiment.from_config(huge, text=text)
-    healthy = health_program(exp)(run.state, exp.member_inputs, exp.train_data)
+    healthy = health_program(exp)(run.state, *exp.train_inputs)
     assert np.asarray(healthy).tolist() == [True]  # its next loss is finite
 
 

@@ -117,11 +117,10 @@ def test_seeds_learning_rates_and_texts_of_one_shape_share_one_program(tiny_conf
     def programs(text, **overrides):
         exp = ex.Experiment.from_config(tiny_config(**overrides), text=text)
         state = jax.eval_shape(lambda: ex.init_state(exp))
-        train_inputs = (exp.member_inputs, exp.train_data)
         return [
-            ex.train_program(exp, 2).lower(state, *train_inputs).as_text(),
-            ex.eval_program(exp).lower(state.params, *train_inputs, exp.val_data).as_text(),
-            health_program(exp).lower(state, *train_inputs).as_text(),
+            ex.train_program(exp, 2).lower(state, *exp.train_inputs).as_text(),
+            ex.eval_program(exp).lower(state.params, *exp.eval_inputs).as_text(),
+            health_program(exp).lower(state, *exp.train_inputs).as_text(),
         ]
 
     text = small_text(3000)

@@ -202,7 +202,6 @@ class Checkpoints:
     def _restore(self, manager: ocp.CheckpointManager, folder: Path, abstract_state: Any):
         """(state, meta) of the newest checkpoint that verifies, or None when there is none."""
         damaged: list[Damaged] = []
-        replaced = False
         for _ in range(READ_ATTEMPTS):  # a live trainer may replace a checkpoint while we read it: then list again
             replaced = False
             for step in sorted(manager.all_steps(), reverse=True):
@@ -221,7 +220,7 @@ class Checkpoints:
             if not replaced:
                 break
             manager.reload()
-        if replaced:  # every listing was out of date before it could be read: not the same as "none yet"
+        else:  # every listing was out of date before it could be read: not the same as "none yet"
             raise DamagedFile(
                 f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being read (a trainer "
                 "saving very often); try again"
