@@ -297,3 +297,25 @@ def test_a_reader_racing_a_trainer_lists_again_and_never_says_there_is_no_checkp
     monkeypatch.setattr(Checkpoints, "_restore_step", staticmethod(lambda *a: replaced_while_reading(*a, times=99)))
     with pytest.raises(rd.DamagedFile, match=rf"were replaced {READ_ATTEMPTS} times while being read.*try again"):
         rd.load_run(copy_of(source_run, tmp_path / "again"))
+
+
+def test_a_checkpoint_deleted_while_the_reader_lists_them_is_listed_again(source_run, tmp_path, monkeypatch):
+    """Orbax reads every checkpoint's metadata when it lists them; a live trainer that deletes one in between
+    makes the listing raise FileNotFoundError (CI once saw a sample fail on it with exit 2). Listed again."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    workdir = copy_of(source_run, tmp_path)
+    folder, real, calls = workdir / "checkpoints", ocp.CheckpointManager.__init__, []
+
+    def deleted_while_listing(self, directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 1:  # as the trainer does: the newer one saved, the listed one deleted meanwhile
+            (folder / "20").rename(folder / "21")
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(folder / "20"))
+        real(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "__init__", deleted_while_listing)
+    assert rd.load_run(workdir).step() == 20  # step 21's arrays are step 20's (the test renamed it)
+    assert len(calls) == 3  # the latest folder twice, then the best one

@@ -87,7 +87,7 @@ def _manager(path: Path, writable: bool, keep: int) -> ocp.CheckpointManager:
             read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
         )
         with _quiet_absl():  # orbax warns that the folder is read-only: that is the point
-            return ocp.CheckpointManager(path, options=options)
+            return _listing(lambda: ocp.CheckpointManager(path, options=options), path)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         # Synchronous saves: a save returns only when the checkpoint is on disk,
@@ -99,6 +99,19 @@ def _manager(path: Path, writable: bool, keep: int) -> ocp.CheckpointManager:
         cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(path, options=options)
+
+
+def _listing(read: Callable[[], Any], folder: Path) -> Any:
+    """``read()``, a listing of ``folder``'s checkpoints (orbax reads each one's metadata as it lists them),
+    tried again while a live trainer deletes a listed checkpoint before its metadata is read."""
+    for _ in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except (FileNotFoundError, NotADirectoryError):  # orbax says either for a checkpoint deleted meanwhile
+            if not folder.is_dir():  # the folder itself is gone: not a race
+                raise
+    raise DamagedFile(f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being listed "
+                      "(a trainer saving very often); try again")  # fmt: skip
 
 
 def state_layout(state: Any) -> list[list]:
@@ -219,7 +232,7 @@ class Checkpoints:
                 return state, meta
             if not replaced:
                 break
-            manager.reload()
+            _listing(manager.reload, folder)
         else:  # every listing was out of date before it could be read: not the same as "none yet"
             raise DamagedFile(
                 f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being read (a trainer "
