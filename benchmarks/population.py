@@ -19,8 +19,8 @@ milliseconds per optimizer step of all K models (median over the timed calls
 after one warm-up call), and models per hour = K / end-to-end seconds x 3600.
 ``ratio`` is separate / population: how many times more models per hour the
 population trains. The last line is JSON with every figure. Compilation is
-not cached across the separate runs (each compiles, as separate processes
-without a shared cache would); ``--cache`` turns JAX's persistent
+not cached across the separate runs (each traces and compiles, as separate
+processes without a shared cache would); ``--cache`` turns JAX's persistent
 compilation cache on for both sides, as the command-line tools do.
 """
 
@@ -52,6 +52,7 @@ def members_config(config, k: int):
 
 def timed_run(config, text: str | None, steps: int) -> dict:
     """Build, compile and train ``config`` for ``steps`` steps; seconds of each part, and ms per step."""
+    ex.clear_programs()  # this process's programs: each run builds its own, as a separate process would
     t0 = time.perf_counter()
     exp = ex.Experiment.from_config(config, text=text)
     state = ex.init_state(exp)

@@ -34,6 +34,7 @@ from attention_jax.lab.config import apply_overrides, load_config, parse_overrid
 def _build(config, text, num_seeds, seed):
     c = apply_overrides(config.copy_and_resolve_references(), {"num_seeds": num_seeds, "seed": seed})
     exp = ex.Experiment.from_config(c, text=text)
+    ex.clear_programs()  # each side compiles its own, as a separate process would
     t0 = time.perf_counter()
     state = ex.init_state(exp)
     step = ex.train_steps(exp, c.steps_per_call, state)

@@ -19,6 +19,7 @@ devices, or a TPU slice.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attention_jax import data as data_lib
+from attention_jax.lab import parts as parts_lib
 from attention_jax.lab import population, steps
 from attention_jax.lab.config import ConfigError
 from attention_jax.lab.parts import MESH_AXES, Parts, resolve
@@ -169,14 +171,81 @@ def load_dataset(dataset: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _over_members(exp: Experiment, fn: Callable, in_axes: tuple) -> Callable:
-    return steps.over_members(fn, in_axes, exp.num_members, mesh_axis="population")
+@dataclass(frozen=True)
+class ProgramKey:
+    """What an experiment's programs are built from besides the types of their arguments.
+
+    Runs in one process whose keys are equal share their programs: traced,
+    lowered and compiled once (a sweep's points, a test's runs, one seed or
+    learning rate after another). The optimizer's runtime scalars are left
+    out: every member passes its own (``Experiment.member_inputs``).
+    """
+
+    model: nn.Module
+    grad_clip: float  # the optimizer's one static value
+    batch_size: int
+    block_size: int
+    eval_iters: int
+    mesh: Mesh
+    num_members: int
+
+    @classmethod
+    def of(cls, exp: Experiment) -> ProgramKey:
+        return cls(exp.model, exp.parts.optimizer.grad_clip, exp.parts.data.batch_size, exp.model_config.block_size,
+                   exp.parts.run.eval_iters, exp.mesh, exp.num_members)  # fmt: skip
+
+    @property
+    def optimizer(self) -> Callable[[dict], optax.GradientTransformation]:
+        """A member's optimizer from its runtime scalars (``hp``)."""
+        fixed = {key: 0.0 for key in parts_lib.HPARAM_KEYS}  # never read: hp gives them
+        return functools.partial(steps.make_optimizer, parts_lib.Optimizer(**fixed, grad_clip=self.grad_clip))
+
+    def sharding(self, *axes: str) -> NamedSharding:
+        """Over the mesh's ``axes`` (none: replicated; "population": members; "data": a member's batch)."""
+        return NamedSharding(self.mesh, P(*axes))
+
+    def over_members(self, fn: Callable, in_axes: tuple) -> Callable:
+        return steps.over_members(fn, in_axes, self.num_members, mesh_axis="population")
+
+
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()  # (name, ..., ProgramKey) -> jitted or compiled
+MAX_PROGRAMS = 64  # the least recently used are dropped past this
+
+
+def cached_program(key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept under ``key`` for this process's later runs (see ``ProgramKey``)."""
+    program = _PROGRAMS.pop(key) if key in _PROGRAMS else make()
+    _PROGRAMS[key] = program
+    while len(_PROGRAMS) > MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return program
+
+
+def clear_programs() -> None:
+    """Forget every program kept by ``cached_program`` (the next run traces and compiles its own)."""
+    _PROGRAMS.clear()
+
+
+def _signature(args: tuple) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+
+
+def compiled(program: Callable, *args) -> Callable:
+    """``program`` (a jitted function) compiled for the types of ``args``, once per process."""
+    return cached_program(("compiled", program, _signature(args)), lambda: program.lower(*args).compile())
 
 
 def init_state(exp: Experiment) -> steps.TrainState:
     """Fresh state of every member, with a leading member axis."""
-    init = functools.partial(steps.init_train_state, exp.model, exp.tx, exp.model_config.block_size)
-    return jax.jit(_over_members(exp, init, (0,)), out_shardings=exp.member_sharding)(exp.member_inputs["key"])
+    key, optimizer = ProgramKey.of(exp), exp.parts.optimizer
+
+    def make():
+        init = functools.partial(steps.init_train_state, key.model, steps.make_optimizer(optimizer), key.block_size)
+        return jax.jit(key.over_members(init, (0,)), out_shardings=key.sharding("population"))
+
+    # Keyed by the whole optimizer: its initial state could depend on its values.
+    return cached_program(("init", optimizer, key), make)(exp.member_inputs["key"])
 
 
 def abstract_state(exp: Experiment, num_members: int | None = None) -> steps.TrainState:
@@ -192,20 +261,22 @@ def train_program(exp: Experiment, steps_per_call: int) -> Callable[..., tuple[s
 
     The metrics are stacked as (steps_per_call, num_members). ``state`` is donated.
     """
+    key = ProgramKey.of(exp)
 
-    def one_member(state, member, data):
-        return steps.train_step(
-            state, member, model=exp.model, optimizer=functools.partial(steps.make_optimizer, exp.parts.optimizer),
-            data=data, batch_size=exp.parts.data.batch_size, block_size=exp.model_config.block_size,
-            batch_sharding=exp.batch_sharding,
-        )  # fmt: skip
+    def make():
+        def one_member(state, member, data):
+            return steps.train_step(state, member, model=key.model, optimizer=key.optimizer, data=data,
+                                    batch_size=key.batch_size, block_size=key.block_size,
+                                    batch_sharding=key.sharding("data"))  # fmt: skip
 
-    all_members = _over_members(exp, one_member, (0, 0, None))
+        all_members = key.over_members(one_member, (0, 0, None))
 
-    def many(state, members, data):
-        return steps.repeat(lambda s: all_members(s, members, data), steps_per_call)(state)
+        def many(state, members, data):
+            return steps.repeat(lambda s: all_members(s, members, data), steps_per_call)(state)
 
-    return jax.jit(many, out_shardings=(exp.member_sharding, exp.replicated), donate_argnums=0)
+        return jax.jit(many, out_shardings=(key.sharding("population"), key.sharding()), donate_argnums=0)
+
+    return cached_program(("train", steps_per_call, key), make)
 
 
 def train_steps(exp: Experiment, steps_per_call: int, state: steps.TrainState | None = None) -> Callable:
@@ -215,36 +286,37 @@ def train_steps(exp: Experiment, steps_per_call: int, state: steps.TrainState | 
     """
     program = train_program(exp, steps_per_call)
     if state is not None:
-        program = program.lower(state, *exp.train_inputs).compile()
+        program = compiled(program, state, *exp.train_inputs)
     return lambda s: program(s, *exp.train_inputs)
 
 
 def eval_program(exp: Experiment) -> Callable[..., dict[str, Array]]:
     """A jitted ``(params, *exp.eval_inputs) -> {"train": (M,), "val": (M,)}``: mean losses on fixed batches."""
-    one_member = functools.partial(
-        steps.eval_loss,
-        model=exp.model,
-        batch_size=exp.parts.data.batch_size,
-        block_size=exp.model_config.block_size,
-        eval_iters=exp.parts.run.eval_iters,
-        batch_sharding=exp.batch_sharding,
-    )
-    all_members = _over_members(exp, one_member, (0, 0, None))
+    key = ProgramKey.of(exp)
 
-    def evaluate(params, members, train, val):
-        return {"train": all_members(params, members, train), "val": all_members(params, members, val)}
+    def make():
+        one_member = functools.partial(steps.eval_loss, model=key.model, batch_size=key.batch_size,
+                                       block_size=key.block_size, eval_iters=key.eval_iters,
+                                       batch_sharding=key.sharding("data"))  # fmt: skip
+        all_members = key.over_members(one_member, (0, 0, None))
 
-    return jax.jit(evaluate, out_shardings=exp.replicated)  # replicated: every process reads the losses
+        def evaluate(params, members, train, val):
+            return {"train": all_members(params, members, train), "val": all_members(params, members, val)}
+
+        return jax.jit(evaluate, out_shardings=key.sharding())  # replicated: every process reads the losses
+
+    return cached_program(("eval", key), make)
 
 
 def full_split_loss(exp: Experiment, params: Any, data: Array) -> Array:
     """Loss over the whole split ``data`` of every member's params -> (M,); see ``steps.full_split_loss``."""
+    key = ProgramKey.of(exp)
 
-    def one_member(params, member, data):
-        return steps.full_split_loss(
-            params, data, model=exp.model, batch_size=exp.parts.data.batch_size,
-            block_size=exp.model_config.block_size, member=member,
-        )  # fmt: skip
+    def make():
+        def one_member(params, member, data):
+            return steps.full_split_loss(params, data, model=key.model, batch_size=key.batch_size,
+                                         block_size=key.block_size, member=member)  # fmt: skip
 
-    program = jax.jit(_over_members(exp, one_member, (0, 0, None)), out_shardings=exp.replicated)
-    return program(params, exp.member_inputs, data)
+        return jax.jit(key.over_members(one_member, (0, 0, None)), out_shardings=key.sharding())
+
+    return cached_program(("full_split_loss", key), make)(params, exp.member_inputs, data)

@@ -225,9 +225,9 @@ class Programs:
         t0 = time.perf_counter()
         self.exp = exp
         self.stop = stop
-        self._evaluate = ex.eval_program(exp).lower(state.params, *exp.eval_inputs).compile()
+        self._evaluate = ex.compiled(ex.eval_program(exp), state.params, *exp.eval_inputs)
         self.steps_per_call = exp.parts.run.steps_per_call
-        self.many = ex.train_program(exp, self.steps_per_call).lower(state, *exp.train_inputs).compile()
+        self.many = ex.compiled(ex.train_program(exp, self.steps_per_call), state, *exp.train_inputs)
         # Single steps are needed only when a boundary splits a call of steps_per_call steps;
         # the shipped configs never do that, so that program is compiled on first use.
         self.single = self.many if self.steps_per_call == 1 else None
@@ -242,7 +242,7 @@ class Programs:
         """(num_members,) bool: whether each member's state is fit to checkpoint (``health_program``)."""
         if self.health is None:
             t0 = time.perf_counter()
-            self.health = health_program(self.exp).lower(state, *self.exp.train_inputs).compile()
+            self.health = ex.compiled(health_program(self.exp), state, *self.exp.train_inputs)
             self.compile_seconds += time.perf_counter() - t0
         return steps.to_host(self.health(state, *self.exp.train_inputs))
 
@@ -256,7 +256,7 @@ class Programs:
             self.stop.check()
         if n % self.steps_per_call and self.single is None:
             t0 = time.perf_counter()
-            self.single = ex.train_program(self.exp, 1).lower(state, *self.exp.train_inputs).compile()
+            self.single = ex.compiled(ex.train_program(self.exp, 1), state, *self.exp.train_inputs)
             self.compile_seconds += time.perf_counter() - t0
         outs = []
         while n > 0:
@@ -277,16 +277,20 @@ def health_program(exp: ex.Experiment):
     Costs one forward pass per checkpoint.
     """
 
-    def one_member(state: steps.TrainState, member, data) -> jax.Array:
-        data_key, dropout_key = steps.step_keys(member["key"], state.step)
-        x, y = steps.batch(data_key, data, exp.parts.data.batch_size, exp.model_config.block_size,
-                           exp.batch_sharding)  # fmt: skip
-        loss = steps.loss_fn(state.params, steps.member_model(exp.model, member), x, y, dropout_key, False)
-        finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
-        return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
+    key = ex.ProgramKey.of(exp)
 
-    health = steps.over_members(one_member, (0, 0, None), exp.num_members, mesh_axis="population")
-    return jax.jit(health, out_shardings=exp.replicated)  # replicated: every process reads the verdict
+    def make():
+        def one_member(state: steps.TrainState, member, data) -> jax.Array:
+            data_key, dropout_key = steps.step_keys(member["key"], state.step)
+            x, y = steps.batch(data_key, data, key.batch_size, key.block_size, key.sharding("data"))
+            loss = steps.loss_fn(state.params, steps.member_model(key.model, member), x, y, dropout_key, False)
+            finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)]
+            return jnp.all(jnp.stack(finite)) & jnp.isfinite(loss)
+
+        health = key.over_members(one_member, (0, 0, None))
+        return jax.jit(health, out_shardings=key.sharding())  # replicated: every process reads the verdict
+
+    return ex.cached_program(("health", key), make)
 
 
 def save_checkpoints(

@@ -13,8 +13,9 @@ import pytest
 from attention_jax.lab import experiment as ex
 from attention_jax.lab import steps
 from attention_jax.lab.config import load_config
+from attention_jax.lab.loop import train
 from attention_jax.model import cross_entropy
-from tests.helpers import run_losses
+from tests.helpers import assert_same_metrics, run_losses
 
 
 def nanogpt_lr(it, lr, min_lr, warmup, decay):
@@ -111,13 +112,15 @@ def test_full_split_loss_equals_independent_computation(tiny_config, small_text)
 
 def test_seeds_learning_rates_and_texts_of_one_shape_share_one_program(tiny_config, small_text):
     """The members' keys and scalars and the data are arguments of the compiled programs, not constants in them:
-    one program (one compilation-cache entry) serves every run of the same shapes."""
+    one program (one compilation-cache entry) serves every run of the same shapes. A process keeps its programs
+    by ``ProgramKey``: two experiments' keys agree exactly when their freshly built programs are the same."""
     from attention_jax.lab.loop import health_program
 
     def programs(text, **overrides):
+        ex.clear_programs()  # built afresh from this experiment, not taken from an earlier one
         exp = ex.Experiment.from_config(tiny_config(**overrides), text=text)
         state = jax.eval_shape(lambda: ex.init_state(exp))
-        return [
+        return ex.ProgramKey.of(exp), [
             ex.train_program(exp, 2).lower(state, *exp.train_inputs).as_text(),
             ex.eval_program(exp).lower(state.params, *exp.eval_inputs).as_text(),
             health_program(exp).lower(state, *exp.train_inputs).as_text(),
@@ -125,6 +128,29 @@ def test_seeds_learning_rates_and_texts_of_one_shape_share_one_program(tiny_conf
 
     text = small_text(3000)
     other_text = text[::-1]  # the same characters (vocabulary) and length, another text
-    base = programs(text)
-    assert programs(other_text, seed=7, learning_rate=3e-3, beta2=0.9, warmup_iters=3) == base
-    assert programs(text, **{"model.n_embd": 32}) != base  # a shape does change the program
+    base_key, base = programs(text)
+    key, texts = programs(other_text, seed=7, learning_rate=3e-3, beta2=0.9, warmup_iters=3, weight_decay=0.0)
+    assert texts == base and key == base_key
+    for static in ({"model.n_embd": 32}, {"grad_clip": 0.5}, {"eval_iters": 3}, {"model.dropout": 0.1}):
+        key, texts = programs(text, **static)
+        assert texts != base and key != base_key, static  # a shape or a constant of the program: its own
+    ex.clear_programs()
+
+
+@pytest.mark.slow
+def test_a_run_takes_the_programs_of_an_earlier_run_of_one_shape_and_trains_as_it_would_alone(
+    tmp_path, tiny_config, small_text
+):
+    text = small_text(3000)
+    run = dict(max_iters=6, eval_interval=3, log_interval=1, checkpoint_every=3, eval_iters=2)
+    ex.clear_programs()
+    train(tiny_config(**run), tmp_path / "first", text=text, progress=False)
+    kept = dict(ex._PROGRAMS)
+    other = tiny_config(**run, seed=5, learning_rate=3e-3, min_lr=1e-4)
+    shared = train(other, tmp_path / "shared", text=text, progress=False)
+    new = [k[0] for k in ex._PROGRAMS if k not in kept]
+    assert new == ["init"] and all(ex._PROGRAMS[k] is p for k, p in kept.items())  # the initializer's alone
+    ex.clear_programs()
+    alone = train(other, tmp_path / "alone", text=text, progress=False)
+    assert_same_metrics(tmp_path / "shared", tmp_path / "alone", rel=0, abs=0)
+    assert shared["final_val_loss"] == alone["final_val_loss"]
