@@ -41,6 +41,7 @@ from tests.helpers import (
     assert_same_metrics,
     free_port,
     marked_processes,
+    run_command,
     sessions_resumed_from,
     with_devices,
 )
@@ -98,7 +99,7 @@ def listening_off_loopback(marker: str) -> list[str]:
 
 SWEEP_CONFIG = """
 from attention_jax.lab.config import base_config, smoke
-from attention_jax.lab.sweep import product, sweep
+from attention_jax.lab.sweep import sweep, zip_
 
 
 def get_config(arg=None):
@@ -112,7 +113,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    points = product(sweep("model.pos_encoding", ["learned", "rope"]), sweep("model.n_head", [1, 2]))
+    points = zip_(sweep("model.pos_encoding", ["learned", "rope"]), sweep("model.n_head", [1, 2]))  # 2 points
     if arg == "with_bad_point":  # n_embd = 32 is not divisible by 3: the run refuses it, the sweep goes on
         points.append({{"model.n_head": 3}})
     return points
@@ -201,14 +202,14 @@ TIMING = ("started", "seconds", "host", "pid")  # what differs between two runs 
 @pytest.mark.slow
 @needs_ray
 def test_a_sweep_on_ray_records_and_trains_what_the_local_backend_does(cluster, sweep_config, tmp_path):
-    """4 points and one whose config the run refuses: the same status.json, records, files and metrics."""
+    """2 points and one whose config the run refuses: the same status.json, records, files and metrics."""
     address, marker, env = cluster
     spec = f"{sweep_config}:with_bad_point"
-    local = run_sweep(env, "--config", spec, "--workdir", tmp_path / "local")
+    local = run_command("sweep", "--config", spec, "--workdir", tmp_path / "local")  # in this process
     on_ray = run_sweep(env, "--config", spec, "--workdir", tmp_path / "ray", "--backend", "ray", "--address", address)
     assert local.returncode == on_ray.returncode == 1, on_ray.stderr  # 1: a point failed
     status = {name: read_json(tmp_path / name / "status.json") for name in ("local", "ray")}
-    assert status["local"]["counts"] == status["ray"]["counts"] == {"done": 4, "failed": 1}
+    assert status["local"]["counts"] == status["ray"]["counts"] == {"done": 2, "failed": 1}
 
     def comparable(record: dict, sweep_dir: Path) -> dict:  # its own sweep dir in its command; no timing
         text = json.dumps({k: v for k, v in record.items() if k not in TIMING}).replace(str(sweep_dir), "DIR")
@@ -219,7 +220,7 @@ def test_a_sweep_on_ray_records_and_trains_what_the_local_backend_does(cluster, 
     failed = next(r for r in status["ray"]["points"] if r["status"] == "failed")
     assert failed["name"] == "n_head=3" and "not divisible by n_head=3" in failed["error"]
     assert read_json(tmp_path / "local" / "sweep.json") == read_json(tmp_path / "ray" / "sweep.json")
-    for record in status["local"]["points"][:4]:
+    for record in status["local"]["points"][:2]:
         a, b = tmp_path / "local" / record["name"], tmp_path / "ray" / record["name"]
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
         assert_same_metrics(b, a, keys=KEYS)
@@ -231,8 +232,8 @@ def test_a_sweep_on_ray_records_and_trains_what_the_local_backend_does(cluster, 
 @needs_ray
 def test_a_killed_worker_is_retried_and_its_point_resumes_to_the_uninterrupted_result(cluster, sweep_config, tmp_path):
     address, marker, env = cluster
-    longer = ["--config.max_iters=300", "--config.checkpoint_every=20", "--config.eval_interval=50"]
-    reference = run_sweep(env, "--config", sweep_config, "--workdir", tmp_path / "local", "--index", "0", *longer)
+    longer = ["--config.max_iters=100", "--config.checkpoint_every=20", "--config.eval_interval=50"]
+    reference = run_command("sweep", "--config", sweep_config, "--workdir", tmp_path / "local", "--index", "0", *longer)
     assert reference.returncode == 0, reference.stderr
     cmd = [sys.executable, "-m", "experiments.sweep", "--config", sweep_config, "--workdir", str(tmp_path / "ray"),
            "--index", "0", "--backend", "ray", "--address", address, *longer]  # fmt: skip
@@ -263,12 +264,12 @@ def test_a_point_on_two_hosts_trains_as_one_four_device_run_and_survives_losing_
     they resume. The losses are those of one process with 4 devices (rel 2e-5: reduction order).
     """
     address, marker, env = cluster
-    run = ["--index", "3", "--config.batch_size=8", "--config.max_iters=100", "--config.checkpoint_every=20",
+    run = ["--index", "1", "--config.batch_size=8", "--config.max_iters=100", "--config.checkpoint_every=20",
            "--config.eval_interval=50", "--config.log_interval=10"]  # fmt: skip
     four_devices = with_devices(4, env)
     reference = run_sweep(four_devices, "--config", sweep_config, "--workdir", tmp_path / "local", *run)
     assert reference.returncode == 0, reference.stderr
-    name = read_json(tmp_path / "local" / "status.json")["points"][3]["name"]
+    name = read_json(tmp_path / "local" / "status.json")["points"][1]["name"]
     two_hosts = with_devices(2, env)  # XLA_FLAGS is forwarded to the tasks
     cmd = [sys.executable, "-m", "experiments.sweep", "--config", sweep_config, "--workdir", str(tmp_path / "ray"),
            *run, "--config.ray.hosts=2", "--backend", "ray", "--address", address]  # fmt: skip
