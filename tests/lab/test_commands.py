@@ -27,7 +27,6 @@ from tests.helpers import (
     checkpoint_steps,
     run_command,
     run_entry_point,
-    script_result,
     signal_when,
     training_starts,
     with_devices,
@@ -143,36 +142,6 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, text_f
     sa = json.loads((tmp_path / "clean" / "summary.json").read_text())
     sb = json.loads((workdir / "summary.json").read_text())
     assert sb["final_val_loss"] == pytest.approx(sa["final_val_loss"], rel=1e-6)
-
-
-MULTI_DEVICE_SCRIPT = """
-import json, sys
-import jax
-from attention_jax.lab.cli import enable_compilation_cache
-enable_compilation_cache()
-from attention_jax.lab.config import apply_overrides, load_config
-from attention_jax.lab.loop import train
-from attention_jax.lab.rundir import RunDir
-config = load_config("configs/shakespeare_char.py:smoke")
-apply_overrides(config, {"batch_size": 8, "max_iters": 12, "eval_interval": 6, "log_interval": 3,
-                         "sample_tokens": 0, "model.dropout": 0.1})
-summary = train(config, sys.argv[1], text=open(sys.argv[2]).read(), progress=False)
-rows = RunDir(sys.argv[1]).read_metrics()
-print(json.dumps({"devices": jax.device_count(), "rows": rows}))
-"""
-
-
-def run_multi_device_script(workdir, text_file, devices: int) -> dict:
-    """MULTI_DEVICE_SCRIPT's output: in this process for its one device, else in a process with ``devices``."""
-    return script_result(MULTI_DEVICE_SCRIPT, workdir, text_file, devices=devices)
-
-
-@pytest.mark.slow
-def test_four_simulated_devices_give_the_same_losses_as_one(tmp_path, text_file):
-    outs = {n: run_multi_device_script(tmp_path / f"d{n}", text_file, n) for n in (1, 4)}
-    assert outs[1]["devices"] == 1 and outs[4]["devices"] == 4
-    rows1, rows4 = outs[1]["rows"], outs[4]["rows"]
-    assert_same_metrics(rows4, rows1, rel=2e-5, abs=1e-6, keys=("loss", "train_loss", "val_loss", "grad_norm"))
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, text_file):

@@ -32,6 +32,7 @@ from tests.helpers import (
     checkpoint_steps,
     free_port,
     processes_mentioning,
+    run_command,
     training_starts,
     with_devices,
 )
@@ -201,10 +202,10 @@ def run_two_processes(workdir, text_file, *extra) -> list[str]:
     return errs
 
 
-def run_one_process(workdir, text_file, *extra) -> None:
-    result = subprocess.run(train_cmd(workdir, text_file, *extra), cwd=ROOT, env=env_with_devices(4),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+def start_one_process(workdir, text_file, *extra) -> subprocess.Popen:
+    """The same run as one process with 4 devices."""
+    return subprocess.Popen(train_cmd(workdir, text_file, *extra), cwd=ROOT, env=env_with_devices(4),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def assert_no_process_left(workdir) -> None:
@@ -223,10 +224,14 @@ def reference_runs(tmp_path_factory, text_file):
     """Per num_seeds (1 and 2): an uninterrupted 2 x 2 run and a 1 x 4 run of the same config."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
-    for seeds in (1, 2):
+    for seeds in (1, 2):  # the 1 x 4 run beside the 2 x 2 one: it fills the time the two processes wait on each other
         two, one = root / f"two_processes_{seeds}", root / f"one_process_{seeds}"
-        run_two_processes(two, text_file, f"--config.num_seeds={seeds}")
-        run_one_process(one, text_file, f"--config.num_seeds={seeds}")
+        single = start_one_process(one, text_file, f"--config.num_seeds={seeds}")
+        try:
+            run_two_processes(two, text_file, f"--config.num_seeds={seeds}")
+        finally:
+            (err,) = finish([single])
+        assert single.returncode == 0, err
         assert_no_process_left(two)
         runs[seeds] = two, one
     return runs
@@ -253,6 +258,18 @@ def test_two_processes_give_the_losses_of_one_process_with_four_devices(referenc
     # Every process wrote its part of each checkpoint (orbax: one folder of shards per process).
     state = two / "checkpoints" / str(LAST) / "state"
     assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
+
+
+@pytest.mark.slow
+def test_four_simulated_devices_give_the_losses_of_one(reference_runs, tmp_path, text_file):
+    """The 1 x 4 reference against the same run on this process's one device (rel 2e-5: reduction order)."""
+    import jax
+
+    assert jax.device_count() == 1
+    result = run_command("train", *train_cmd(tmp_path / "one_device", text_file, "--config.num_seeds=1")[3:])
+    assert result.returncode == 0, result.stderr
+    four = reference_runs[1][1]
+    assert_same_rows(read_jsonl(tmp_path / "one_device" / "metrics.jsonl"), read_jsonl(four / "metrics.jsonl"), 2e-5)
 
 
 @pytest.mark.slow

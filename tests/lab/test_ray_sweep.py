@@ -51,6 +51,7 @@ needs_ray = pytest.mark.skipif(
     reason='Ray is an optional extra: pip install "attention_jax[ray]"',
 )
 
+
 def ray_env(marker: str) -> dict:
     """The environment of a test's Ray processes: the marker, and token authentication with a fresh token.
 
