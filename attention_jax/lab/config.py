@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.beta1 = 0.9  # AdamW beta1
     c.beta2 = 0.99  # AdamW beta2
     c.grad_clip = 1.0  # clip gradients to this global norm (0 disables)
+    c.z_loss = 0.0  # weight of mean(log² Z) of the output softmax in the training loss (PaLM: 1e-4); 0: none
     c.checkpoint_every = 250  # save the latest checkpoint every this many steps (and at the end)
     c.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); same result, less dispatch
     c.sample_tokens = 500  # characters sampled into sample.txt at the end (0: none)
@@ -381,6 +382,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     need(0 <= config.beta1 < 1, "beta1", "must be in [0, 1)")
     need(0 <= config.beta2 < 1, "beta2", "must be in [0, 1)")
     need(config.grad_clip >= 0, "grad_clip", "must be non-negative (0 disables clipping)")
+    need(config.z_loss >= 0, "z_loss", "must be non-negative (0: no z-loss)")
     need(0 < config.data.train_fraction < 1, "data.train_fraction", "must be in (0, 1)")
     need(config.batch_size % device_count == 0, "batch_size", f"must be divisible by the {device_count} devices")
     if config.model.attention_impl == "cudnn":

@@ -29,7 +29,9 @@ from attention_jax.model import BigramLM, ModelConfig, TransformerLM
 
 # The optimizer's runtime scalars, by their config keys (top-level keys: the names of ``Optimizer``'s
 # fields too): what a population's members may set each for themselves (``steps.HPARAM_KEYS``).
-HPARAM_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2")
+HPARAM_KEYS = (
+    "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "z_loss",
+)  # fmt: skip
 # Config keys a member may set: the seed, the runtime scalars of the optimizer and its schedule, and
 # the attention scale (a rule or a number: with the head size fixed, every rule is a number).
 MEMBER_KEYS = ("seed", *HPARAM_KEYS, "model.attn_scale")
@@ -68,7 +70,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Optimizer:
-    """AdamW with global-norm clipping and nanoGPT's warmup + cosine schedule."""
+    """AdamW with global-norm clipping and nanoGPT's warmup + cosine schedule, and the objective's z-loss weight."""
 
     learning_rate: float  # peak, after warmup
     min_lr: float  # at the end of the cosine decay
@@ -78,6 +80,7 @@ class Optimizer:
     beta1: float
     beta2: float
     grad_clip: float  # global norm; 0 disables
+    z_loss: float = 0.0  # weight of mean(log² Z) of the output softmax added to the training loss; 0: none
 
     def hparams(self) -> dict[str, float]:
         """The runtime scalars (``HPARAM_KEYS``) as floats: what the compiled step takes as data."""

@@ -163,8 +163,22 @@ def member_model(model: nn.Module, member: dict[str, Any]) -> nn.Module:
 
 def loss_fn(params: Any, model: nn.Module, x: Array, y: Array, dropout_key: Array, deterministic: bool) -> Array:
     """Mean next-token loss of ``model`` on (x, y)."""
+    return objective(params, model, x, y, dropout_key, deterministic, 0.0)[1]
+
+
+def objective(
+    params: Any, model: nn.Module, x: Array, y: Array, dropout_key: Array, deterministic: bool, z_loss: Array | float
+) -> tuple[Array, Array]:
+    """What training minimizes, and the mean next-token loss of ``model`` on (x, y) -> (objective, loss).
+
+    The objective is the loss plus ``z_loss`` times the mean of log² Z over positions, Z the
+    normalizer of the output softmax (PaLM, Chowdhery et al. 2022; Wortsman et al. 2023): it
+    keeps log Z near 0, against the output-logit divergence of long or high-learning-rate runs.
+    """
     logits = model.apply({"params": params}, x, deterministic=deterministic, rngs={"dropout": dropout_key})
-    return cross_entropy(logits, y)
+    loss = cross_entropy(logits, y)
+    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # (B, T)
+    return loss + z_loss * jnp.mean(jnp.square(log_z)), loss
 
 
 def train_step(
@@ -180,6 +194,8 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step of one member -> (new state, {"loss", "grad_norm"}).
 
+    The gradient is the ``objective``'s (the loss plus the member's ``z_loss`` term); "loss" is the
+    next-token loss alone, comparable between runs with and without z-loss.
     ``member`` is {"key": its PRNG key, "hparams": its optimizer scalars};
     ``optimizer(hparams)`` builds its optax transformation. A loss or gradient
     that is not finite freezes the member: the update is dropped, ``diverged_at``
@@ -187,7 +203,9 @@ def train_step(
     """
     data_key, dropout_key = step_keys(member["key"], state.step)
     x, y = batch(data_key, data, batch_size, block_size, batch_sharding)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, member_model(model, member), x, y, dropout_key, False)
+    z_loss = member["hparams"]["z_loss"]
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (_, loss), grads = grad_fn(state.params, member_model(model, member), x, y, dropout_key, False, z_loss)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer(member["hparams"]).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

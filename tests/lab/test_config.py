@@ -69,6 +69,7 @@ def test_override_parsing_and_types():
         ({"data.dataset": "/nonexistent/file.txt"}, r"data\.dataset='/nonexistent/file\.txt': data file not found"),
         ({"weight_decay": float("inf")}, r"weight_decay=inf: must be a finite number"),
         ({"grad_clip": float("inf")}, r"grad_clip=inf: must be a finite number"),
+        ({"z_loss": -1e-4}, r"z_loss=-0\.0001: must be non-negative \(0: no z-loss\)"),
         ({"min_lr": float("-inf")}, r"min_lr=-inf: must be a finite number"),
         ({"model.attention_impl": "cudnn"}, r"model\.attention_impl='cudnn': needs an NVIDIA GPU with cuDNN"),
     ],

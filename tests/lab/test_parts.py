@@ -98,7 +98,7 @@ def test_derived_variants_come_from_replace_and_are_checked(tiny_config):
     assert parts_lib.shared(resolve(tiny_config(batch_size=8))) != parts_lib.shared(p)
     assert parts_lib.member_entry(other) == {"seed": 7, "learning_rate": 5e-3, "min_lr": 1e-4, "warmup_iters": 2,
                                              "lr_decay_iters": 20, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
-                                             "model.attn_scale": "mup"}  # fmt: skip
+                                             "z_loss": 0.0, "model.attn_scale": "mup"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

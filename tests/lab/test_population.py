@@ -82,12 +82,13 @@ def test_each_member_equals_a_separate_run_with_its_values(tmp_path, tiny_config
         {"learning_rate": 4e-3, "weight_decay": 0.0, "warmup_iters": 0, "lr_decay_iters": 5, "seed": 3},
         {"learning_rate": 2e-3, "min_lr": 2e-4, "beta1": 0.7, "beta2": 0.95, "seed": 9},
         {"model.attn_scale": "none", "seed": 3},  # the attention scale a runtime number too
-        {"model.attn_scale": "mup", "learning_rate": 4e-3, "seed": 9},
+        {"model.attn_scale": "mup", "learning_rate": 4e-3, "z_loss": 1e-2, "seed": 9},
     )
     config = tiny_config(**base, population=entries, **{"model.dropout": 0.1})
     summary = train(config, tmp_path / "pop", text=text, progress=False)
     assert summary["members"] == [{k: v for k, v in e.items() if k != "seed"} for e in entries]
-    varied = {"learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2"}
+    varied = {"learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "z_loss"}
+    assert varied == set(population.HPARAM_KEYS)
     assert {k for e in entries for k in e} == varied | {"seed", "model.attn_scale"}  # every value a member may set
     finals = []
     for i, member in enumerate(population.members(config)):

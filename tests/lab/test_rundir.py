@@ -74,6 +74,10 @@ def test_check_same_config_names_what_changed_and_allows_resumable_changes(tmp_p
     run.check_same_config({**old, "max_iters": 20, "steps_per_call": 5})  # may change on resume
     with pytest.raises(ConfigError, match=r"different config \(model\.n_head: 2 -> 4\)"):
         run.check_same_config({**old, "model": {"n_head": 4}})
+    # A run written before a key existed resumes with the value that computes what it computed, only with that.
+    run.check_same_config({**old, "z_loss": 0.0})
+    with pytest.raises(ConfigError, match=r"different config \(z_loss: None -> 0\.0001\)"):
+        run.check_same_config({**old, "z_loss": 1e-4})
 
 
 def test_metrics_writer_keeps_rows_up_to_a_step_and_mirrors_them_to_tensorboard(tmp_path):

@@ -43,6 +43,9 @@ DISTRIBUTED_KEYS = ("enabled", "coordinator_address", "num_processes", "process_
                     "heartbeat_timeout_s")  # fmt: skip
 RESUMABLE_CHANGES |= {"distributed", *(f"distributed.{key}" for key in DISTRIBUTED_KEYS)}
 RESUMABLE_CHANGES |= {f"ray.{key}" for key in ("num_cpus", "num_gpus", "tpu_chips", "hosts", "max_retries")}
+# Keys added after runs were written, with the value that computes what those runs computed: a run whose
+# config lacks one resumes with that value, and is refused with any other.
+ADDED_KEYS = {"z_loss": 0.0}
 
 
 class RunDir:
@@ -89,6 +92,8 @@ class RunDir:
                 full = prefix + key
                 if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
                     walk(a[key], b[key], full + ".")
+                elif key not in a and full in ADDED_KEYS and b.get(key) == ADDED_KEYS[full]:
+                    continue
                 elif a.get(key) != b.get(key) and full not in RESUMABLE_CHANGES:
                     diffs.append(f"{full}: {a.get(key)!r} -> {b.get(key)!r}")
 
