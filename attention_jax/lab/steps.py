@@ -161,9 +161,13 @@ def member_model(model: nn.Module, member: dict[str, Any]) -> nn.Module:
     return model.clone(model_config=model.model_config.replace(attn_scale=member["attn_scale"]))
 
 
+def _logits(params: Any, model: nn.Module, x: Array, dropout_key: Array, deterministic: bool) -> Array:
+    return model.apply({"params": params}, x, deterministic=deterministic, rngs={"dropout": dropout_key})
+
+
 def loss_fn(params: Any, model: nn.Module, x: Array, y: Array, dropout_key: Array, deterministic: bool) -> Array:
     """Mean next-token loss of ``model`` on (x, y)."""
-    return objective(params, model, x, y, dropout_key, deterministic, 0.0)[1]
+    return cross_entropy(_logits(params, model, x, dropout_key, deterministic), y)
 
 
 def objective(
@@ -175,7 +179,7 @@ def objective(
     normalizer of the output softmax (PaLM, Chowdhery et al. 2022; Wortsman et al. 2023): it
     keeps log Z near 0, against the output-logit divergence of long or high-learning-rate runs.
     """
-    logits = model.apply({"params": params}, x, deterministic=deterministic, rngs={"dropout": dropout_key})
+    logits = _logits(params, model, x, dropout_key, deterministic)
     loss = cross_entropy(logits, y)
     log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # (B, T)
     return loss + z_loss * jnp.mean(jnp.square(log_z)), loss

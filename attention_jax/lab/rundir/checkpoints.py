@@ -110,8 +110,13 @@ def _listing(read: Callable[[], Any], folder: Path) -> Any:
         except (FileNotFoundError, NotADirectoryError):  # orbax says either for a checkpoint deleted meanwhile
             if not folder.is_dir():  # the folder itself is gone: not a race
                 raise
-    raise DamagedFile(f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being listed "
-                      "(a trainer saving very often); try again")  # fmt: skip
+    raise _replaced_too_often(folder, "listed")
+
+
+def _replaced_too_often(folder: Path, while_: str) -> DamagedFile:
+    """A live trainer won every race of READ_ATTEMPTS: not the same as "no checkpoint yet"."""
+    return DamagedFile(f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being {while_} "
+                       "(a trainer saving very often); try again")  # fmt: skip
 
 
 def state_layout(state: Any) -> list[list]:
@@ -233,11 +238,8 @@ class Checkpoints:
             if not replaced:
                 break
             _listing(manager.reload, folder)
-        else:  # every listing was out of date before it could be read: not the same as "none yet"
-            raise DamagedFile(
-                f"the checkpoints in {folder} were replaced {READ_ATTEMPTS} times while being read (a trainer "
-                "saving very often); try again"
-            )
+        else:  # every listing was out of date before it could be read
+            raise _replaced_too_often(folder, "read")
         if damaged:
             self.damaged += damaged
             each = "; ".join(f"step {d.step} is damaged ({d.why})" for d in damaged)
