@@ -15,6 +15,7 @@ copy of the model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -99,10 +100,25 @@ class AddPositions(nn.Module):
 
 
 def _qk_norms(module: nn.Module, q: Array, k: Array, param_dtype: DTypeLike) -> tuple[Array, Array]:
-    """QK-LayerNorm (Dehghani et al. 2023; Wortsman et al. 2023): bounds the logits' scale
-    regardless of the projections' growth. q, k (..., T, D)."""
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=q.dtype, param_dtype=param_dtype, name=name)
+    """``options.qk_norm`` on q and k (..., T, D): bounds the logits' scale regardless of the
+    projections' growth (Dehghani et al. 2023; Wortsman et al. 2023). See ``qk_norm_layer``."""
+    options = module.options
+    norm = lambda name: qk_norm_layer(
+        options, nn.LayerNorm, nn.RMSNorm, dtype=q.dtype, param_dtype=param_dtype, name=name
+    )
     return norm("query_norm")(q), norm("key_norm")(k)
+
+
+def qk_norm_layer(options: AttentionOptions, layer_norm: Callable, rms_norm: Callable, **kwargs: Any) -> Any:
+    """The q/k norm ``options`` ask for, built by the Linen or NNX norm classes given.
+
+    LayerNorm epsilon 1e-5 (as the model's own LayerNorms), RMSNorm 1e-6 (Flax's default);
+    ``qk_norm_gain=False`` drops the learned gain (and LayerNorm's offset).
+    """
+    gain = options.qk_norm_gain
+    if options.qk_norm == "rms":
+        return rms_norm(epsilon=1e-6, use_scale=gain, **kwargs)
+    return layer_norm(epsilon=1e-5, use_scale=gain, use_bias=gain, **kwargs)
 
 
 def _dense_weights_hook(module: nn.Module, dropout_rate: float, deterministic: bool):

@@ -65,6 +65,14 @@ class _Attention(nnx.Module):
     def _set_options(self, where: str, options: AttentionOptions | None, head_size: int, keywords: dict) -> None:
         self.options = from_keywords(where, options, head_size, **keywords)
 
+    def _set_norms(self, head_size: int, dtype: DTypeLike | None, param_dtype: DTypeLike, rngs: nnx.Rngs) -> None:
+        if self.options.qk_norm:
+            norm = lambda: layers.qk_norm_layer(
+                self.options, nnx.LayerNorm, nnx.RMSNorm, num_features=head_size, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs,
+            )  # fmt: skip
+            self.query_norm, self.key_norm = norm(), norm()
+
     def _norms(self, q: Array, k: Array) -> tuple[Array, Array]:
         return (self.query_norm(q), self.key_norm(k)) if self.options.qk_norm else (q, k)
 
@@ -147,9 +155,7 @@ class Head(_Attention):
             rngs=rngs,
         )
         self.key, self.query, self.value = linear(), linear(), linear()
-        if self.options.qk_norm:
-            norm = lambda: nnx.LayerNorm(head_size, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.query_norm, self.key_norm = norm(), norm()
+        self._set_norms(head_size, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 
@@ -221,9 +227,7 @@ class MultiHeadAttention(_Attention):
         self.qkv_kernel = nnx.Param(kernel_init(rngs.params(), (C, 3, H, D), param_dtype))
         self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
-        if self.options.qk_norm:
-            norm = lambda: nnx.LayerNorm(D, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.query_norm, self.key_norm = norm(), norm()
+        self._set_norms(D, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 

@@ -27,6 +27,8 @@ from attention_jax import attention
 from attention_jax.attention import ATTENTION_IMPLS, SCALES, ScaleLike
 from attention_jax.positions import POS_ENCODINGS
 
+QK_NORMS = ("layer", "rms")  # qk_norm's names; True is "layer" (its meaning before "rms" existed)
+
 _PLAIN = (str, int, float, bool, type(None))  # values hashed and compared by value; arrays by identity
 
 
@@ -55,6 +57,7 @@ def choices_doc() -> str:
     return (
         f"    ``scale``: {_quoted(SCALES)} | a positive number | a JAX or numpy array (a scalar,\n"
         "      or broadcastable to the (..., H, T, S) logits; a traced one passes unchecked)\n"
+        f'    ``qk_norm``: False | True (= "layer") | {_quoted(QK_NORMS)}\n'
         f"    ``pos_encoding``: {_quoted(POS_ENCODINGS)}\n"
         f"    ``attention_impl``: {_quoted(ATTENTION_IMPLS)}\n"
     )
@@ -82,9 +85,14 @@ class AttentionOptions:
     # Combine the lower-triangular mask, aligned so the last query sees the last key
     # (False: an encoder, or cross-attention).
     causal: bool = True
-    # LayerNorm on q and k before q·kᵀ (Dehghani et al. 2023): bounds the logits whatever
-    # the projections grow to. Adds the query_norm and key_norm parameters.
-    qk_norm: bool = False
+    # A norm on q and k (over D) before q·kᵀ: bounds the logits whatever the projections grow
+    # to. "layer" (or True): LayerNorm (Dehghani et al. 2023; Wortsman et al. 2023); "rms":
+    # RMSNorm, no centring (modded-nanogpt, with a fixed scale 0.12); False: none. Stored as
+    # False, "layer" or "rms". Adds the query_norm and key_norm modules.
+    qk_norm: bool | str = False
+    # Whether those norms learn a per-channel gain (and LayerNorm its offset); False: a
+    # parameter-free norm (modded-nanogpt's rms_norm). Only read when qk_norm is on.
+    qk_norm_gain: bool = True
     # Positions: only "rope" acts inside attention (rotating q and k); "learned" and
     # "sinusoidal" are tables added to the embeddings by the model (AddPositions).
     pos_encoding: str = "none"
@@ -105,10 +113,14 @@ class AttentionOptions:
             raise OptionError("scale", f": {e}") from None
         if isinstance(self.scale, numbers.Real) and not isinstance(self.scale, (bool, np.bool_)):
             set_("scale", float(self.scale))  # numpy scalars too: hashed by value
-        for name in ("causal", "qk_norm"):
+        for name in ("causal", "qk_norm_gain"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise OptionError(name, f" must be True or False, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
+        if isinstance(self.qk_norm, (bool, np.bool_)):
+            set_("qk_norm", "layer" if self.qk_norm else False)
+        elif not isinstance(self.qk_norm, str) or self.qk_norm not in QK_NORMS:
+            raise OptionError("qk_norm", f": unknown {self.qk_norm!r}, valid choices are False, True, {QK_NORMS}")
         for name, choices in (("pos_encoding", POS_ENCODINGS), ("attention_impl", ATTENTION_IMPLS)):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
@@ -186,8 +198,8 @@ def from_keywords(where: str, options: AttentionOptions | None, head_size: int, 
         elif not isinstance(options, AttentionOptions):
             raise OptionError("options", f" must be an AttentionOptions, got {type(options).__name__}")
         for name, value in given.items():
-            ours = getattr(options, name)
-            if not (value is ours or (not _is_array(value) and not _is_array(ours) and value == ours)):
+            ours, stored = getattr(options, name), getattr(options.replace(**{name: value}), name)  # True: "layer"
+            if not (stored is ours or (not _is_array(stored) and not _is_array(ours) and stored == ours)):
                 raise OptionError(name, f"={value!r} contradicts options.{name}={ours!r}; give one of them")
         options.check(head_size)
     except OptionError as e:

@@ -92,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_size = config_dict.placeholder(int)  # D; None = n_embd // n_head
     c.model.attn_scale = "sqrt"  # "sqrt" (1/sqrt(D)), "none" (1), "mup" (1/D), or a number
     c.model.pos_encoding = "learned"  # "learned", "sinusoidal", "rope" or "none"
-    c.model.qk_norm = False  # LayerNorm on q and k before q·kᵀ
+    # A norm on q and k before q·kᵀ: false, true or "layer" (LayerNorm), "rms" (RMSNorm)
+    c.model.qk_norm = config_dict.FieldReference(False, field_type=object)  # a bool or a name
+    c.model.qk_norm_gain = True  # the q/k norms learn a gain (false: parameter-free norms)
     c.model.dropout = 0.2  # dropout on attention weights and residual branches
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
     c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
@@ -278,6 +280,10 @@ def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) ->
             return out
         if kind is str:
             return value if isinstance(value, str) else str(value)
+        if kind is object:  # a field of several types (a bool or a name): the text true/false is a bool
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            return value
         if kind in (tuple, list):  # a JSON list on the command line, a list or tuple from Python
             parsed = json.loads(value) if isinstance(value, str) else value
             if not isinstance(parsed, (list, tuple)):

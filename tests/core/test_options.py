@@ -131,7 +131,7 @@ def test_a_traced_scale_passes_unchecked_and_a_config_is_a_static_jit_argument()
 
 
 def test_model_config_flat_names_are_views_of_its_attention_options():
-    flat = dict(attn_scale="none", qk_norm=True, pos_encoding="rope", attention_impl="xla", causal=False)
+    flat = dict(attn_scale="none", qk_norm="layer", pos_encoding="rope", attention_impl="xla", causal=False)
     cfg = ModelConfig(vocab_size=V, **flat)
     opts = AttentionOptions(scale="none", qk_norm=True, pos_encoding="rope", attention_impl="xla", causal=False)
     assert cfg.attention == opts and cfg == ModelConfig(vocab_size=V, attention=opts)

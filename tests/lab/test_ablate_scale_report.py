@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from attention_jax.lab.ablate_scale import report
+from attention_jax.lab.ablate_scale.points import describe_config
 from attention_jax.lab.config import apply_overrides, load_config
 from attention_jax.lab.loop import train
 from attention_jax.lab.rundir import load_run
@@ -173,3 +174,17 @@ def test_tuned_best_learning_rates_pairing_and_ranking(tuned_sweep, tmp_path):
     assert f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}" in md and "(1 div.)" in md
     for png in ("tuned_best_lr.png", "tuned_curves.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in md
+
+
+@pytest.mark.parametrize(
+    "model, label",
+    [
+        ({"qk_norm": False}, "sqrt"),
+        ({"qk_norm": True}, "sqrt+qknorm"),  # a run written before "rms" existed
+        ({"qk_norm": "layer", "qk_norm_gain": True}, "sqrt+qknorm"),
+        ({"qk_norm": "rms", "attn_scale": 0.12, "qk_norm_gain": False}, "0.12+qkrms-nogain"),
+    ],
+)
+def test_an_arms_label_names_its_qk_norm(model, label):
+    config = {"learning_rate": 1e-3, "model": {"n_embd": 32, "n_head": 2, "head_size": None, **model}}
+    assert describe_config(config)["scale"] == label

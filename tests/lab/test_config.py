@@ -38,7 +38,7 @@ def test_unknown_key_names_closest_valid_key():
     [
         ("batch_size", "twelve", r"batch_size.*expects int"),
         ("learning_rate", "fast", r"learning_rate.*expects float"),
-        ("model.qk_norm", "maybe", r"model\.qk_norm.*expects bool"),
+        ("model.qk_norm_gain", "maybe", r"model\.qk_norm_gain.*expects bool"),
     ],
 )
 def test_wrong_type_names_field(key, value, match):

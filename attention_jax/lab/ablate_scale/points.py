@@ -32,7 +32,7 @@ class PointResult:
     workdir: Path
     config: dict
     design: str  # "a" (width fixed) or "b" (head count fixed)
-    scale: str  # "none", "sqrt", "mup", with "+qknorm" when model.qk_norm
+    scale: str  # "none", "sqrt", "mup" or a number, then the q/k norm's label (qk_norm_label)
     head_size: int
     n_head: int
     learning_rate: float
@@ -48,12 +48,20 @@ class PointResult:
         return (self.design, self.scale, self.head_size, self.learning_rate)
 
 
+def qk_norm_label(m: dict) -> str:
+    """A run's q/k norm in an arm's label: "", "+qknorm" (LayerNorm), "+qkrms"; "-nogain" without gains."""
+    norm = m.get("qk_norm")
+    if not norm:
+        return ""
+    return ("+qkrms" if norm == "rms" else "+qknorm") + ("" if m.get("qk_norm_gain", True) else "-nogain")
+
+
 def describe_config(config: dict) -> dict:
     """design, scale label, head size, n_head and learning rate of a run's config.json."""
     m = config["model"]
     explicit = m.get("head_size") is not None
     head_size = int(m["head_size"]) if explicit else int(m["n_embd"]) // int(m["n_head"])
-    scale = str(m.get("attn_scale", "sqrt")) + ("+qknorm" if m.get("qk_norm") else "")
+    scale = str(m.get("attn_scale", "sqrt")) + qk_norm_label(m)
     return {
         "design": "b" if explicit else "a",
         "scale": scale,

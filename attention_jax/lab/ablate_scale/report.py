@@ -11,7 +11,7 @@ several machines or by plain ``experiments.train`` runs reports the same.
 An arm is (design, scale, head size, learning rate):
   design a  ``model.head_size`` unset: D = n_embd / n_head (width fixed)
   design b  ``model.head_size`` set: D independent of n_embd (heads fixed)
-  scale     ``model.attn_scale``, plus ``+qknorm`` when ``model.qk_norm``
+  scale     ``model.attn_scale``, plus ``+qknorm`` (``+qkrms``) for ``model.qk_norm``
 Standard deviations are over seeds with ddof=1 (0 for a single seed).
 """
 
