@@ -61,15 +61,20 @@ def as_int(where: str, value: object, minimum: int = 1) -> int:
 # ---------------------------------------------------------------------------
 
 
-def causal_mask(T: int, S: int | None = None) -> Array:
+def causal_mask(T: int, S: int | None = None, window: int | None = None) -> Array:
     """Lower-triangular (T, S) boolean mask, True where query t may see key s.
 
     With S > T the queries are the *last* T positions of S keys (as when a
-    prefix is cached), so query t sees keys s <= t + (S - T).
+    prefix is cached), so query t sees keys s <= t + (S - T). With ``window``
+    W (sliding-window, local attention) it sees at most the last W of them,
+    itself included: t + (S - T) - W < s.
     """
     T = operator.index(T)
     S = T if S is None else operator.index(S)
-    return jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
+    mask = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
+    if window is None:
+        return mask
+    return mask & ~jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T - operator.index(window))
 
 
 def padding_mask(lengths: ArrayLike, max_length: int, *, mask_queries: bool = False) -> Array:
@@ -261,6 +266,7 @@ def attend(
     impl: str = "dense",
     weights_hook: Callable[[Array], Array] | None = None,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> Array:
     """Attention by one of ``ATTENTION_IMPLS``: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
@@ -273,11 +279,16 @@ def attend(
     a query row with no key left gives exactly zero output on every impl.
     ``bias`` (float, broadcastable to (..., T, S)) is added to the logits.
     ``softcap`` caps the scaled logits (see ``attention_logits``): "dense" and
-    "blockwise" only.
+    "blockwise" only. ``window`` W (with ``causal``) lets each query see only
+    the last W keys, itself included (``causal_mask``); "blockwise" skips the
+    tiles outside it, "xla" and "cudnn" take it as jax.nn's ``local_window_size``
+    where they can (self-attention without a mask), else as part of the mask.
     """
     check_choice("attention impl", impl, ATTENTION_IMPLS)
     if softcap is not None and impl in ("xla", "cudnn"):
         raise ValueError(f"attention impl {impl!r} cannot soft-cap the logits; use impl='dense' or 'blockwise'")
+    if window is not None and not causal:
+        raise ValueError("window (sliding-window attention) needs causal=True")
     mask = as_mask(mask)
     T, S = q.shape[-2], k.shape[-2]
     for name, extra in (("mask", mask), ("bias", bias)):
@@ -294,9 +305,14 @@ def attend(
             )
         if not _is_static(scale):  # its custom VJP takes a static scale: fold a runtime one into q
             q, scale = (q * scale).astype(q.dtype), 1.0
-        return blockwise_causal_attention(q, k, v, scale=scale, softcap=softcap)
+        return blockwise_causal_attention(q, k, v, scale=scale, softcap=softcap, window=window)
+    if impl != "dense" and causal and mask is None and T == S:  # jax.nn's own causal (and local) masking
+        if not _is_static(scale):
+            q, scale = (q * scale).astype(q.dtype), 1.0
+        local = None if window is None else (window - 1, 0)
+        return _jax_nn_attention(q, k, v, scale=scale, bias=bias, implementation=impl, is_causal=True, local=local)
     if causal:
-        mask = _and(mask, causal_mask(T, S))
+        mask = _and(mask, causal_mask(T, S, window))
     if impl == "dense":
         return dot_product_attention(
             q, k, v, scale=scale, mask=mask, bias=bias, weights_hook=weights_hook, softcap=softcap
@@ -313,7 +329,7 @@ def _and(mask: Array | None, other: Array) -> Array:
     return other if mask is None else jnp.logical_and(mask, other)
 
 
-def _jax_nn_attention(q, k, v, *, scale, mask, bias, implementation):
+def _jax_nn_attention(q, k, v, *, scale, bias, implementation, mask=None, is_causal=False, local=None):
     """jax.nn.dot_product_attention on (..., T, D) arrays: leading axes become its batch, one head each."""
     *lead, T, D = q.shape
     S, Dv = k.shape[-2], v.shape[-1]
@@ -323,6 +339,7 @@ def _jax_nn_attention(q, k, v, *, scale, mask, bias, implementation):
     out = jax.nn.dot_product_attention(
         as_bthd(q, T, D), as_bthd(k, S, D), as_bthd(v, S, Dv),
         scale=scale, mask=as_bnts(mask), bias=as_bnts(bias), implementation=implementation,
+        is_causal=is_causal, local_window_size=local,
     )  # fmt: skip
     return out.reshape(*lead, T, Dv)
 
@@ -403,25 +420,63 @@ def cache_append(cached_k: Array, cached_v: Array, index: Array, k: Array, v: Ar
     return k_all, v_all, index + k.shape[-2]
 
 
-def cache_shape(k: Array) -> tuple[int, int, int]:
+def cache_shape(k: Array, window: int | None = None) -> tuple[int, int, int]:
     """The (N, S, D) shape of a cache for keys k (..., S, D): every leading axis (batch, heads) in N.
 
     One flat leading axis, not (B, H): on CPU, XLA updated a (1, H, S, D) cache in
     place only after copying it several times per step (the attention's matmul
-    reads it reshaped); a (B·H, S, D) cache is read as it is stored.
+    reads it reshaped); a (B·H, S, D) cache is read as it is stored. A layer with
+    a ``window`` W keeps at most W slots (a ring buffer, ``ring_attend``).
     """
-    return math.prod(k.shape[:-2]), k.shape[-2], k.shape[-1]
+    S = k.shape[-2] if window is None else min(k.shape[-2], window)
+    return math.prod(k.shape[:-2]), S, k.shape[-1]
 
 
-def decode_mask(index: Array, T: int, S: int, *, causal: bool = True) -> Array:
+def ring_positions(index: Array, slots: int) -> Array:
+    """The position each slot of a ring cache holds after ``index`` tokens: (slots,), negative = empty.
+
+    Position p lives in slot p mod slots, so slot j holds the latest p < index with p = j (mod slots).
+    """
+    j = jnp.arange(slots)
+    return index - 1 - jnp.mod(index - 1 - j, slots)
+
+
+def ring_attend(q, k, v, cache, *, window: int, **attend_kwargs) -> tuple[Array, tuple[Array, Array, Array]]:
+    """Decode through a sliding window's ring cache: q, k, v (N, T, D) new rows, cache (N, W, D) x 2 + index.
+
+    The T new queries (positions index..index+T-1) attend over the W cached
+    slots and the T new keys together, each seeing the keys at positions
+    p - W < s <= p of its own position p; then the last min(T, W) new keys
+    and values overwrite their slots. The cache's memory is W rows whatever
+    the context's length, and a chunk longer than W still sees every key it
+    needs (a ring of W alone would have overwritten them).
+    """
+    cached_k, cached_v, index = cache
+    T, W = q.shape[-2], cached_k.shape[-2]
+    key_pos = jnp.concatenate([ring_positions(index, W), index + jnp.arange(T)])  # (W + T,)
+    query_pos = (index + jnp.arange(T))[:, None]  # (T, 1)
+    mask = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos > query_pos - window)  # (T, W + T)
+    keys = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=-2)
+    values = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=-2)
+    out = attend(q, keys, values, mask=mask, **attend_kwargs)
+    m = min(T, W)  # the newest m keys are the ones a later query can still see
+    slots = jnp.mod(index + T - m + jnp.arange(m), W)
+    new_k = cached_k.at[:, slots].set(k[:, T - m :].astype(cached_k.dtype))
+    new_v = cached_v.at[:, slots].set(v[:, T - m :].astype(cached_v.dtype))
+    return out, (new_k, new_v, index + T)
+
+
+def decode_mask(index: Array, T: int, S: int, *, causal: bool = True, window: int | None = None) -> Array:
     """(T, S) mask of T new queries at positions index..index+T-1 over S cache slots.
 
     Slots not yet written (s >= index + T) are masked; with ``causal`` query t
-    also sees no slot after its own position (s <= index + t).
+    also sees no slot after its own position (s <= index + t), and with
+    ``window`` W none W or more before it (s > index + t - W).
     """
     s = jnp.arange(S)[None, :]
     if causal:
-        return s <= index + jnp.arange(T)[:, None]
+        t = index + jnp.arange(T)[:, None]
+        return (s <= t) if window is None else (s <= t) & (s > t - window)
     return jnp.broadcast_to(s < index + T, (T, S))
 
 
@@ -439,6 +494,7 @@ def attention_heads(
     cache: tuple[Array, Array, Array] | None = None,
     weights_hook: Callable[[Array], Array] | None = None,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """One attention layer after the projections (and the optional q/k norms).
 
@@ -454,7 +510,10 @@ def attention_heads(
     broadcast to (..., 1, 1) (one per head, say), and "blockwise" and "cudnn"
     run as "dense" (a decode step's few query rows need no tiling). Writing past
     the end of the cache is a caller error; the output is then NaN, not wrong
-    numbers.
+    numbers. A ``window`` layer whose cache has W slots (``cache_shape``:
+    contexts longer than W) decodes through the ring (``ring_attend``): no
+    overflow, no ``mask`` or ``bias`` over slots (slots do not stay at one
+    position), and the weights it records are over (W cached + T new) keys.
     """
     index = 0 if cache is None else cache[2]
     if rope:
@@ -463,7 +522,7 @@ def attention_heads(
     if cache is None:
         out = attend(
             q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook,
-            softcap=softcap,
+            softcap=softcap, window=window,
         )  # fmt: skip
         return out, None
     *lead, T, _ = q.shape
@@ -474,7 +533,21 @@ def attention_heads(
             "initialize the cache for this batch size"
         )
     rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # -> (N, *tail)
-    flat_mask = decode_mask(index, T, S, causal=causal)  # (T, S)
+    if window is not None and S == window:  # a ring of the last W keys
+        if mask is not None or bias is not None:
+            raise ValueError(
+                "decode: a window layer's ring cache takes no mask or bias (its slots hold changing positions); "
+                "decode without them, or give the layer a cache shorter than its window"
+            )
+        if not _is_static(scale) and jnp.ndim(scale):
+            scale = rows(scale, 1, 1)
+        hook = None if weights_hook is None else lambda w: weights_hook(w.reshape(*lead, T, -1)).reshape(N, T, -1)
+        out, new = ring_attend(
+            rows(q, T, q.shape[-1]), rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]), cache, window=window,
+            scale=scale, impl="dense" if impl in ("blockwise", "cudnn") else impl, weights_hook=hook, softcap=softcap,
+        )  # fmt: skip
+        return out.reshape(*lead, T, -1), new
+    flat_mask = decode_mask(index, T, S, causal=causal, window=window)  # (T, S)
     if mask is not None:
         flat_mask = rows(as_mask(mask), T, S) & flat_mask
     flat_bias = None if bias is None else rows(bias, T, S)

@@ -63,6 +63,7 @@ def blockwise_causal_attention(
     *,
     scale: float,
     softcap: float | None = None,
+    window: int | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Array:
@@ -70,7 +71,9 @@ def blockwise_causal_attention(
 
     Query t attends to keys s <= t. ``scale`` multiplies q·kᵀ; ``softcap``
     (None, or a positive number) caps the scaled scores to softcap·tanh(s/softcap)
-    as ``attention.attention_logits`` does. ``block_q`` and
+    as ``attention.attention_logits`` does. ``window`` W (None: all of the past)
+    lets query t see only keys t - W < s <= t, and the loops then visit only
+    the tiles that hold such keys: O(T·W) work instead of O(T²). ``block_q`` and
     ``block_k`` are tile sizes (clipped to T); T need not be a multiple of them.
     Differentiable (w.r.t. q, k, v) with an O(T·D)-memory backward pass.
     """
@@ -85,7 +88,8 @@ def blockwise_causal_attention(
     N = math.prod(lead)  # all leading (batch, head) axes flattened into one
     bq, bk = min(block_q, T), min(block_k, T)
     cap = None if softcap is None else float(softcap)
-    out = _attention(q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), cap, bq, bk)
+    W = None if window is None else int(window)
+    out = _attention(q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), cap, W, bq, bk)
     return out.reshape(*lead, T, Dv)  # (..., T, Dv)
 
 
@@ -114,11 +118,11 @@ def _tile(x: Array, i) -> Array:
     return lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
 
 
-def _causal_tile_mask(i, j, bq: int, bk: int) -> Array:
-    """(bq, bk) mask of query tile i against key tile j: True where s <= t."""
+def _causal_tile_mask(i, j, bq: int, bk: int, window: int | None) -> Array:
+    """(bq, bk) mask of query tile i against key tile j: True where s <= t (and t - W < s)."""
     t = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     s = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    return s <= t
+    return (s <= t) if window is None else (s <= t) & (s > t - window)
 
 
 def _scores(q_i: Array, k_j: Array, scale: float, softcap: float | None, acc_dtype) -> Array:
@@ -128,25 +132,37 @@ def _scores(q_i: Array, k_j: Array, scale: float, softcap: float | None, acc_dty
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
-def _key_tile_range(i, bq: int, bk: int, nk: int):
-    """Key tiles seen by query tile i: [0, n_full) need no mask, [n_full, n_seen) do.
+def _key_tile_range(i, bq: int, bk: int, nk: int, window: int | None):
+    """Key tiles seen by query tile i: [lo, a) and [b, n_seen) need a mask, [a, b) don't.
 
-    Query tile i holds t in [i·bq, (i+1)·bq). Key tile j is fully visible when
-    its last key (j+1)·bk - 1 <= i·bq, and partly visible when j·bk <= (i+1)·bq - 1.
+    Query tile i holds t in [i·bq, (i+1)·bq). Causally, key tile j is fully
+    visible when its last key (j+1)·bk - 1 <= i·bq, and partly visible when
+    j·bk <= (i+1)·bq - 1. A window W adds a lower edge: tile j holds keys some
+    row sees when (j+1)·bk - 1 > i·bq - W, and only keys every row sees when
+    j·bk > (i+1)·bq - 1 - W. Without a window lo = a = 0.
     """
     n_seen = jnp.minimum(((i + 1) * bq - 1) // bk + 1, nk)
-    n_full = jnp.minimum((i * bq + 1) // bk, n_seen)
-    return n_full, n_seen
+    b = jnp.minimum((i * bq + 1) // bk, n_seen)
+    if window is None:
+        return 0, 0, b, n_seen
+    lo = jnp.clip((i * bq - window + 1) // bk, 0, b)  # floor: the tile of the earliest key any row sees
+    a = jnp.clip(-(-((i + 1) * bq - window) // bk), lo, b)  # ceil: the first tile every row sees whole
+    return lo, a, b, n_seen
 
 
-def _query_tile_range(j, bq: int, bk: int, nq: int):
-    """Query tiles that see key tile j: [first, n_masked) need a mask, [n_masked, nq) don't.
+def _query_tile_range(j, bq: int, bk: int, nq: int, window: int | None):
+    """Query tiles that see key tile j: [first, a) and [b, end) need a mask, [a, b) don't.
 
-    The same partition as ``_key_tile_range``, seen from the key side.
+    The same partition as ``_key_tile_range``, seen from the key side: with a
+    window W the last query that sees key s is s + W - 1.
     """
     first = (j * bk) // bq
-    n_masked = jnp.clip(((j + 1) * bk - 1 + bq - 1) // bq, first, nq)
-    return first, n_masked
+    a = jnp.clip(((j + 1) * bk - 1 + bq - 1) // bq, first, nq)
+    if window is None:
+        return first, a, nq, nq
+    end = jnp.clip(((j + 1) * bk - 1 + window - 1) // bq + 1, a, nq)
+    b = jnp.clip((j * bk + window) // bq, a, end)  # tiles whose last row (i+1)·bq - 1 <= j·bk + W - 1
+    return first, a, b, end
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +170,7 @@ def _query_tile_range(j, bq: int, bk: int, nq: int):
 # ---------------------------------------------------------------------------
 
 
-def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, bq: int, bk: int):
+def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, window: int | None, bq: int, bk: int):
     """q, k (N, T, D), v (N, T, Dv) -> out (N, T, Dv), logsumexp (N, T) in acc dtype."""
     N, T, _ = q.shape
     Dv = v.shape[-1]
@@ -172,11 +188,13 @@ def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, 
             m, l, o = state  # (N, bq), (N, bq), (N, bq, Dv)
             s = _scores(q_i, _tile(kt, j), scale, softcap, acc)  # (N, bq, bk)
             if masked:
-                mask = _causal_tile_mask(i, j, bq, bk)
+                mask = _causal_tile_mask(i, j, bq, bk, window)
                 s = jnp.where(mask, s, jnp.finfo(acc).min)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            # Every row sees key 0 in the first tile visited, so m_new is a real
-            # score from then on and exp(-inf - m_new) = 0 is the only infinity.
+            # Without a window every row sees key 0 in the first tile visited, so
+            # m_new is a real score from then on. A row that sees nothing in a tile
+            # (below its window) gets m_new = finfo.min there and p = 0 by the mask;
+            # its first real score then rescales those zeros by exp(min - m) = 0.
             p = jnp.exp(s - m_new[..., None])
             if masked:
                 p = jnp.where(mask, p, 0.0)
@@ -190,9 +208,10 @@ def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, 
             jnp.zeros((N, bq), acc),
             jnp.zeros((N, bq, Dv), acc),
         )
-        n_full, n_seen = _key_tile_range(i, bq, bk, nk)
-        state = lax.fori_loop(0, n_full, functools.partial(key_tile, masked=False), state)
-        m, l, o = lax.fori_loop(n_full, n_seen, functools.partial(key_tile, masked=True), state)
+        lo, a, b, n_seen = _key_tile_range(i, bq, bk, nk, window)
+        state = lax.fori_loop(lo, a, functools.partial(key_tile, masked=True), state)
+        state = lax.fori_loop(a, b, functools.partial(key_tile, masked=False), state)
+        m, l, o = lax.fori_loop(b, n_seen, functools.partial(key_tile, masked=True), state)
         out = lax.dynamic_update_index_in_dim(out, (o / l[..., None]).astype(out.dtype), i, axis=0)
         lse = lax.dynamic_update_index_in_dim(lse, m + jnp.log(l), i, axis=0)
         return out, lse
@@ -210,7 +229,7 @@ def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, 
 # ---------------------------------------------------------------------------
 
 
-def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, bq: int, bk: int):
+def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, window: int | None, bq: int, bk: int):
     N, T, D = q.shape
     acc = lse.dtype
     # delta_t = sum_d dO[t, d] O[t, d] = sum_s p[t, s] dp[t, s]: the softmax
@@ -233,7 +252,7 @@ def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, bq: int
             s = _scores(q_i, k_j, scale, softcap, acc)  # (N, bq, bk)
             p = jnp.exp(s - _tile(lset, i)[..., None])
             if masked:
-                p = jnp.where(_causal_tile_mask(i, j, bq, bk), p, 0.0)
+                p = jnp.where(_causal_tile_mask(i, j, bq, bk, window), p, 0.0)
             dv_j = dv_j + jnp.einsum("nts,ntd->nsd", p.astype(g_i.dtype), g_i, preferred_element_type=acc)
             dp = jnp.einsum("ntd,nsd->nts", g_i, v_j, preferred_element_type=acc)
             ds = p * (dp - _tile(deltat, i)[..., None])  # d loss / d s, (N, bq, bk)
@@ -245,9 +264,10 @@ def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, bq: int
             return dq, dk_j, dv_j
 
         state = (dq, jnp.zeros((N, bk, D), acc), jnp.zeros((N, bk, v.shape[-1]), acc))
-        first, n_masked = _query_tile_range(j, bq, bk, nq)
-        state = lax.fori_loop(first, n_masked, functools.partial(query_tile, masked=True), state)
-        dq, dk_j, dv_j = lax.fori_loop(n_masked, nq, functools.partial(query_tile, masked=False), state)
+        first, a, b, end = _query_tile_range(j, bq, bk, nq, window)
+        state = lax.fori_loop(first, a, functools.partial(query_tile, masked=True), state)
+        state = lax.fori_loop(a, b, functools.partial(query_tile, masked=False), state)
+        dq, dk_j, dv_j = lax.fori_loop(b, end, functools.partial(query_tile, masked=True), state)
         dk = lax.dynamic_update_index_in_dim(dk, dk_j, j, axis=0)
         dv = lax.dynamic_update_index_in_dim(dv, dv_j, j, axis=0)
         return dq, dk, dv
@@ -263,19 +283,19 @@ def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, bq: int
     return dq, dk, _from_tiles(dv, T).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, scale, softcap, bq, bk):
-    return _forward(q, k, v, scale, softcap, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(q, k, v, scale, softcap, window, bq, bk):
+    return _forward(q, k, v, scale, softcap, window, bq, bk)[0]
 
 
-def _attention_fwd(q, k, v, scale, softcap, bq, bk):
-    out, lse = _forward(q, k, v, scale, softcap, bq, bk)
+def _attention_fwd(q, k, v, scale, softcap, window, bq, bk):
+    out, lse = _forward(q, k, v, scale, softcap, window, bq, bk)
     return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(scale, softcap, bq, bk, residuals, g):
+def _attention_bwd(scale, softcap, window, bq, bk, residuals, g):
     q, k, v, out, lse = residuals
-    return _backward(q, k, v, out, lse, g, scale, softcap, bq, bk)
+    return _backward(q, k, v, out, lse, g, scale, softcap, window, bq, bk)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -140,8 +140,9 @@ def _cache(module: nn.Module, k: Array, v: Array):
     (``attention.cache_shape``).
     """
     initialized = module.has_variable("cache", "cached_key")
-    ck = module.variable("cache", "cached_key", jnp.zeros, attention.cache_shape(k), k.dtype)
-    cv = module.variable("cache", "cached_value", jnp.zeros, attention.cache_shape(v), v.dtype)
+    window = module.options.window  # a window layer keeps at most that many keys
+    ck = module.variable("cache", "cached_key", jnp.zeros, attention.cache_shape(k, window), k.dtype)
+    cv = module.variable("cache", "cached_value", jnp.zeros, attention.cache_shape(v, window), v.dtype)
     ci = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     return (ck, cv, ci) if initialized else None
 

@@ -110,9 +110,16 @@ class ModelConfig:
             shape = np.shape(self.attn_scale)
             raise ValueError(f"ModelConfig.attn_scale: an array scale must be a scalar, got shape {shape}")
         try:
-            self.attention.check(self.head_dim)
+            for i in range(max(self.n_layer, 1)):
+                self.attention.layer(i).check(self.head_dim)
         except OptionError as e:
             raise e.named("ModelConfig", _FLAT_NAME) from None
+        windows = self.window if isinstance(self.window, tuple) else (self.window,)
+        if any(w is not None and w > self.block_size for w in windows):
+            raise ValueError(
+                f"ModelConfig.window={self.window!r}: a window longer than block_size={self.block_size} sees no "
+                "more than the whole block; use None for full attention"
+            )
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -160,6 +167,7 @@ class Block(nn.Module):
     """
 
     model_config: ModelConfig
+    layer: int = 0  # which layer of the model: picks its window when model_config.window is per layer
 
     @nn.compact
     def __call__(
@@ -172,7 +180,7 @@ class Block(nn.Module):
         decode: bool = False,
     ) -> Array:
         cfg = self.model_config
-        attn, mlp = block_options(cfg)
+        attn, mlp = block_options(cfg, self.layer)
         norm = lambda name: nn.LayerNorm(
             epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype, name=name
         )
@@ -184,8 +192,8 @@ class Block(nn.Module):
         return x + FeedForward(**mlp, name="mlp")(h, deterministic=deterministic)
 
 
-def block_options(model_config: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The keyword arguments of a Block's attention and MLP, for the Linen and the NNX Block alike."""
+def block_options(model_config: ModelConfig, layer: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword arguments of Block ``layer``'s attention and MLP, for the Linen and the NNX Block alike."""
     cfg = model_config
     # Each block adds two residual branches; with 2*n_layer branches summed,
     # the stream's variance would grow ~linearly with depth at init. Scaling
@@ -198,7 +206,7 @@ def block_options(model_config: ModelConfig) -> tuple[dict[str, Any], dict[str, 
         param_dtype=jnp.dtype(cfg.param_dtype),
         out_init=out_init,
     )
-    attn = dict(num_heads=cfg.n_head, head_size=cfg.head_dim, options=cfg.attention, **common)
+    attn = dict(num_heads=cfg.n_head, head_size=cfg.head_dim, options=cfg.attention.layer(layer), **common)
     return attn, dict(hidden=4 * cfg.n_embd, **common)
 
 
@@ -242,7 +250,9 @@ class TransformerLM(nn.Module):
         )  # (..., T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic).astype(dtype)
         for i in range(cfg.n_layer):
-            x = Block(cfg, name=f"block_{i}")(x, mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+            x = Block(cfg, layer=i, name=f"block_{i}")(
+                x, mask=mask, bias=bias, deterministic=deterministic, decode=decode
+            )
         x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final")(x)
         if cfg.tie_embeddings:  # one (V, C) matrix reads tokens in and writes logits out
             logits = embed.attend(x.astype(jnp.float32))

@@ -85,7 +85,7 @@ class _Attention(nnx.Module):
         return hook
 
     def _init_cache_for(self, k_shape: tuple[int, ...], dtype: DTypeLike) -> None:
-        shape = attention.cache_shape(jax.ShapeDtypeStruct(k_shape, dtype))
+        shape = attention.cache_shape(jax.ShapeDtypeStruct(k_shape, dtype), self.options.window)
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
@@ -320,9 +320,10 @@ class AddPositions(nnx.Module):
 class Block(nnx.Module):
     """The twin of ``model.Block``: pre-LayerNorm x + attn(ln(x)), then x + mlp(ln(x)). (..., T, C) -> (..., T, C)."""
 
-    def __init__(self, model_config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, model_config: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
         cfg = self.model_config = model_config
-        attn, mlp = model.block_options(cfg)
+        self.layer = layer  # as model.Block.layer: picks its window when model_config.window is per layer
+        attn, mlp = model.block_options(cfg, layer)
         norm = lambda: nnx.LayerNorm(
             cfg.n_embd,
             epsilon=1e-5,
@@ -366,7 +367,7 @@ class TransformerLM(nnx.Module):
         self.positions = AddPositions(cfg.pos_encoding, cfg.block_size, cfg.n_embd, param_dtype=pdt, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         for i in range(cfg.n_layer):  # attributes block_0, block_1, ...: the Linen names
-            setattr(self, f"block_{i}", Block(cfg, rngs=rngs))
+            setattr(self, f"block_{i}", Block(cfg, layer=i, rngs=rngs))
         self.ln_final = nnx.LayerNorm(
             cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=pdt, rngs=rngs
         )
@@ -430,8 +431,9 @@ def _layer_fields(module: nn.Module) -> dict[str, Any]:
 
 def _twin_of_linen(module: nn.Module, params: Any, rngs: nnx.Rngs) -> nnx.Module:
     if isinstance(module, (model.TransformerLM, model.Block)):
-        twin = TransformerLM if isinstance(module, model.TransformerLM) else Block
-        return twin(module.model_config, rngs=rngs)
+        if isinstance(module, model.TransformerLM):
+            return TransformerLM(module.model_config, rngs=rngs)
+        return Block(module.model_config, layer=module.layer, rngs=rngs)
     if isinstance(module, layers.MultiHeadAttention):
         return MultiHeadAttention(params["qkv_kernel"].shape[0], **_layer_fields(module), rngs=rngs)
     if isinstance(module, layers.Head):
@@ -445,7 +447,7 @@ def _linen_twin(module: nnx.Module) -> nn.Module:
     if isinstance(module, TransformerLM):
         return model.TransformerLM(module.model_config)
     if isinstance(module, Block):
-        return model.Block(module.model_config)
+        return model.Block(module.model_config, layer=module.layer)
     linen_type = {MultiHeadAttention: layers.MultiHeadAttention, Head: layers.Head}.get(type(module))
     if linen_type is None:
         raise TypeError(

@@ -48,6 +48,11 @@ def _is_array(value: object) -> bool:
     return isinstance(value, (np.ndarray, jax.Array))  # jax.Array includes tracers
 
 
+def _is_count(value: object) -> bool:
+    """A positive integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value > 0
+
+
 def _quoted(choices) -> str:
     return " | ".join(f'"{c}"' for c in choices)
 
@@ -104,6 +109,12 @@ class AttentionOptions:
     # bounded by ±softcap, before the mask and bias; None: no cap. "dense" and "blockwise" only:
     # jax.nn.dot_product_attention ("xla", "cudnn") exposes no logits to cap.
     softcap: float | None = None
+    # Sliding-window (local) attention (Longformer; Mistral; Gemma 2): each query sees at most
+    # the last `window` keys, itself included; None: all of the past. Needs causal. A tuple is
+    # one window per layer, cycled over a model's layers ((256, None): every other layer
+    # global), for a ModelConfig only; a layer takes one number. A decoding layer keeps at
+    # most `window` keys (attention.ring_attend).
+    window: int | tuple[int | None, ...] | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # (frozen)
@@ -137,6 +148,27 @@ class AttentionOptions:
                     "exposes no logits); use 'dense' or 'blockwise'",
                 )
 
+        if self.window is not None:
+            windows = tuple(self.window) if isinstance(self.window, (tuple, list)) else (self.window,)
+            for w in windows:
+                if w is not None and not _is_count(w):
+                    raise OptionError(
+                        "window", f" must be a positive integer, None, or a tuple of them (one per layer), "
+                        f"got {self.window!r}"
+                    )  # fmt: skip
+            if not windows:
+                raise OptionError("window", " must not be an empty tuple (None: no window)")
+            windows = tuple(None if w is None else int(w) for w in windows)
+            set_("window", windows if isinstance(self.window, (tuple, list)) else windows[0])
+            if not self.causal:
+                raise OptionError("window", ": a sliding window needs causal=True")
+
+    def layer(self, index: int) -> AttentionOptions:
+        """The options of layer ``index`` of a model: a per-layer ``window`` tuple resolved (cycled)."""
+        if isinstance(self.window, tuple):
+            return self.replace(window=self.window[index % len(self.window)])
+        return self
+
     def check(self, head_size: int) -> None:
         """The checks that need the head size D: a positive integer, even for rope."""
         try:
@@ -145,6 +177,11 @@ class AttentionOptions:
             raise OptionError("head_size", str(e).removeprefix("head_size")) from None
         if self.pos_encoding == "rope" and head_size % 2:
             raise OptionError("head_size", f" must be even for rope, got {head_size}")
+        if isinstance(self.window, tuple):
+            raise OptionError(
+                "window", f"={self.window!r}: one window per layer is for a ModelConfig; a layer takes one number "
+                "or None (AttentionOptions.layer(i) picks layer i's)"
+            )  # fmt: skip
 
     def attention_kwargs(self, head_size: int) -> dict[str, Any]:
         """What ``attention.attention_heads`` takes from these options, the scale resolved for D."""
@@ -154,6 +191,7 @@ class AttentionOptions:
             impl=self.attention_impl,
             rope=self.pos_encoding == "rope",
             softcap=self.softcap,
+            window=self.window,
         )
 
     def replace(self, **changes: Any) -> AttentionOptions:
@@ -167,7 +205,8 @@ class AttentionOptions:
 
     def _key(self) -> tuple:
         values = (getattr(self, name) for name in self.names())  # not astuple: it copies arrays
-        return tuple(v if isinstance(v, _PLAIN) else ("id", id(v)) for v in values)
+        plain = lambda v: isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v))
+        return tuple(v if plain(v) else ("id", id(v)) for v in values)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self._key() == other._key()

@@ -213,10 +213,10 @@ def leaky_decode_mask(monkeypatch):
 
     correct = attention.decode_mask
 
-    def leaky(index, T, S, *, causal=True):
+    def leaky(index, T, S, *, causal=True, window=None):
         s = jnp.arange(S)[None, :]
         one_ahead = (s == index + jnp.arange(T)[:, None] + 1) & (s < index + T)  # (T, S)
-        return correct(index, T, S, causal=causal) | one_ahead
+        return correct(index, T, S, causal=causal, window=window) | one_ahead
 
     _generate.clear_cache()
     monkeypatch.setattr(attention, "decode_mask", leaky)

@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
     c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU) or "blockwise" (long T)
     c.model.softcap = config_dict.placeholder(float)  # None; c: logits -> c·tanh(logits/c) ("dense", "blockwise")
+    # Sliding-window attention: None (all of the past), W (each query sees the last W keys), or
+    # one per layer, cycled: [256, null] = every other layer global (--config.model.window='[256, null]')
+    c.model.window = config_dict.FieldReference(None, field_type=object)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # "tinyshakespeare" or a path to any UTF-8 text file
@@ -280,10 +283,15 @@ def _convert(key: str, value: Any, kind: type | None, nullable: bool = False) ->
             return out
         if kind is str:
             return value if isinstance(value, str) else str(value)
-        if kind is object:  # a field of several types (a bool or a name): the text true/false is a bool
-            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        if kind is object:  # a field of several types: true/false is a bool, JSON is read, other text stays
+            if isinstance(value, str) and value.lower() in ("true", "yes", "false", "no"):
                 return value.lower() in _TRUE
-            return value
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    return value
+            return tuple(value) if isinstance(value, list) else value
         if kind in (tuple, list):  # a JSON list on the command line, a list or tuple from Python
             parsed = json.loads(value) if isinstance(value, str) else value
             if not isinstance(parsed, (list, tuple)):

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_jax import attention as A
 from attention_jax import layers
 from attention_jax import nnx as ajx
+from attention_jax.blockwise import blockwise_causal_attention
+from attention_jax.generate import generate
 from attention_jax.model import ModelConfig, TransformerLM
 from attention_jax.options import AttentionOptions, from_keywords
 
@@ -160,3 +163,179 @@ def test_qk_norm_config_keys_round_trip():
     assert model_config(from_dict(saved), V).attention == AttentionOptions(qk_norm="layer", pos_encoding="learned")
     with pytest.raises(ConfigError, match=r"^model\.qk_norm: unknown 'maybe', valid choices are False, True"):
         model_config(apply_overrides(base_config(), {"model.qk_norm": "maybe"}), V)
+
+
+# --- window: sliding-window (local) attention ---------------------------------------------------
+
+
+def numpy_window_attention(q, k, v, scale, window):
+    """An independent float64 reference: query t averages the values of keys t - W < s <= t."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    T = q.shape[-2]
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    logits = np.where((s <= t) & (s > t - window), q @ np.swapaxes(k, -1, -2) * scale, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def window_qkv(T, seed=0, lead=(2,), d=4):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=(*lead, T, d)) * 1.5, jnp.float32) for _ in range(3))
+
+
+# (T, W, block_q, block_k): tiles that divide T and tiles that do not, windows inside one tile,
+# across several, of one key, and as long as the sequence
+WINDOW_TILINGS = [(13, 4, 4, 4), (13, 4, 3, 5), (17, 1, 4, 4), (20, 7, 8, 3), (9, 9, 4, 4), (33, 20, 4, 8)]
+
+
+def test_window_equals_a_float64_numpy_reference_on_hand_made_inputs():
+    # hand-made: 5 keys, window 2; query 3 sees keys 2 and 3 only, so key 0's huge logit must not win
+    q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [0.0, -1.0]])
+    k = np.array([[9.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+    v = np.array([[100.0, 0.0], [1.0, 1.0], [2.0, -1.0], [3.0, 5.0], [4.0, 2.0]])
+    want = numpy_window_attention(q, k, v, 1.0, 2)
+    by_hand = (np.e**2 * v[2] + 1 * v[3]) / (np.e**2 + 1)  # query 3: logits 2 (key 2) and 0 (key 3)
+    np.testing.assert_allclose(want[3], by_hand)
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    for impl in ("dense", "xla", "blockwise"):
+        got = A.attend(*args, scale=1.0, causal=True, impl=impl, window=2)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+@pytest.mark.parametrize("T, W, bq, bk", WINDOW_TILINGS)
+def test_window_every_backend_and_tiling_equals_the_numpy_reference(T, W, bq, bk):
+    q, k, v = window_qkv(T)
+    want = numpy_window_attention(q, k, v, 0.5, W)
+    for impl in ("dense", "xla"):
+        got = A.attend(q, k, v, scale=0.5, causal=True, impl=impl, window=W)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    got = blockwise_causal_attention(q, k, v, scale=0.5, window=W, block_q=bq, block_k=bk)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, W, bq, bk", WINDOW_TILINGS[1::2])
+def test_window_blockwise_gradients_equal_dense(T, W, bq, bk):
+    q, k, v = window_qkv(T, seed=1)
+    g = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+    grads = lambda fn: jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v), g), argnums=(0, 1, 2))(q, k, v)
+    dense = grads(lambda q, k, v: A.attend(q, k, v, scale=0.5, causal=True, window=W))
+    tiled = grads(lambda q, k, v: blockwise_causal_attention(q, k, v, scale=0.5, window=W, block_q=bq, block_k=bk))
+    for got, want in zip(tiled, dense):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "xla", "blockwise"])
+def test_window_causality_by_gradients_sees_exactly_the_last_w_inputs(fake_init, impl):
+    W = 3
+    module = layers.MultiHeadAttention(H, D, options=AttentionOptions(window=W, attention_impl=impl))
+    x = x_input()
+    dep = dependence(module, fake_init(module, x, std=0.5), x)  # (B, T_out, T_in)
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    seen = (s <= t) & (s > t - W)  # inputs t - W + 1 .. t
+    assert np.all(dep[:, ~seen] == 0.0)  # exactly zero before the window and after t
+    assert np.all(dep[:, seen] > 0.0)
+
+
+def window_lm(window=(3, None), pos_encoding="rope", block=12, **kw):
+    return TransformerLM(lm_config(block_size=block, window=window, pos_encoding=pos_encoding, **kw))
+
+
+@pytest.mark.parametrize("window, pos_encoding", [(3, "rope"), ((3, None), "learned"), (1, "none")])
+def test_window_decode_equals_the_full_pass_past_the_window_with_a_cache_of_w_keys(fake_init, window, pos_encoding):
+    model = window_lm(window, pos_encoding)
+    tokens = tokens_input(shape=(B, 12))
+    params = fake_init(model, tokens, std=0.5)
+    cache = model.init_cache(B, 12)
+    windows = window if isinstance(window, tuple) else (window,)
+    for i in range(2):  # the memory: W rows for a window layer, the context for a full one
+        w = windows[i % len(windows)]
+        assert cache[f"block_{i}"]["attn"]["cached_key"].shape == (B * H, w or 12, D)
+    full = assert_cached_decode_equals_the_full_pass(model, params, tokens, first=5)  # a prompt longer than W
+    params_full = TransformerLM(lm_config(block_size=12, pos_encoding=pos_encoding))
+    assert np.max(np.abs(full - np.asarray(params_full.apply({"params": params}, tokens)))) > 1e-3  # it acts
+    for chunks in ((2, 6, 4), (7, 5)):  # chunks longer than the window, after the ring has wrapped
+        state, outs, i = {"cache": model.init_cache(B, 12)}, [], 0
+        for c in chunks:
+            chunk = tokens[:, i : i + c]
+            logits, state = model.apply({"params": params, **state}, chunk, decode=True, mutable=["cache"])
+            outs.append(np.asarray(logits))
+            i += c
+        np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_window_nnx_equals_linen_also_when_decoding(fake_init):
+    model = window_lm((2, None, 4), n_layer=3)
+    tokens = tokens_input(shape=(B, 12))
+    params = fake_init(model, tokens, std=0.5)
+    twin = ajx.from_linen(model, params)
+    full = np.asarray(model.apply({"params": params}, tokens))
+    np.testing.assert_array_equal(np.asarray(twin(tokens)), full)
+    assert [getattr(twin, f"block_{i}").attn.options.window for i in range(3)] == [2, None, 4]
+    twin.init_cache(B, 12)
+    steps = [np.asarray(twin(tokens[:, :5], decode=True))]
+    steps += [np.asarray(twin(tokens[:, t : t + 1], decode=True)) for t in range(5, 12)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+    back = ajx.to_linen(twin)
+    assert back[0].model_config == model.model_config
+
+
+def test_window_generate_with_the_cache_equals_the_full_window_path(fake_init):
+    model = window_lm((3, None))
+    prompt = tokens_input(shape=(B, 4))
+    params = fake_init(model, prompt, std=0.5)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=4)):
+        full = generate(model, params, prompt, 7, jax.random.key(3), use_cache=False, **kw)
+        cached = generate(model, params, prompt, 7, jax.random.key(3), **kw)
+        np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4", (), (4, 0), np.array(4)])
+def test_window_refuses_bad_values_in_one_line(bad):
+    with pytest.raises(ValueError) as info:
+        AttentionOptions(window=bad)
+    assert str(info.value).startswith("AttentionOptions.window must") and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^ModelConfig\.window must"):
+        ModelConfig(vocab_size=V, window=bad)
+
+
+def test_window_refusals_of_combinations_name_the_field():
+    with pytest.raises(ValueError, match=r"^AttentionOptions\.window: a sliding window needs causal=True"):
+        AttentionOptions(window=4, causal=False)
+    with pytest.raises(ValueError, match=r"^ModelConfig\.window=64: a window longer than block_size=32"):
+        ModelConfig(vocab_size=V, block_size=32, window=64)
+    with pytest.raises(ValueError, match=r"^ModelConfig\.window=\(8, 64\): a window longer than block_size"):
+        ModelConfig(vocab_size=V, block_size=32, window=(8, 64))
+    with pytest.raises(ValueError, match=r"^MultiHeadAttention\.window=\(2, None\): one window per layer is for"):
+        layers.MultiHeadAttention(H, D, options=AttentionOptions(window=(2, None)))
+    with pytest.raises(ValueError, match="needs causal=True"):
+        A.attend(*window_qkv(5), scale=1.0, window=2)
+    model = window_lm(3)
+    tokens = tokens_input(shape=(B, 12))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+    with pytest.raises(ValueError, match="ring cache takes no mask or bias"):
+        jax.eval_shape(
+            lambda p: model.apply(
+                {"params": p, "cache": model.init_cache(B, 12)}, tokens[:, :2], mask=jnp.ones((2, 3), bool),
+                decode=True, mutable=["cache"],
+            ),
+            params,
+        )  # fmt: skip
+
+
+def test_window_config_key_round_trips_and_is_checked_before_anything_compiles():
+    from attention_jax.lab.config import ConfigError, apply_overrides, base_config, from_dict, model_config, to_dict
+
+    assert model_config(base_config(), V).window is None
+    config = apply_overrides(base_config(), {"model.window": "[64, null]", "model.block_size": "128"})
+    cfg = model_config(config, V)
+    assert cfg.window == (64, None) and [cfg.attention.layer(i).window for i in range(3)] == [64, None, 64]
+    saved = to_dict(config)
+    assert saved["model"]["window"] == [64, None]  # JSON keeps a list
+    assert model_config(from_dict(saved), V) == cfg  # config.json round trip
+    del saved["model"]["window"]  # a run trained before the option existed
+    assert model_config(from_dict(saved), V).window is None
+    assert model_config(apply_overrides(base_config(), {"model.window": "32"}), V).window == 32
+    with pytest.raises(ConfigError, match=r"^model\.window=512: a window longer than block_size=256"):
+        model_config(apply_overrides(base_config(), {"model.window": "512"}), V)
+    with pytest.raises(ConfigError, match=r"^model\.window must be a positive integer"):
+        model_config(apply_overrides(base_config(), {"model.window": "wide"}), V)
