@@ -27,7 +27,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from attention_jax.blockwise import blockwise_causal_attention
-from attention_jax.positions import apply_rope
+from attention_jax.positions import alibi_bias, apply_rope
 
 Array = jax.Array
 # A scale: a rule's name, a number (Python or numpy), or an array (numpy or JAX, possibly a
@@ -178,7 +178,7 @@ def attention_logits(q: Array, k: Array, *, scale: float | Array, softcap: float
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
-def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
+def masked_softmax(logits: Array, mask: Array | None = None, sinks: Array | None = None) -> Array:
     """Softmax over the last axis in float32; masked entries get exactly 0.
 
     The fill value is the most negative *finite* float32, not -inf: a row whose
@@ -186,12 +186,21 @@ def masked_softmax(logits: Array, mask: Array | None = None) -> Array:
     poisons gradients even where the output is discarded. After the softmax the
     masked entries are set to exactly 0 (they are already ~0; this makes it
     exact, which the causality tests rely on). A fully masked row is all zeros.
+
+    ``sinks`` (attention sinks, gpt-oss; broadcastable to the leading axes
+    ``logits.shape[:-2]``, e.g. (H,)): one more logit per row that takes its
+    share of the softmax and is then dropped, so a row's weights sum to
+    1 - p_sink: a head can put weight "nowhere" instead of on some key.
     """
     logits = logits.astype(jnp.float32)
-    if mask is None:
-        return jax.nn.softmax(logits, axis=-1)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if sinks is None:
+        w = jax.nn.softmax(logits, axis=-1)
+    else:
+        sink = jnp.broadcast_to(jnp.asarray(sinks, jnp.float32)[..., None, None], (*logits.shape[:-1], 1))
+        w = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    return w if mask is None else jnp.where(mask, w, 0.0)
 
 
 def attention_weights(
@@ -202,8 +211,11 @@ def attention_weights(
     mask: Array | None = None,
     bias: Array | None = None,
     softcap: float | None = None,
+    sinks: Array | None = None,
 ) -> Array:
     """softmax(cap(q·kᵀ·scale) + bias) over keys: (..., T, D), (..., S, D) -> (..., T, S) float32.
+
+    ``sinks``: one extra logit per row that takes weight and is dropped (``masked_softmax``).
 
     ``softcap``: see ``attention_logits``; the bias is added after the cap, so a
     -inf in it still removes its edge.
@@ -216,7 +228,7 @@ def attention_weights(
     logits = attention_logits(q, k, scale=scale, softcap=softcap)
     if bias is not None:
         logits = jnp.maximum(logits + jnp.asarray(bias, logits.dtype), jnp.finfo(logits.dtype).min)
-    return masked_softmax(logits, as_mask(mask))
+    return masked_softmax(logits, as_mask(mask), sinks)
 
 
 def dot_product_attention(
@@ -229,6 +241,7 @@ def dot_product_attention(
     bias: Array | None = None,
     weights_hook: Callable[[Array], Array] | None = None,
     softcap: float | None = None,
+    sinks: Array | None = None,
 ) -> Array:
     """Weighted average of values: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
@@ -236,7 +249,7 @@ def dot_product_attention(
     ``weights_hook`` (if given) sees them before they average the values: the
     Flax modules record them there and apply attention-weight dropout.
     """
-    w = attention_weights(q, k, scale=scale, mask=mask, bias=bias, softcap=softcap)  # (..., T, S) float32
+    w = attention_weights(q, k, scale=scale, mask=mask, bias=bias, softcap=softcap, sinks=sinks)  # (..., T, S) f32
     if weights_hook is not None:
         w = weights_hook(w)
     return jnp.einsum("...ts,...sd->...td", w.astype(v.dtype), v)
@@ -267,6 +280,8 @@ def attend(
     weights_hook: Callable[[Array], Array] | None = None,
     softcap: float | None = None,
     window: int | None = None,
+    sinks: Array | None = None,
+    alibi: Array | None = None,
 ) -> Array:
     """Attention by one of ``ATTENTION_IMPLS``: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
@@ -283,6 +298,10 @@ def attend(
     the last W keys, itself included (``causal_mask``); "blockwise" skips the
     tiles outside it, "xla" and "cudnn" take it as jax.nn's ``local_window_size``
     where they can (self-attention without a mask), else as part of the mask.
+    ``sinks`` (sink logits, broadcastable to the leading axes: ``masked_softmax``):
+    "xla" and "cudnn" take them as one more key of zeros with the sink as its bias.
+    ``alibi`` (slopes, broadcastable to the leading axes: ``positions.alibi_bias``)
+    adds -slope·|t - s| to the logits, the queries being the last T of S positions.
     """
     check_choice("attention impl", impl, ATTENTION_IMPLS)
     if softcap is not None and impl in ("xla", "cudnn"):
@@ -305,7 +324,14 @@ def attend(
             )
         if not _is_static(scale):  # its custom VJP takes a static scale: fold a runtime one into q
             q, scale = (q * scale).astype(q.dtype), 1.0
-        return blockwise_causal_attention(q, k, v, scale=scale, softcap=softcap, window=window)
+        return blockwise_causal_attention(
+            q, k, v, scale=scale, softcap=softcap, window=window, sinks=sinks, alibi=alibi
+        )
+    if alibi is not None:
+        bias = _add(bias, alibi_bias(alibi, jnp.arange(S - T, S), jnp.arange(S)))
+    if impl != "dense" and sinks is not None:  # jax.nn has no sinks: a zero key whose bias is the sink
+        return _attend_with_a_sink_key(q, k, v, sinks, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl,
+                                       window=window)  # fmt: skip
     if impl != "dense" and causal and mask is None and T == S:  # jax.nn's own causal (and local) masking
         if not _is_static(scale):
             q, scale = (q * scale).astype(q.dtype), 1.0
@@ -315,7 +341,7 @@ def attend(
         mask = _and(mask, causal_mask(T, S, window))
     if impl == "dense":
         return dot_product_attention(
-            q, k, v, scale=scale, mask=mask, bias=bias, weights_hook=weights_hook, softcap=softcap
+            q, k, v, scale=scale, mask=mask, bias=bias, weights_hook=weights_hook, softcap=softcap, sinks=sinks
         )
     if not _is_static(scale):  # jax.nn wants one number; an array (per head, traced) goes into q
         q, scale = (q * scale).astype(q.dtype), 1.0
@@ -327,6 +353,32 @@ def attend(
 
 def _and(mask: Array | None, other: Array) -> Array:
     return other if mask is None else jnp.logical_and(mask, other)
+
+
+def _add(bias: Array | None, other: Array) -> Array:
+    return other if bias is None else bias + other
+
+
+def _attend_with_a_sink_key(q, k, v, sinks, *, scale, mask, bias, causal, impl, window):
+    """Sinks on jax.nn's attention: key S+1 is zeros (logit 0) with the sink as its bias, its value zeros.
+
+    Its weight is then exp(sink) / Z, exactly the sink's share, and it adds nothing to the output.
+    """
+    *lead, T, S = (*jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]), q.shape[-2], k.shape[-2])
+    pad = lambda x: jnp.concatenate([jnp.broadcast_to(x, (*lead, *x.shape[-2:])),
+                                     jnp.zeros((*lead, 1, x.shape[-1]), x.dtype)], axis=-2)  # fmt: skip
+    keep = jnp.ones((T, S), bool) if not causal else causal_mask(T, S, window)
+    keep = jnp.broadcast_to(_and(mask, keep), (*lead, T, S))
+    keep = jnp.concatenate([keep, jnp.ones((*lead, T, 1), bool)], axis=-1)  # the sink is always seen
+    bias = jnp.zeros((T, S), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    bias = jnp.broadcast_to(bias, (*lead, T, S))
+    sink = jnp.broadcast_to(jnp.asarray(sinks, jnp.float32)[..., None, None], (*lead, T, 1))
+    if not _is_static(scale):
+        q, scale = (q * scale).astype(q.dtype), 1.0
+    # Rows the mask empties would put all their weight on the sink and give 0: as the other paths do.
+    out = _jax_nn_attention(q, pad(k), pad(v), scale=scale, mask=keep, bias=jnp.concatenate([bias, sink], -1),
+                            implementation=impl)  # fmt: skip
+    return out
 
 
 def _jax_nn_attention(q, k, v, *, scale, bias, implementation, mask=None, is_causal=False, local=None):
@@ -441,7 +493,9 @@ def ring_positions(index: Array, slots: int) -> Array:
     return index - 1 - jnp.mod(index - 1 - j, slots)
 
 
-def ring_attend(q, k, v, cache, *, window: int, **attend_kwargs) -> tuple[Array, tuple[Array, Array, Array]]:
+def ring_attend(
+    q, k, v, cache, *, window: int, alibi: Array | None = None, **attend_kwargs
+) -> tuple[Array, tuple[Array, Array, Array]]:
     """Decode through a sliding window's ring cache: q, k, v (N, T, D) new rows, cache (N, W, D) x 2 + index.
 
     The T new queries (positions index..index+T-1) attend over the W cached
@@ -449,7 +503,8 @@ def ring_attend(q, k, v, cache, *, window: int, **attend_kwargs) -> tuple[Array,
     p - W < s <= p of its own position p; then the last min(T, W) new keys
     and values overwrite their slots. The cache's memory is W rows whatever
     the context's length, and a chunk longer than W still sees every key it
-    needs (a ring of W alone would have overwritten them).
+    needs (a ring of W alone would have overwritten them). ``alibi`` slopes
+    (N,) bias each key by its true position.
     """
     cached_k, cached_v, index = cache
     T, W = q.shape[-2], cached_k.shape[-2]
@@ -458,12 +513,27 @@ def ring_attend(q, k, v, cache, *, window: int, **attend_kwargs) -> tuple[Array,
     mask = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos > query_pos - window)  # (T, W + T)
     keys = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=-2)
     values = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=-2)
-    out = attend(q, keys, values, mask=mask, **attend_kwargs)
+    bias = None if alibi is None else alibi_bias(alibi, query_pos[:, 0], key_pos)  # (N, T, W + T)
+    out = attend(q, keys, values, mask=mask, bias=bias, **attend_kwargs)
     m = min(T, W)  # the newest m keys are the ones a later query can still see
     slots = jnp.mod(index + T - m + jnp.arange(m), W)
     new_k = cached_k.at[:, slots].set(k[:, T - m :].astype(cached_k.dtype))
     new_v = cached_v.at[:, slots].set(v[:, T - m :].astype(cached_v.dtype))
     return out, (new_k, new_v, index + T)
+
+
+def logn_factor(s: float | Array, query_positions: Array, *, causal: bool, window: int | None, n_keys) -> Array:
+    """Scalable-Softmax's s·log(n) per query: (..., T, 1) from s (a number or (...)) and positions (T,).
+
+    n is the number of keys the query may see: position + 1 causally (at most
+    ``window``), else ``n_keys``. A query that sees one key gets factor 0,
+    which changes nothing: its one weight is 1 at any logit.
+    """
+    n = query_positions + 1 if causal else jnp.broadcast_to(n_keys, query_positions.shape)
+    if window is not None:
+        n = jnp.minimum(n, window)
+    log_n = jnp.log(n.astype(jnp.float32))[:, None]  # (T, 1)
+    return jnp.asarray(s, jnp.float32)[..., None, None] * log_n
 
 
 def decode_mask(index: Array, T: int, S: int, *, causal: bool = True, window: int | None = None) -> Array:
@@ -495,6 +565,9 @@ def attention_heads(
     weights_hook: Callable[[Array], Array] | None = None,
     softcap: float | None = None,
     window: int | None = None,
+    sinks: Array | None = None,
+    alibi: Array | None = None,
+    logn: float | Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """One attention layer after the projections (and the optional q/k norms).
 
@@ -514,15 +587,26 @@ def attention_heads(
     contexts longer than W) decodes through the ring (``ring_attend``): no
     overflow, no ``mask`` or ``bias`` over slots (slots do not stay at one
     position), and the weights it records are over (W cached + T new) keys.
+
+    ``sinks`` (sink logits) and ``alibi`` (slopes), each broadcastable to q's
+    leading axes (per head: (H,)), see ``attend``; decoding gives ALiBi the
+    tokens' true positions. ``logn`` s (a number, or per head like the sinks)
+    is Scalable-Softmax (Nakanishi 2025): query t's logits times s·log(n_t),
+    n_t the number of keys it may see (t + 1 causally, at most the window;
+    S without a causal mask), applied to q, so every backend takes it.
     """
     index = 0 if cache is None else cache[2]
+    T, S_new = q.shape[-2], k.shape[-2]
     if rope:
-        q = apply_rope(q, index + jnp.arange(q.shape[-2]))
-        k = apply_rope(k, index + jnp.arange(k.shape[-2]))
+        q = apply_rope(q, index + jnp.arange(T))
+        k = apply_rope(k, index + jnp.arange(S_new))
+    if logn is not None:
+        q = (q * logn_factor(logn, index + (S_new - T) + jnp.arange(T), causal=causal, window=window,
+                             n_keys=index + S_new)).astype(q.dtype)  # fmt: skip
     if cache is None:
         out = attend(
             q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook,
-            softcap=softcap, window=window,
+            softcap=softcap, window=window, sinks=sinks, alibi=alibi,
         )  # fmt: skip
         return out, None
     *lead, T, _ = q.shape
@@ -533,6 +617,8 @@ def attention_heads(
             "initialize the cache for this batch size"
         )
     rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # -> (N, *tail)
+    if sinks is not None:
+        sinks = rows(sinks)  # (N,)
     if window is not None and S == window:  # a ring of the last W keys
         if mask is not None or bias is not None:
             raise ValueError(
@@ -545,12 +631,15 @@ def attention_heads(
         out, new = ring_attend(
             rows(q, T, q.shape[-1]), rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]), cache, window=window,
             scale=scale, impl="dense" if impl in ("blockwise", "cudnn") else impl, weights_hook=hook, softcap=softcap,
+            sinks=sinks, alibi=None if alibi is None else rows(alibi),
         )  # fmt: skip
         return out.reshape(*lead, T, -1), new
     flat_mask = decode_mask(index, T, S, causal=causal, window=window)  # (T, S)
     if mask is not None:
         flat_mask = rows(as_mask(mask), T, S) & flat_mask
     flat_bias = None if bias is None else rows(bias, T, S)
+    if alibi is not None:
+        flat_bias = _add(flat_bias, rows(alibi_bias(alibi, index + jnp.arange(T), jnp.arange(S)), T, S))
     if not _is_static(scale) and jnp.ndim(scale):
         scale = rows(scale, 1, 1)
     hook = None
@@ -560,7 +649,7 @@ def attention_heads(
     impl = "dense" if impl in ("blockwise", "cudnn") else impl
     out = attend(
         rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook,
-        softcap=softcap,
+        softcap=softcap, sinks=sinks,
     )  # fmt: skip
     out = jnp.where(new_index <= S, out, jnp.nan).reshape(*lead, T, -1)  # overflowing the cache: loud
     return out, (k, v, new_index)

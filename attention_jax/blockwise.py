@@ -64,6 +64,8 @@ def blockwise_causal_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    sinks: Array | None = None,
+    alibi: Array | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Array:
@@ -73,9 +75,15 @@ def blockwise_causal_attention(
     (None, or a positive number) caps the scaled scores to softcap·tanh(s/softcap)
     as ``attention.attention_logits`` does. ``window`` W (None: all of the past)
     lets query t see only keys t - W < s <= t, and the loops then visit only
-    the tiles that hold such keys: O(T·W) work instead of O(T²). ``block_q`` and
-    ``block_k`` are tile sizes (clipped to T); T need not be a multiple of them.
-    Differentiable (w.r.t. q, k, v) with an O(T·D)-memory backward pass.
+    the tiles that hold such keys: O(T·W) work instead of O(T²). ``sinks``
+    (broadcastable to the leading axes, e.g. (H,)) are sink logits that take
+    weight in each row's softmax and give none to the values: the running max
+    and sum of every row start at the sink instead of at -inf and 0.
+    ``alibi`` (slopes, broadcastable to the leading axes) adds -slope·(t - s) to
+    each score, tile by tile. ``block_q`` and ``block_k`` are tile sizes
+    (clipped to T); T need not be a multiple of them. Differentiable (w.r.t.
+    q, k, v and the sinks; the slopes are constants) with an O(T·D)-memory
+    backward pass.
     """
     if q.ndim < 2 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
         raise ValueError(
@@ -89,7 +97,10 @@ def blockwise_causal_attention(
     bq, bk = min(block_q, T), min(block_k, T)
     cap = None if softcap is None else float(softcap)
     W = None if window is None else int(window)
-    out = _attention(q.reshape(N, T, D), k.reshape(N, T, D), v.reshape(N, T, Dv), float(scale), cap, W, bq, bk)
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    rows = lambda x: None if x is None else jnp.broadcast_to(jnp.asarray(x, acc), lead).reshape(N)  # (N,)
+    flat = lambda x, d: x.reshape(N, T, d)
+    out = _attention(flat(q, D), flat(k, D), flat(v, Dv), rows(sinks), rows(alibi), float(scale), cap, W, bq, bk)
     return out.reshape(*lead, T, Dv)  # (..., T, Dv)
 
 
@@ -132,6 +143,15 @@ def _scores(q_i: Array, k_j: Array, scale: float, softcap: float | None, acc_dty
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
+def _alibi_tile(alibi: Array | None, i, j, bq: int, bk: int):
+    """(N, bq, bk) ALiBi bias -slope·|t - s| of query tile i against key tile j, or 0 without slopes."""
+    if alibi is None:
+        return 0.0
+    t = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    s = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    return -alibi[:, None, None] * jnp.abs(t - s).astype(alibi.dtype)
+
+
 def _key_tile_range(i, bq: int, bk: int, nk: int, window: int | None):
     """Key tiles seen by query tile i: [lo, a) and [b, n_seen) need a mask, [a, b) don't.
 
@@ -170,8 +190,11 @@ def _query_tile_range(j, bq: int, bk: int, nq: int, window: int | None):
 # ---------------------------------------------------------------------------
 
 
-def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, window: int | None, bq: int, bk: int):
-    """q, k (N, T, D), v (N, T, Dv) -> out (N, T, Dv), logsumexp (N, T) in acc dtype."""
+def _forward(q, k, v, sinks, alibi, scale: float, softcap: float | None, window: int | None, bq: int, bk: int):
+    """q, k (N, T, D), v (N, T, Dv), sinks and alibi (N,) or None -> out (N, T, Dv), logsumexp (N, T) in acc dtype.
+
+    The logsumexp counts the sink: L = log(exp(sink) + sum_s exp(score)).
+    """
     N, T, _ = q.shape
     Dv = v.shape[-1]
     acc = jnp.promote_types(q.dtype, jnp.float32)
@@ -186,7 +209,7 @@ def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, 
 
         def key_tile(j, state, masked: bool):
             m, l, o = state  # (N, bq), (N, bq), (N, bq, Dv)
-            s = _scores(q_i, _tile(kt, j), scale, softcap, acc)  # (N, bq, bk)
+            s = _scores(q_i, _tile(kt, j), scale, softcap, acc) + _alibi_tile(alibi, i, j, bq, bk)  # (N, bq, bk)
             if masked:
                 mask = _causal_tile_mask(i, j, bq, bk, window)
                 s = jnp.where(mask, s, jnp.finfo(acc).min)
@@ -203,11 +226,11 @@ def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, 
             pv = jnp.einsum("nts,nsd->ntd", p.astype(v_j.dtype), v_j, preferred_element_type=acc)
             return m_new, l * rescale + jnp.sum(p, axis=-1), o * rescale[..., None] + pv
 
-        state = (
-            jnp.full((N, bq), -jnp.inf, acc),
-            jnp.zeros((N, bq), acc),
-            jnp.zeros((N, bq, Dv), acc),
-        )
+        if sinks is None:  # running max -inf, sum 0
+            m0, l0 = jnp.full((N, bq), -jnp.inf, acc), jnp.zeros((N, bq), acc)
+        else:  # the sink is a key seen first: max = sink, sum = exp(sink - sink), no value
+            m0, l0 = jnp.broadcast_to(sinks[:, None], (N, bq)), jnp.ones((N, bq), acc)
+        state = (m0, l0, jnp.zeros((N, bq, Dv), acc))
         lo, a, b, n_seen = _key_tile_range(i, bq, bk, nk, window)
         state = lax.fori_loop(lo, a, functools.partial(key_tile, masked=True), state)
         state = lax.fori_loop(a, b, functools.partial(key_tile, masked=False), state)
@@ -229,7 +252,7 @@ def _forward(q: Array, k: Array, v: Array, scale: float, softcap: float | None, 
 # ---------------------------------------------------------------------------
 
 
-def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, window: int | None, bq: int, bk: int):
+def _backward(q, k, v, sinks, alibi, out, lse, g, scale: float, softcap, window: int | None, bq: int, bk: int):
     N, T, D = q.shape
     acc = lse.dtype
     # delta_t = sum_d dO[t, d] O[t, d] = sum_s p[t, s] dp[t, s]: the softmax
@@ -249,8 +272,8 @@ def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, window:
         def query_tile(i, state, masked: bool):
             dq, dk_j, dv_j = state
             q_i, g_i = _tile(qt, i), _tile(gt, i)
-            s = _scores(q_i, k_j, scale, softcap, acc)  # (N, bq, bk)
-            p = jnp.exp(s - _tile(lset, i)[..., None])
+            s = _scores(q_i, k_j, scale, softcap, acc)  # (N, bq, bk), capped, without the ALiBi bias
+            p = jnp.exp(s + _alibi_tile(alibi, i, j, bq, bk) - _tile(lset, i)[..., None])
             if masked:
                 p = jnp.where(_causal_tile_mask(i, j, bq, bk, window), p, 0.0)
             dv_j = dv_j + jnp.einsum("nts,ntd->nsd", p.astype(g_i.dtype), g_i, preferred_element_type=acc)
@@ -280,22 +303,26 @@ def _backward(q, k, v, out, lse, g, scale: float, softcap: float | None, window:
     scale = jnp.asarray(scale, acc)
     dq = (_from_tiles(dq, T) * scale).astype(q.dtype)
     dk = (_from_tiles(dk, T) * scale).astype(k.dtype)
-    return dq, dk, _from_tiles(dv, T).astype(v.dtype)
+    # The sink's weight in row t is p_sink = exp(sink - L_t) and it adds nothing to O, so
+    # d loss / d sink = sum_t p_sink(t) · (0 - delta_t).
+    dsinks = None if sinks is None else -jnp.sum(jnp.exp(sinks[:, None] - lse) * delta, axis=-1)
+    dalibi = None if alibi is None else jnp.zeros_like(alibi)  # constants: no gradient
+    return dq, dk, _from_tiles(dv, T).astype(v.dtype), dsinks, dalibi
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _attention(q, k, v, scale, softcap, window, bq, bk):
-    return _forward(q, k, v, scale, softcap, window, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attention(q, k, v, sinks, alibi, scale, softcap, window, bq, bk):
+    return _forward(q, k, v, sinks, alibi, scale, softcap, window, bq, bk)[0]
 
 
-def _attention_fwd(q, k, v, scale, softcap, window, bq, bk):
-    out, lse = _forward(q, k, v, scale, softcap, window, bq, bk)
-    return out, (q, k, v, out, lse)
+def _attention_fwd(q, k, v, sinks, alibi, scale, softcap, window, bq, bk):
+    out, lse = _forward(q, k, v, sinks, alibi, scale, softcap, window, bq, bk)
+    return out, (q, k, v, sinks, alibi, out, lse)
 
 
 def _attention_bwd(scale, softcap, window, bq, bk, residuals, g):
-    q, k, v, out, lse = residuals
-    return _backward(q, k, v, out, lse, g, scale, softcap, window, bq, bk)
+    q, k, v, sinks, alibi, out, lse = residuals
+    return _backward(q, k, v, sinks, alibi, out, lse, g, scale, softcap, window, bq, bk)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -39,10 +39,10 @@ def check_call(where: str, *, inputs_kv: Array | None, decode: bool, pos_encodin
     """What a call may not combine: cross-attention with rope or with the decode cache."""
     if inputs_kv is None:
         return
-    if pos_encoding == "rope":
+    if pos_encoding in ("rope", "alibi"):
         raise ValueError(
-            f"{where}: rope rotates queries and keys by their positions in one sequence; cross-attention "
-            "(inputs_kv) relates two sequences, so use pos_encoding='none' there"
+            f"{where}: {pos_encoding} relates queries and keys by their positions in one sequence; "
+            "cross-attention (inputs_kv) relates two sequences, so use pos_encoding='none' there"
         )
     if decode:
         raise ValueError(
@@ -147,12 +147,20 @@ def _cache(module: nn.Module, k: Array, v: Array):
     return (ck, cv, ci) if initialized else None
 
 
-def _attend_with_cache(module: nn.Module, q, k, v, *, decode: bool, mask, bias, deterministic: bool):
-    """``attention.attention_heads`` with the cache read from and written to ``module``'s variables."""
+def _attend_with_cache(module: nn.Module, q, k, v, *, num_heads: int, decode: bool, mask, bias, deterministic: bool):
+    """``attention.attention_heads`` with the cache read from and written to ``module``'s variables.
+
+    The parameters some options add (``AttentionOptions.option_params``: sinks, a learned
+    log-n scale) are created here, float32 whatever ``param_dtype``: they are a few logits.
+    """
     variables = _cache(module, k, v) if decode else None
     cache = None if variables is None else tuple(var.value for var in variables)
     hook = _dense_weights_hook(module, module.dropout_rate, deterministic)
-    core = module.options.attention_kwargs(module.head_size)
+    params = {
+        name: module.param(name, nn.initializers.constant(value), shape, jnp.float32)
+        for name, (shape, value) in module.options.option_params(num_heads).items()
+    }
+    core = module.options.attention_kwargs(module.head_size, num_heads, params)
     out, new = attention.attention_heads(
         q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, **core
     )  # fmt: skip
@@ -236,7 +244,7 @@ class Head(nn.Module):
         if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         return _attend_with_cache(
-            self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
+            self, q, k, v, num_heads=1, decode=decode, mask=mask, bias=bias, deterministic=deterministic
         )  # (..., T, D)
 
 
@@ -317,7 +325,7 @@ class MultiHeadAttention(nn.Module):
         if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         out = _attend_with_cache(
-            self, q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic
+            self, q, k, v, num_heads=H, decode=decode, mask=mask, bias=bias, deterministic=deterministic
         )  # (..., H, T, D)
         out_features = self.out_features or C
         w_out = self.param("proj_kernel", self.out_init, (H, D, out_features), self.param_dtype)

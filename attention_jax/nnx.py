@@ -73,6 +73,12 @@ class _Attention(nnx.Module):
             )  # fmt: skip
             self.query_norm, self.key_norm = norm(), norm()
 
+    def _set_option_params(self, num_heads: int) -> None:
+        """The parameters some options add (sinks, a learned log-n scale), by their Linen names."""
+        self._option_params = tuple(self.options.option_params(num_heads))
+        for name, (shape, value) in self.options.option_params(num_heads).items():
+            setattr(self, name, nnx.Param(jnp.full(shape, value, jnp.float32)))
+
     def _norms(self, q: Array, k: Array) -> tuple[Array, Array]:
         return (self.query_norm(q), self.key_norm(k)) if self.options.qk_norm else (q, k)
 
@@ -96,9 +102,10 @@ class _Attention(nnx.Module):
             if getattr(self, "cached_key", None) is None:
                 raise ValueError(f"{type(self).__name__}: decode needs a cache; call init_cache first")
             cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        params = {name: getattr(self, name)[...] for name in self._option_params}
         out, new = attention.attention_heads(
             q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic),
-            **self.options.attention_kwargs(self.head_size),
+            **self.options.attention_kwargs(self.head_size, getattr(self, "num_heads", 1), params),
         )  # fmt: skip
         if new is not None:
             self.cached_key[...], self.cached_value[...], self.cache_index[...] = new
@@ -156,6 +163,7 @@ class Head(_Attention):
         )
         self.key, self.query, self.value = linear(), linear(), linear()
         self._set_norms(head_size, dtype, param_dtype, rngs)
+        self._set_option_params(1)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 
@@ -228,6 +236,7 @@ class MultiHeadAttention(_Attention):
         self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
         self._set_norms(D, dtype, param_dtype, rngs)
+        self._set_option_params(H)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 

@@ -10,7 +10,7 @@ field with its comment, its check in ``__post_init__`` (or
 :mod:`attention_jax.attention`, its test.
 
 A refused value is one ``OptionError`` (a ``ValueError``) whose one line
-names the field: ``AttentionOptions.pos_encoding: unknown 'alibi', valid
+names the field: ``AttentionOptions.pos_encoding: unknown 'xpos', valid
 choices are ...``; an owner renames it to its own field (``ModelConfig.attn_scale``).
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from attention_jax import attention
 from attention_jax.attention import ATTENTION_IMPLS, SCALES, ScaleLike
-from attention_jax.positions import POS_ENCODINGS
+from attention_jax.positions import POS_ENCODINGS, alibi_slopes
 
 QK_NORMS = ("layer", "rms")  # qk_norm's names; True is "layer" (its meaning before "rms" existed)
 
@@ -98,8 +98,10 @@ class AttentionOptions:
     # Whether those norms learn a per-channel gain (and LayerNorm its offset); False: a
     # parameter-free norm (modded-nanogpt's rms_norm). Only read when qk_norm is on.
     qk_norm_gain: bool = True
-    # Positions: only "rope" acts inside attention (rotating q and k); "learned" and
-    # "sinusoidal" are tables added to the embeddings by the model (AddPositions).
+    # Positions: "rope" (rotating q and k) and "alibi" (a per-head bias -m·(t - s) on the
+    # logits, Press et al. 2022, the paper's slopes: positions.alibi_slopes) act inside
+    # attention; "learned" and "sinusoidal" are tables added to the embeddings by the model
+    # (AddPositions).
     pos_encoding: str = "none"
     # The backend (attention.attend): "dense" (hand-written; the only one that records the
     # weights and drops them out), "xla" / "cudnn" (jax.nn.dot_product_attention; cudnn on
@@ -115,6 +117,16 @@ class AttentionOptions:
     # global), for a ModelConfig only; a layer takes one number. A decoding layer keeps at
     # most `window` keys (attention.ring_attend).
     window: int | tuple[int | None, ...] | None = None
+    # Attention sinks (gpt-oss; Xiao et al. 2024's sink token, learned): one logit per head, a
+    # parameter "sinks" (H,) initialized at 0, that takes its share of each row's softmax and
+    # gives nothing to the values, so a head can attend "nowhere". Every backend.
+    sinks: bool = False
+    # Scalable-Softmax (Nakanishi 2025, arXiv 2501.19399): the logits of a query that may see n
+    # keys times logn_scale·log(n), so the softmax does not flatten as n grows; None: off. With
+    # logn_learned the number is a per-head parameter "logn_scale" (H,) that starts there.
+    # Acts on q: every backend.
+    logn_scale: float | None = None
+    logn_learned: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # (frozen)
@@ -124,7 +136,7 @@ class AttentionOptions:
             raise OptionError("scale", f": {e}") from None
         if isinstance(self.scale, numbers.Real) and not isinstance(self.scale, (bool, np.bool_)):
             set_("scale", float(self.scale))  # numpy scalars too: hashed by value
-        for name in ("causal", "qk_norm_gain"):
+        for name in ("causal", "qk_norm_gain", "sinks", "logn_learned"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise OptionError(name, f" must be True or False, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -162,6 +174,13 @@ class AttentionOptions:
             set_("window", windows if isinstance(self.window, (tuple, list)) else windows[0])
             if not self.causal:
                 raise OptionError("window", ": a sliding window needs causal=True")
+        if self.logn_scale is not None:
+            s = self.logn_scale
+            if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real) or not 0 < s < float("inf"):
+                raise OptionError("logn_scale", f" must be a positive finite number or None, got {s!r}")
+            set_("logn_scale", float(s))
+        elif self.logn_learned:
+            raise OptionError("logn_learned", ": a learned log-n scale needs logn_scale, its starting value")
 
     def layer(self, index: int) -> AttentionOptions:
         """The options of layer ``index`` of a model: a per-layer ``window`` tuple resolved (cycled)."""
@@ -183,8 +202,13 @@ class AttentionOptions:
                 "or None (AttentionOptions.layer(i) picks layer i's)"
             )  # fmt: skip
 
-    def attention_kwargs(self, head_size: int) -> dict[str, Any]:
-        """What ``attention.attention_heads`` takes from these options, the scale resolved for D."""
+    def attention_kwargs(self, head_size: int, num_heads: int = 1, params: dict | None = None) -> dict[str, Any]:
+        """What ``attention.attention_heads`` takes from these options, the scale resolved for D.
+
+        ``num_heads`` sizes ALiBi's slopes; ``params`` holds the layer's learned
+        ``sinks`` and ``logn_scale`` (``option_params``), where these options have them.
+        """
+        params = params or {}
         return dict(
             scale=attention.resolve_scale(self.scale, head_size),
             causal=self.causal,
@@ -192,7 +216,19 @@ class AttentionOptions:
             rope=self.pos_encoding == "rope",
             softcap=self.softcap,
             window=self.window,
+            alibi=alibi_slopes(num_heads) if self.pos_encoding == "alibi" else None,
+            sinks=params.get("sinks"),
+            logn=params.get("logn_scale", self.logn_scale),
         )
+
+    def option_params(self, num_heads: int) -> dict[str, tuple[tuple[int, ...], float]]:
+        """The parameters these options add to a layer of ``num_heads`` heads: name -> (shape, initial value)."""
+        params = {}
+        if self.sinks:
+            params["sinks"] = ((num_heads,), 0.0)
+        if self.logn_learned:
+            params["logn_scale"] = ((num_heads,), self.logn_scale)
+        return params
 
     def replace(self, **changes: Any) -> AttentionOptions:
         """A checked copy with ``changes``."""

@@ -3,20 +3,25 @@
 Attention is a set operation: without positions, nothing in one attention
 layer knows which of the visible tokens came first. Two ways to add them:
 absolute tables added to the token embeddings (learned, or the fixed
-sinusoidal table below), or rotary encoding applied to q and k inside
-attention, so that q·k depends on positions only through their difference.
+sinusoidal table below), or relative schemes inside attention: rotary
+encoding of q and k, so that q·k depends on positions only through their
+difference, and ALiBi, a per-head penalty linear in the distance.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
 # "learned": a trainable (block_size, C) table; "sinusoidal": the fixed table below;
-# "rope": rotary encoding of q and k; "none": no positions at all.
-POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
+# "rope": rotary encoding of q and k; "alibi": linear distance biases on the logits (Press et
+# al. 2022); "none": no positions at all.
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none", "alibi")
 
 
 def sinusoidal_encoding(T: int, C: int, base: float = 10000.0, offset: int | Array = 0) -> Array:
@@ -46,3 +51,26 @@ def apply_rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes m_h (Press et al. 2022, "Train Short, Test Long"), (num_heads,) float32.
+
+    For H a power of two, the geometric sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8):
+    for H = 8, 1/2, 1/4, ..., 1/256. Otherwise the paper's rule: the slopes of the
+    largest power of two n < H, then every other slope of 2n for the remaining heads.
+    """
+    geometric = lambda n: [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = geometric(n) if n == num_heads else geometric(n) + geometric(2 * n)[0::2][: num_heads - n]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array) -> Array:
+    """ALiBi's bias -m·|t - s|: slopes (...), positions (T,), (S,) -> (..., T, S) float32.
+
+    Causally only s <= t is seen, where this is the paper's -m·(t - s); without a
+    causal mask the distance is symmetric.
+    """
+    distance = jnp.abs(query_positions[:, None] - key_positions[None, :]).astype(jnp.float32)  # (T, S)
+    return -jnp.asarray(slopes, jnp.float32)[..., None, None] * distance

@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.n_layer = 6  # transformer blocks
     c.model.head_size = config_dict.placeholder(int)  # D; None = n_embd // n_head
     c.model.attn_scale = "sqrt"  # "sqrt" (1/sqrt(D)), "none" (1), "mup" (1/D), or a number
-    c.model.pos_encoding = "learned"  # "learned", "sinusoidal", "rope" or "none"
+    c.model.pos_encoding = "learned"  # "learned", "sinusoidal", "rope", "alibi" or "none"
     # A norm on q and k before q·kᵀ: false, true or "layer" (LayerNorm), "rms" (RMSNorm)
     c.model.qk_norm = config_dict.FieldReference(False, field_type=object)  # a bool or a name
     c.model.qk_norm_gain = True  # the q/k norms learn a gain (false: parameter-free norms)
@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Sliding-window attention: None (all of the past), W (each query sees the last W keys), or
     # one per layer, cycled: [256, null] = every other layer global (--config.model.window='[256, null]')
     c.model.window = config_dict.FieldReference(None, field_type=object)
+    c.model.sinks = False  # a learned sink logit per head (gpt-oss): weight that goes to no value
+    # Scalable-Softmax: logits times logn_scale·log(n), n the keys a query sees; None: off
+    c.model.logn_scale = config_dict.placeholder(float)
+    c.model.logn_learned = False  # logn_scale a learned per-head parameter, starting at logn_scale
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # "tinyshakespeare" or a path to any UTF-8 text file

@@ -185,8 +185,9 @@ def test_cross_attention_refusals(fake_init):
     p = {"params": fake_init(MultiHeadAttention(H, D), xq)}
     with pytest.raises(ValueError, match="inputs_kv must have the same 16 channels"):
         MultiHeadAttention(H, D).apply(p, xq, inputs_kv=normal(1, (B, S, C + 1)))
-    with pytest.raises(ValueError, match="rope.*cross-attention"):
-        MultiHeadAttention(H, D, pos_encoding="rope").apply(p, xq, inputs_kv=xq)
+    for positions in ("rope", "alibi"):
+        with pytest.raises(ValueError, match=f"{positions} relates queries and keys.*cross-attention"):
+            MultiHeadAttention(H, D, pos_encoding=positions).apply(p, xq, inputs_kv=xq)
     with pytest.raises(ValueError, match="decode caches self-attention"):
         MultiHeadAttention(H, D, decode=True).apply(p, xq, inputs_kv=xq, mutable=["cache"])
 

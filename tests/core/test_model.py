@@ -48,7 +48,7 @@ def xent(logits, targets):
         (dict(n_embd=18, n_head=2, pos_encoding="rope"), "head_size"),  # derived head_size 9 is odd
         (dict(attn_scale="bogus"), "attn_scale"),
         (dict(attn_scale=-1.0), "attn_scale"),
-        (dict(pos_encoding="alibi"), "pos_encoding"),
+        (dict(pos_encoding="xpos"), "pos_encoding"),
         (dict(qk_norm="yes"), "qk_norm"),
         (dict(dropout=-0.1), "dropout"),
         (dict(dropout=1.0), "dropout"),
@@ -69,7 +69,7 @@ def test_config_error_explains_divisibility():
 @pytest.mark.parametrize(
     "field, bad, choices",
     [
-        ("pos_encoding", "alibi", POS),
+        ("pos_encoding", "xpos", POS),
         ("dtype", "float64", ["float32", "bfloat16"]),
         ("attn_scale", "bogus", ["sqrt", "none", "mup"]),
     ],

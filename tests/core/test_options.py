@@ -54,7 +54,7 @@ def test_defaults():
         ("causal", "yes"),
         ("causal", 1),
         ("qk_norm", None),
-        ("pos_encoding", "alibi"),
+        ("pos_encoding", "xpos"),
         ("pos_encoding", 3),
         ("attention_impl", "flash"),
     ],

@@ -217,7 +217,7 @@ def test_float16_logits_stay_finite_where_jax_nn_does():
         (lambda: MultiHeadAttention(H, D, scale="sqr"), r"MultiHeadAttention\.scale: unknown attention scale"),
         (lambda: MultiHeadAttention(H, 7, pos_encoding="rope"), r"head_size must be even for rope"),
         (lambda: MultiHeadAttention(0, D), r"num_heads must be a positive integer"),
-        (lambda: Head(D, pos_encoding="alibi"), r"Head\.pos_encoding: unknown 'alibi'"),
+        (lambda: Head(D, pos_encoding="xpos"), r"Head\.pos_encoding: unknown 'xpos'"),
         (lambda: Head(D, scale=-1.0), r"Head\.scale: attention scale must be a positive"),
         (lambda: AddPositions("rotary", 8), r"AddPositions\.kind: unknown 'rotary'"),
         (lambda: lm_config(pos_encoding="rotary"), r"ModelConfig\.pos_encoding: unknown 'rotary'"),

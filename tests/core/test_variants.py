@@ -16,6 +16,7 @@ from attention_jax.blockwise import blockwise_causal_attention
 from attention_jax.generate import generate
 from attention_jax.model import ModelConfig, TransformerLM
 from attention_jax.options import AttentionOptions, from_keywords
+from attention_jax.positions import alibi_slopes
 
 B, T, C, H, D, V = 2, 6, 16, 2, 8, 11
 
@@ -339,3 +340,206 @@ def test_window_config_key_round_trips_and_is_checked_before_anything_compiles()
         model_config(apply_overrides(base_config(), {"model.window": "512"}), V)
     with pytest.raises(ConfigError, match=r"^model\.window must be a positive integer"):
         model_config(apply_overrides(base_config(), {"model.window": "wide"}), V)
+
+
+# --- sinks, ALiBi and log-n scaling: one float64 reference for all three ------------------------
+
+
+def numpy_attention(q, k, v, scale, *, window=None, sinks=None, alibi=None, logn=None, softcap=None):
+    """Independent float64 causal attention with the variants: q, k, v (H, T, D); sinks, alibi, logn (H,) or None."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    H, T = q.shape[0], q.shape[-2]
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    logits = q @ np.swapaxes(k, -1, -2) * scale  # (H, T, T)
+    if logn is not None:  # Scalable-Softmax: times s·log(n_t), n_t = keys query t sees
+        n = t + 1 if window is None else np.minimum(t + 1, window)
+        logits = logits * np.asarray(logn, np.float64).reshape(H, 1, 1) * np.log(n)
+    if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
+    if alibi is not None:  # -m_h (t - s)
+        logits = logits - np.asarray(alibi, np.float64).reshape(H, 1, 1) * (t - s)
+    seen = (s <= t) if window is None else (s <= t) & (s > t - window)
+    logits = np.where(seen, logits, -np.inf)
+    if sinks is not None:  # one more column, dropped after the softmax
+        sink = np.broadcast_to(np.asarray(sinks, np.float64).reshape(H, 1, 1), (H, T, 1))
+        logits = np.concatenate([logits, sink], axis=-1)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True))[..., :T]
+    return p @ v
+
+
+VARIANTS = {  # AttentionOptions fields -> (attention_heads keywords, numpy_attention keywords) for 3 heads
+    "sinks": (dict(sinks=np.array([-1.0, 0.5, 2.0], np.float32)), dict(sinks=[-1.0, 0.5, 2.0])),
+    "alibi": (dict(alibi=np.array([0.5, 0.25, 1.0], np.float32)), dict(alibi=[0.5, 0.25, 1.0])),
+    "logn": (dict(logn=np.array([0.3, 1.0, 0.6], np.float32)), dict(logn=[0.3, 1.0, 0.6])),
+}
+
+
+def test_sinks_alibi_and_logn_equal_float64_numpy_on_hand_made_inputs():
+    # Two keys with logit 0 and a sink of 0: each key gets 1/3, the sink the last third (and no value).
+    q, k = jnp.zeros((1, 2, 2)), jnp.ones((1, 2, 2))
+    v = jnp.asarray([[[3.0, 0.0], [0.0, 6.0]]])
+    for impl in ("dense", "xla", "blockwise"):
+        out = A.attend(q, k, v, scale=1.0, causal=True, impl=impl, sinks=jnp.zeros((1,)))
+        np.testing.assert_allclose(np.asarray(out[0, 1]), [1.0, 2.0], rtol=1e-6, err_msg=impl)  # (3 + 0)/3, (0 + 6)/3
+        np.testing.assert_allclose(np.asarray(out[0, 0]), [1.5, 0.0], rtol=1e-6, err_msg=impl)  # 1/2 of key 0
+    # ALiBi with slope log 2 and equal logits: key s gets weight proportional to 2^-(t - s).
+    out = A.attend(q, k, v, scale=1.0, causal=True, alibi=jnp.asarray([np.log(2.0)]))
+    np.testing.assert_allclose(np.asarray(out[0, 1]), [3.0 / 3, 6.0 * 2 / 3], rtol=1e-6)
+    # Log-n: query 1 sees n = 2 keys; with logits (1, 0) and s = 1/log 2 they become (1/log2 · log2 = 1, 0).
+    q2, k2 = jnp.asarray([[[1.0, 0.0], [1.0, 0.0]]]), jnp.asarray([[[1.0, 0.0], [0.0, 0.0]]])
+    out, _ = A.attention_heads(q2, k2, v, scale=1.0, causal=True, impl="dense", rope=False, logn=1 / np.log(2.0))
+    np.testing.assert_allclose(np.asarray(out[0, 1]), (np.e * v[0, 0] + v[0, 1]) / (np.e + 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("T, W, bq, bk", [(13, None, 4, 4), (13, 4, 3, 5), (20, 7, 8, 3)])
+def test_each_variant_on_every_backend_and_tiling_equals_the_numpy_reference(variant, T, W, bq, bk):
+    ours, ref = VARIANTS[variant]
+    q, k, v = window_qkv(T, lead=(3,))
+    want = numpy_attention(q, k, v, 0.5, window=W, **ref)
+    for impl in ("dense", "xla", "blockwise"):
+        got, _ = A.attention_heads(q, k, v, scale=0.5, causal=True, impl=impl, rope=False, window=W, **ours)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    if variant != "logn":  # (log-n acts on q before any backend)
+        kw = {name: jnp.asarray(value) for name, value in ours.items()}
+        got = blockwise_causal_attention(q, k, v, scale=0.5, window=W, block_q=bq, block_k=bk, **kw)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sinks_with_softcap_the_sink_is_not_capped():
+    q, k, v = window_qkv(9, lead=(3,))
+    sinks = np.array([-1.0, 0.5, 2.0], np.float32)
+    want = numpy_attention(q, k, v, 2.0, sinks=sinks, softcap=1.5)
+    for impl in ("dense", "blockwise"):
+        got = A.attend(q, k, v, scale=2.0, causal=True, impl=impl, softcap=1.5, sinks=sinks)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+@pytest.mark.parametrize("W, bq, bk", [(None, 4, 4), (5, 3, 5)])
+def test_blockwise_gradients_with_sinks_and_alibi_equal_dense_sinks_included(W, bq, bk):
+    q, k, v = window_qkv(13, seed=3, lead=(3,))
+    g = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
+    sinks, slopes = jnp.asarray([-1.0, 0.5, 2.0]), jnp.asarray([0.5, 0.25, 1.0])
+    grads = lambda fn: jax.grad(lambda q, k, v, s: jnp.vdot(fn(q, k, v, s), g), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    dense = grads(lambda q, k, v, s: A.attend(q, k, v, scale=0.5, causal=True, window=W, sinks=s, alibi=slopes))
+    tiled = grads(
+        lambda q, k, v, s: blockwise_causal_attention(
+            q, k, v, scale=0.5, window=W, sinks=s, alibi=slopes, block_q=bq, block_k=bk
+        )
+    )
+    for name, got, want in zip("qkv", tiled, dense):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(np.asarray(tiled[3]), np.asarray(dense[3]), rtol=1e-4, atol=1e-6, err_msg="sinks")
+    assert np.all(np.abs(np.asarray(dense[3])) > 1e-4)  # the sinks do get a gradient
+
+
+def test_a_row_with_no_key_left_gives_zero_with_sinks_on_every_backend():
+    q, k, v = window_qkv(4, lead=(3,))
+    mask = jnp.asarray(np.array([True, False, True, True])[:, None] & np.ones((1, 4), bool))  # query 1 sees nothing
+    for impl in ("dense", "xla"):
+        out = A.attend(q, k, v, scale=1.0, causal=True, mask=mask, impl=impl, sinks=jnp.zeros(3))
+        np.testing.assert_array_equal(np.asarray(out[:, 1]), 0.0)
+        assert np.all(np.abs(np.asarray(out[:, 2])) > 0)
+
+
+def test_alibi_slopes_are_the_papers():
+    np.testing.assert_allclose(alibi_slopes(8), [2.0**-i for i in range(1, 9)])
+    np.testing.assert_allclose(alibi_slopes(4), [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8])
+    # not a power of two (Press et al.'s rule): the 4 slopes of 4 heads, then every other one of 8's
+    np.testing.assert_allclose(alibi_slopes(6), [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3])
+    assert alibi_slopes(1).tolist() == [2.0**-8]
+
+
+VARIANT_LMS = {  # ModelConfig fields of each variant's language model
+    "sinks": dict(sinks=True, pos_encoding="rope"),
+    "alibi": dict(pos_encoding="alibi"),
+    "logn": dict(logn_scale=0.4, logn_learned=True, pos_encoding="learned"),
+    "all, windowed": dict(sinks=True, pos_encoding="alibi", logn_scale=0.4, window=(3, None)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_LMS))
+def test_variant_lm_decodes_like_its_full_pass_and_nnx_equals_linen(fake_init, variant):
+    model = TransformerLM(lm_config(block_size=12, **VARIANT_LMS[variant]))
+    tokens = tokens_input(shape=(B, 12))
+    params = fake_init(model, tokens, std=0.5)
+    attn = params["block_0"]["attn"]
+    assert ("sinks" in attn) == model.model_config.sinks and ("logn_scale" in attn) == model.model_config.logn_learned
+    assert ("positions" in params) == (model.model_config.pos_encoding == "learned")  # alibi: no table
+    full = assert_cached_decode_equals_the_full_pass(model, params, tokens, first=5)
+    if variant != "alibi":  # the variant acts: the same weights without it give other logits
+        plain = TransformerLM(lm_config(block_size=12, pos_encoding=model.model_config.pos_encoding))
+        drop = lambda tree: {
+            name: drop(sub) if isinstance(sub, dict) else sub
+            for name, sub in tree.items()
+            if name not in ("sinks", "logn_scale")
+        }
+        assert np.max(np.abs(full - np.asarray(plain.apply({"params": drop(params)}, tokens)))) > 1e-3
+    twin = ajx.from_linen(model, params)
+    np.testing.assert_allclose(np.asarray(twin(tokens)), full, rtol=1e-6, atol=1e-6)
+    twin.init_cache(B, 12)
+    steps = [np.asarray(twin(tokens[:, :5], decode=True))]
+    steps += [np.asarray(twin(tokens[:, t : t + 1], decode=True)) for t in range(5, 12)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+    assert ajx.to_linen(twin)[0].model_config == model.model_config
+
+
+def test_variant_lms_stay_causal_by_exact_gradients(fake_init):
+    module = layers.MultiHeadAttention(
+        3, D, options=AttentionOptions(sinks=True, pos_encoding="alibi", logn_scale=0.5, logn_learned=True)
+    )
+    x = x_input()
+    dep = dependence(module, fake_init(module, x, std=0.5), x)  # (B, T_out, T_in)
+    future = np.triu(np.ones((T, T), bool), k=1)
+    assert np.all(dep[:, future] == 0.0) and np.all(dep[:, ~future] > 0.0)
+
+
+def test_generate_with_the_cache_equals_the_full_window_path_for_the_variants(fake_init):
+    model = TransformerLM(lm_config(block_size=8, sinks=True, pos_encoding="alibi", logn_scale=0.4))
+    prompt = tokens_input(shape=(B, 3))
+    params = fake_init(model, prompt, std=0.5)
+    full = generate(model, params, prompt, 9, jax.random.key(3), 1.0, top_k=4, use_cache=False)
+    cached = generate(model, params, prompt, 9, jax.random.key(3), 1.0, top_k=4, refill_to=8)  # refills past 8
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))
+
+
+@pytest.mark.parametrize(
+    "field, bad, why",
+    [
+        ("sinks", 1, "must be True or False"),
+        ("logn_scale", 0.0, "must be a positive finite number"),
+        ("logn_scale", "log", "must be a positive finite number"),
+        ("logn_learned", True, "needs logn_scale"),
+    ],
+)
+def test_sinks_and_logn_refuse_bad_values_in_one_line(field, bad, why):
+    with pytest.raises(ValueError) as info:
+        AttentionOptions(**{field: bad})
+    assert str(info.value).startswith(f"AttentionOptions.{field}") and why in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=rf"^ModelConfig\.{field}"):
+        ModelConfig(vocab_size=V, **{field: bad})
+
+
+def test_variant_config_keys_round_trip_and_are_checked_before_anything_compiles():
+    from attention_jax.lab.config import ConfigError, apply_overrides, base_config, from_dict, model_config, to_dict
+
+    plain = model_config(base_config(), V)
+    assert (plain.sinks, plain.logn_scale, plain.logn_learned) == (False, None, False)
+    overrides = {"model.sinks": "true", "model.pos_encoding": "alibi", "model.logn_scale": "0.3",
+                 "model.logn_learned": "true"}  # fmt: skip
+    config = apply_overrides(base_config(), overrides)
+    cfg = model_config(config, V)
+    assert (cfg.sinks, cfg.pos_encoding, cfg.logn_scale, cfg.logn_learned) == (True, "alibi", 0.3, True)
+    saved = to_dict(config)
+    assert model_config(from_dict(saved), V) == cfg  # config.json round trip
+    for key in ("sinks", "logn_scale", "logn_learned"):
+        del saved["model"][key]  # a run trained before the options existed
+    assert model_config(from_dict(saved), V).attention == cfg.attention.replace(
+        sinks=False, logn_scale=None, logn_learned=False
+    )
+    with pytest.raises(ConfigError, match=r"^model\.logn_scale must be a positive"):
+        model_config(apply_overrides(base_config(), {"model.logn_scale": "-1"}), V)
+    with pytest.raises(ConfigError, match=r"^model\.logn_learned: a learned log-n scale needs logn_scale"):
+        model_config(apply_overrides(base_config(), {"model.logn_learned": "true"}), V)

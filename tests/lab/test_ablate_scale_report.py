@@ -183,8 +183,11 @@ def test_tuned_best_learning_rates_pairing_and_ranking(tuned_sweep, tmp_path):
         ({"qk_norm": True}, "sqrt+qknorm"),  # a run written before "rms" existed
         ({"qk_norm": "layer", "qk_norm_gain": True}, "sqrt+qknorm"),
         ({"qk_norm": "rms", "attn_scale": 0.12, "qk_norm_gain": False}, "0.12+qkrms-nogain"),
+        ({"softcap": 30.0, "window": [64, None], "sinks": True}, "sqrt+softcap30+window64/none+sinks"),
+        ({"logn_scale": 0.3, "logn_learned": True, "pos_encoding": "alibi"}, "sqrt+logn0.3L+alibi"),
+        ({"softcap": None, "window": None, "sinks": False, "logn_scale": None, "pos_encoding": "rope"}, "sqrt"),
     ],
 )
-def test_an_arms_label_names_its_qk_norm(model, label):
+def test_an_arms_label_names_its_attention_variants(model, label):
     config = {"learning_rate": 1e-3, "model": {"n_embd": 32, "n_head": 2, "head_size": None, **model}}
     assert describe_config(config)["scale"] == label

@@ -64,7 +64,7 @@ def test_override_parsing_and_types():
         ({"beta2": 1.0}, r"beta2"),
         ({"model.n_head": 3}, r"model\.head_size.*not divisible by n_head=3"),
         ({"model.attn_scale": "sqrtt"}, r"model\.attn_scale.*'sqrt'"),
-        ({"model.pos_encoding": "alibi"}, r"model\.pos_encoding"),
+        ({"model.pos_encoding": "xpos"}, r"model\.pos_encoding"),
         ({"model.block_size": 5000}, r"model\.block_size=5000 is too long for the validation split"),
         ({"data.dataset": "/nonexistent/file.txt"}, r"data\.dataset='/nonexistent/file\.txt': data file not found"),
         ({"weight_decay": float("inf")}, r"weight_decay=inf: must be a finite number"),
@@ -158,4 +158,4 @@ def test_every_model_config_field_is_a_config_key_and_maps_through():
     assert (mc.vocab_size, mc.head_size, mc.head_dim, mc.attn_scale) == (7, 8, 8, 0.5)  # "0.5" read as a number
     assert (mc.causal, mc.param_dtype) == (True, "float32")
     with pytest.raises(ConfigError, match=r"^model\.pos_encoding"):  # the field named by its config key
-        model_config(apply_overrides(load_config(SMOKE), {"model.pos_encoding": "alibi"}), vocab_size=7)
+        model_config(apply_overrides(load_config(SMOKE), {"model.pos_encoding": "xpos"}), vocab_size=7)

@@ -66,7 +66,7 @@ def test_resolution_gives_the_typed_values(tiny_config):
     "overrides, device_count, match",
     [
         ({"model.n_head": 3}, 1, r"^model\.head_size: n_embd=16 is not divisible by n_head=3"),
-        ({"model.pos_encoding": "alibi"}, 1, r"^model\.pos_encoding"),
+        ({"model.pos_encoding": "xpos"}, 1, r"^model\.pos_encoding"),
         ({"model.type": "gpt"}, 1, r"^model\.type must be 'transformer' or 'bigram', got 'gpt'"),
         ({"learning_rate": -1.0}, 1, r"^learning_rate=-1\.0: must be positive"),
         ({"batch_size": 6}, 4, r"^batch_size=6: must be divisible by the 4 devices"),

@@ -32,7 +32,7 @@ class PointResult:
     workdir: Path
     config: dict
     design: str  # "a" (width fixed) or "b" (head count fixed)
-    scale: str  # "none", "sqrt", "mup" or a number, then the q/k norm's label (qk_norm_label)
+    scale: str  # "none", "sqrt", "mup" or a number, then the variants' label (variant_label)
     head_size: int
     n_head: int
     learning_rate: float
@@ -48,12 +48,29 @@ class PointResult:
         return (self.design, self.scale, self.head_size, self.learning_rate)
 
 
-def qk_norm_label(m: dict) -> str:
-    """A run's q/k norm in an arm's label: "", "+qknorm" (LayerNorm), "+qkrms"; "-nogain" without gains."""
-    norm = m.get("qk_norm")
-    if not norm:
-        return ""
-    return ("+qkrms" if norm == "rms" else "+qknorm") + ("" if m.get("qk_norm_gain", True) else "-nogain")
+def variant_label(m: dict) -> str:
+    """A run's attention variants in an arm's label, so that arms differing in one never merge.
+
+    The q/k norm: "+qknorm" (LayerNorm), "+qkrms", "-nogain" without gains; then "+softcap30",
+    "+window64" (one per layer: "+window64/none"), "+sinks", "+logn0.3" ("+logn0.3L" learned),
+    "+alibi". A run written before a key existed has its default, so its label is unchanged.
+    """
+    label, norm = "", m.get("qk_norm")
+    if norm:
+        label += ("+qkrms" if norm == "rms" else "+qknorm") + ("" if m.get("qk_norm_gain", True) else "-nogain")
+    if m.get("softcap") is not None:
+        label += f"+softcap{m['softcap']:g}"
+    window = m.get("window")
+    if window is not None:
+        windows = window if isinstance(window, (list, tuple)) else [window]
+        label += "+window" + "/".join("none" if w is None else str(w) for w in windows)
+    if m.get("sinks"):
+        label += "+sinks"
+    if m.get("logn_scale") is not None:
+        label += f"+logn{m['logn_scale']:g}" + ("L" if m.get("logn_learned") else "")
+    if m.get("pos_encoding") == "alibi":
+        label += "+alibi"
+    return label
 
 
 def describe_config(config: dict) -> dict:
@@ -61,7 +78,7 @@ def describe_config(config: dict) -> dict:
     m = config["model"]
     explicit = m.get("head_size") is not None
     head_size = int(m["head_size"]) if explicit else int(m["n_embd"]) // int(m["n_head"])
-    scale = str(m.get("attn_scale", "sqrt")) + qk_norm_label(m)
+    scale = str(m.get("attn_scale", "sqrt")) + variant_label(m)
     return {
         "design": "b" if explicit else "a",
         "scale": scale,
