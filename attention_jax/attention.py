@@ -28,6 +28,7 @@ from jax.typing import ArrayLike
 
 from attention_jax.blockwise import blockwise_causal_attention
 from attention_jax.positions import alibi_bias, apply_rope
+from attention_jax.splash import splash_attention
 
 Array = jax.Array
 # A scale: a rule's name, a number (Python or numpy), or an array (numpy or JAX, possibly a
@@ -264,7 +265,9 @@ def dot_product_attention(
 # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cudnn: GPU only).
 # "blockwise": flash-style tiles in pure JAX (attention_jax.blockwise), causal self-attention
 #              without mask or bias only, O(T) memory.
-ATTENTION_IMPLS = ("dense", "xla", "cudnn", "blockwise")
+# "splash": the TPU's fused Pallas kernel (attention_jax.splash), self-attention without mask or
+#           bias arrays; off TPU interpreted (for tests).
+ATTENTION_IMPLS = ("dense", "xla", "cudnn", "blockwise", "splash")
 
 
 def attend(
@@ -316,6 +319,13 @@ def attend(
                 f"{name} of shape {jnp.shape(extra)} has more axes than the weights (..., T, S) of queries "
                 f"{q.shape}; it must broadcast to (..., {T}, {S})"
             )
+    if impl == "splash":
+        if mask is not None or bias is not None or alibi is not None or T != S:
+            raise ValueError(
+                "attention impl 'splash' computes self-attention with static masks only (causal, window) and "
+                "takes no mask, bias or ALiBi; use impl='dense', 'xla' or 'blockwise' for those"
+            )
+        return splash_attention(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks)
     if impl == "blockwise":
         if not causal or mask is not None or bias is not None or T != S:
             raise ValueError(
@@ -580,8 +590,8 @@ def attention_heads(
     In decode mode the new tokens' positions are index..index+T-1 (rope
     rotates by them before caching), the mask is ``decode_mask`` combined with
     ``mask`` (broadcastable to (..., T, S_cache)), an array scale must
-    broadcast to (..., 1, 1) (one per head, say), and "blockwise" and "cudnn"
-    run as "dense" (a decode step's few query rows need no tiling). Writing past
+    broadcast to (..., 1, 1) (one per head, say), and "blockwise", "cudnn" and
+    "splash" run as "dense" (a decode step's few query rows need no tiling). Writing past
     the end of the cache is a caller error; the output is then NaN, not wrong
     numbers. A ``window`` layer whose cache has W slots (``cache_shape``:
     contexts longer than W) decodes through the ring (``ring_attend``): no
@@ -617,6 +627,7 @@ def attention_heads(
             "initialize the cache for this batch size"
         )
     rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # -> (N, *tail)
+    impl = "dense" if impl in ("blockwise", "cudnn", "splash") else impl  # a few rows need no fused kernel
     if sinks is not None:
         sinks = rows(sinks)  # (N,)
     if window is not None and S == window:  # a ring of the last W keys
@@ -630,8 +641,8 @@ def attention_heads(
         hook = None if weights_hook is None else lambda w: weights_hook(w.reshape(*lead, T, -1)).reshape(N, T, -1)
         out, new = ring_attend(
             rows(q, T, q.shape[-1]), rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]), cache, window=window,
-            scale=scale, impl="dense" if impl in ("blockwise", "cudnn") else impl, weights_hook=hook, softcap=softcap,
-            sinks=sinks, alibi=None if alibi is None else rows(alibi),
+            scale=scale, impl=impl, weights_hook=hook, softcap=softcap, sinks=sinks,
+            alibi=None if alibi is None else rows(alibi),
         )  # fmt: skip
         return out.reshape(*lead, T, -1), new
     flat_mask = decode_mask(index, T, S, causal=causal, window=window)  # (T, S)
@@ -646,7 +657,6 @@ def attention_heads(
     if weights_hook is not None:  # the hook sees the weights in their (..., T, S) shape
         hook = lambda w: weights_hook(w.reshape(*lead, T, S)).reshape(N, T, S)
     k, v, new_index = cache_append(cache[0], cache[1], index, rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]))
-    impl = "dense" if impl in ("blockwise", "cudnn") else impl
     out = attend(
         rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook,
         softcap=softcap, sinks=sinks,

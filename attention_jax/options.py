@@ -105,7 +105,8 @@ class AttentionOptions:
     pos_encoding: str = "none"
     # The backend (attention.attend): "dense" (hand-written; the only one that records the
     # weights and drops them out), "xla" / "cudnn" (jax.nn.dot_product_attention; cudnn on
-    # GPU), "blockwise" (flash-style in pure JAX, causal self-attention, O(T) memory).
+    # GPU), "blockwise" (flash-style in pure JAX, causal self-attention, O(T) memory), "splash"
+    # (the TPU's Pallas kernel, self-attention; interpreted off TPU, for tests).
     attention_impl: str = "dense"
     # Soft-capping (Gemma 2; modded-nanogpt): the scaled logits become softcap·tanh(logits/softcap),
     # bounded by ±softcap, before the mask and bias; None: no cap. "dense" and "blockwise" only:
@@ -148,6 +149,11 @@ class AttentionOptions:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise OptionError(name, f": unknown {value!r}, valid choices are {choices}")
+        if self.attention_impl == "splash" and self.pos_encoding == "alibi":
+            raise OptionError(
+                "pos_encoding", ": 'alibi' is a bias, and attention_impl 'splash' takes none; use 'dense', 'xla' "
+                "or 'blockwise'"
+            )  # fmt: skip
         if self.softcap is not None:
             cap = self.softcap
             if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, numbers.Real) or not 0 < cap < float("inf"):

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
     c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
     c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
-    c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU) or "blockwise" (long T)
+    c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU), "blockwise" (long T) or "splash" (TPU)
     c.model.softcap = config_dict.placeholder(float)  # None; c: logits -> c·tanh(logits/c) ("dense", "blockwise")
     # Sliding-window attention: None (all of the past), W (each query sees the last W keys), or
     # one per layer, cycled: [256, null] = every other layer global (--config.model.window='[256, null]')
