@@ -27,7 +27,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from attention_jax.blockwise import blockwise_causal_attention
-from attention_jax.positions import alibi_bias, apply_rope
+from attention_jax.positions import alibi_bias, apply_rope, segment_positions
 from attention_jax.splash import splash_attention
 
 Array = jax.Array
@@ -76,6 +76,15 @@ def causal_mask(T: int, S: int | None = None, window: int | None = None) -> Arra
     if window is None:
         return mask
     return mask & ~jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T - operator.index(window))
+
+
+def segment_mask(segment_ids: Array) -> Array:
+    """(..., T, T) boolean mask of a packed sequence: True where query t and key s are of one segment.
+
+    ``segment_ids`` (..., T) integers, one per token, equal within a document.
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    return segment_ids[..., :, None] == segment_ids[..., None, :]
 
 
 def padding_mask(lengths: ArrayLike, max_length: int, *, mask_queries: bool = False) -> Array:
@@ -285,6 +294,7 @@ def attend(
     window: int | None = None,
     sinks: Array | None = None,
     alibi: Array | None = None,
+    segment_ids: Array | None = None,
 ) -> Array:
     """Attention by one of ``ATTENTION_IMPLS``: (..., T, D), (..., S, D), (..., S, Dv) -> (..., T, Dv).
 
@@ -305,6 +315,9 @@ def attend(
     "xla" and "cudnn" take them as one more key of zeros with the sink as its bias.
     ``alibi`` (slopes, broadcastable to the leading axes: ``positions.alibi_bias``)
     adds -slope·|t - s| to the logits, the queries being the last T of S positions.
+    ``segment_ids`` (broadcastable to q's (..., T); self-attention): a packed
+    sequence, whose tokens see only the tokens of their own segment
+    (``segment_mask``); "blockwise" and "splash" take them as ids, not as a mask.
     """
     check_choice("attention impl", impl, ATTENTION_IMPLS)
     if softcap is not None and impl in ("xla", "cudnn"):
@@ -313,6 +326,10 @@ def attend(
         raise ValueError("window (sliding-window attention) needs causal=True")
     mask = as_mask(mask)
     T, S = q.shape[-2], k.shape[-2]
+    if segment_ids is not None:
+        segment_ids = check_segment_ids(segment_ids, q.shape[:-1])
+        if T != S:
+            raise ValueError(f"segment_ids: packed sequences are for self-attention, got {T} queries and {S} keys")
     for name, extra in (("mask", mask), ("bias", bias)):
         if extra is not None and jnp.ndim(extra) > q.ndim:
             raise ValueError(
@@ -325,7 +342,9 @@ def attend(
                 "attention impl 'splash' computes self-attention with static masks only (causal, window) and "
                 "takes no mask, bias or ALiBi; use impl='dense', 'xla' or 'blockwise' for those"
             )
-        return splash_attention(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks)
+        return splash_attention(
+            q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids
+        )
     if impl == "blockwise":
         if not causal or mask is not None or bias is not None or T != S:
             raise ValueError(
@@ -335,8 +354,10 @@ def attend(
         if not _is_static(scale):  # its custom VJP takes a static scale: fold a runtime one into q
             q, scale = (q * scale).astype(q.dtype), 1.0
         return blockwise_causal_attention(
-            q, k, v, scale=scale, softcap=softcap, window=window, sinks=sinks, alibi=alibi
+            q, k, v, scale=scale, softcap=softcap, window=window, sinks=sinks, alibi=alibi, segment_ids=segment_ids
         )
+    if segment_ids is not None:
+        mask = _and(mask, segment_mask(segment_ids))
     if alibi is not None:
         bias = _add(bias, alibi_bias(alibi, jnp.arange(S - T, S), jnp.arange(S)))
     if impl != "dense" and sinks is not None:  # jax.nn has no sinks: a zero key whose bias is the sink
@@ -359,6 +380,22 @@ def attend(
     if mask is not None:  # jax.nn averages a row with no key uniformly; make it zero like "dense"
         out = jnp.where(jnp.any(mask, axis=-1, keepdims=True), out, 0.0).astype(out.dtype)
     return out
+
+
+def check_segment_ids(segment_ids: ArrayLike, shape: tuple[int, ...]) -> Array:
+    """``segment_ids`` as an integer array broadcastable to ``shape`` (..., T); else one ``ValueError``."""
+    segment_ids = jnp.asarray(segment_ids)
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers (one id per token), got dtype {segment_ids.dtype}")
+    try:
+        jnp.broadcast_shapes(segment_ids.shape, shape)
+    except ValueError:
+        raise ValueError(
+            f"segment_ids of shape {segment_ids.shape} do not fit the tokens: they must broadcast to {shape}"
+        ) from None
+    if segment_ids.shape[-1:] != shape[-1:]:
+        raise ValueError(f"segment_ids of shape {segment_ids.shape}: one id per token, {shape[-1]} on the last axis")
+    return segment_ids
 
 
 def _and(mask: Array | None, other: Array) -> Array:
@@ -533,7 +570,7 @@ def ring_attend(
 
 
 def logn_factor(s: float | Array, query_positions: Array, *, causal: bool, window: int | None, n_keys) -> Array:
-    """Scalable-Softmax's s·log(n) per query: (..., T, 1) from s (a number or (...)) and positions (T,).
+    """Scalable-Softmax's s·log(n) per query: (..., T, 1) from s (a number or (...)) and positions (..., T).
 
     n is the number of keys the query may see: position + 1 causally (at most
     ``window``), else ``n_keys``. A query that sees one key gets factor 0,
@@ -542,7 +579,7 @@ def logn_factor(s: float | Array, query_positions: Array, *, causal: bool, windo
     n = query_positions + 1 if causal else jnp.broadcast_to(n_keys, query_positions.shape)
     if window is not None:
         n = jnp.minimum(n, window)
-    log_n = jnp.log(n.astype(jnp.float32))[:, None]  # (T, 1)
+    log_n = jnp.log(n.astype(jnp.float32))[..., None]  # (..., T, 1)
     return jnp.asarray(s, jnp.float32)[..., None, None] * log_n
 
 
@@ -578,6 +615,8 @@ def attention_heads(
     sinks: Array | None = None,
     alibi: Array | None = None,
     logn: float | Array | None = None,
+    qk_hook: Callable[[Array, Array], None] | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """One attention layer after the projections (and the optional q/k norms).
 
@@ -604,19 +643,32 @@ def attention_heads(
     is Scalable-Softmax (Nakanishi 2025): query t's logits times s·log(n_t),
     n_t the number of keys it may see (t + 1 causally, at most the window;
     S without a causal mask), applied to q, so every backend takes it.
+    ``qk_hook(q, k)``, if given, sees the T queries and keys as attention takes
+    them (after rope and log-n): the Flax modules record them for diagnostics.
+    ``segment_ids`` (broadcastable to q's (..., T)): a packed sequence of
+    documents, each attending only within itself, its positions (rope, log-n)
+    restarting at 0 (``positions.segment_positions``); not with a cache.
     """
     index = 0 if cache is None else cache[2]
     T, S_new = q.shape[-2], k.shape[-2]
+    q_pos, k_pos = index + (S_new - T) + jnp.arange(T), index + jnp.arange(S_new)
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError(
+                "segment_ids: packed sequences are for training and scoring; decode one document at a time"
+            )
+        segment_ids = check_segment_ids(segment_ids, q.shape[:-1])
+        q_pos = k_pos = segment_positions(segment_ids)
     if rope:
-        q = apply_rope(q, index + jnp.arange(T))
-        k = apply_rope(k, index + jnp.arange(S_new))
+        q, k = apply_rope(q, q_pos), apply_rope(k, k_pos)
     if logn is not None:
-        q = (q * logn_factor(logn, index + (S_new - T) + jnp.arange(T), causal=causal, window=window,
-                             n_keys=index + S_new)).astype(q.dtype)  # fmt: skip
+        q = (q * logn_factor(logn, q_pos, causal=causal, window=window, n_keys=index + S_new)).astype(q.dtype)
+    if qk_hook is not None:
+        qk_hook(q, k)
     if cache is None:
         out = attend(
             q, k, v, scale=scale, mask=mask, bias=bias, causal=causal, impl=impl, weights_hook=weights_hook,
-            softcap=softcap, window=window, sinks=sinks, alibi=alibi,
+            softcap=softcap, window=window, sinks=sinks, alibi=alibi, segment_ids=segment_ids,
         )  # fmt: skip
         return out, None
     *lead, T, _ = q.shape

@@ -66,6 +66,7 @@ def blockwise_causal_attention(
     window: int | None = None,
     sinks: Array | None = None,
     alibi: Array | None = None,
+    segment_ids: Array | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Array:
@@ -80,7 +81,9 @@ def blockwise_causal_attention(
     weight in each row's softmax and give none to the values: the running max
     and sum of every row start at the sink instead of at -inf and 0.
     ``alibi`` (slopes, broadcastable to the leading axes) adds -slope·(t - s) to
-    each score, tile by tile. ``block_q`` and ``block_k`` are tile sizes
+    each score, tile by tile. ``segment_ids`` (integers broadcastable to the
+    leading axes and T) pack documents: a query sees only keys of its own
+    segment (every visited tile is then masked). ``block_q`` and ``block_k`` are tile sizes
     (clipped to T); T need not be a multiple of them. Differentiable (w.r.t.
     q, k, v and the sinks; the slopes are constants) with an O(T·D)-memory
     backward pass.
@@ -100,7 +103,10 @@ def blockwise_causal_attention(
     acc = jnp.promote_types(q.dtype, jnp.float32)
     rows = lambda x: None if x is None else jnp.broadcast_to(jnp.asarray(x, acc), lead).reshape(N)  # (N,)
     flat = lambda x, d: x.reshape(N, T, d)
-    out = _attention(flat(q, D), flat(k, D), flat(v, Dv), rows(sinks), rows(alibi), float(scale), cap, W, bq, bk)
+    segments = None if segment_ids is None else jnp.broadcast_to(segment_ids, (*lead, T)).reshape(N, T)
+    out = _attention(
+        flat(q, D), flat(k, D), flat(v, Dv), rows(sinks), rows(alibi), segments, float(scale), cap, W, bq, bk
+    )
     return out.reshape(*lead, T, Dv)  # (..., T, Dv)
 
 
@@ -129,11 +135,18 @@ def _tile(x: Array, i) -> Array:
     return lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
 
 
-def _causal_tile_mask(i, j, bq: int, bk: int, window: int | None) -> Array:
-    """(bq, bk) mask of query tile i against key tile j: True where s <= t (and t - W < s)."""
+def _causal_tile_mask(i, j, bq: int, bk: int, window: int | None, segments=None) -> Array:
+    """(bq, bk) mask of query tile i against key tile j: True where s <= t (and t - W < s).
+
+    With ``segments`` (the tiled (nq, N, bq) and (nk, N, bk) ids), (N, bq, bk): also of one segment.
+    """
     t = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     s = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    return (s <= t) if window is None else (s <= t) & (s > t - window)
+    mask = (s <= t) if window is None else (s <= t) & (s > t - window)
+    if segments is None:
+        return mask
+    q_seg, k_seg = _tile(segments[0], i), _tile(segments[1], j)  # (N, bq), (N, bk)
+    return mask & (q_seg[:, :, None] == k_seg[:, None, :])
 
 
 def _scores(q_i: Array, k_j: Array, scale: float, softcap: float | None, acc_dtype) -> Array:
@@ -190,7 +203,7 @@ def _query_tile_range(j, bq: int, bk: int, nq: int, window: int | None):
 # ---------------------------------------------------------------------------
 
 
-def _forward(q, k, v, sinks, alibi, scale: float, softcap: float | None, window: int | None, bq: int, bk: int):
+def _forward(q, k, v, sinks, alibi, segments, scale: float, softcap, window: int | None, bq: int, bk: int):
     """q, k (N, T, D), v (N, T, Dv), sinks and alibi (N,) or None -> out (N, T, Dv), logsumexp (N, T) in acc dtype.
 
     The logsumexp counts the sink: L = log(exp(sink) + sum_s exp(score)).
@@ -200,6 +213,7 @@ def _forward(q, k, v, sinks, alibi, scale: float, softcap: float | None, window:
     acc = jnp.promote_types(q.dtype, jnp.float32)
     qt, kt, vt = _to_tiles(q, bq), _to_tiles(k, bk), _to_tiles(v, bk)  # (nq, N, bq, D), (nk, N, bk, D)
     nq, nk = qt.shape[0], kt.shape[0]
+    seg = None if segments is None else (_to_tiles(segments, bq), _to_tiles(segments, bk))
     # Padded keys (s >= T) sit above the diagonal of every real query, so the
     # causal mask already hides them; padded query rows are sliced off.
 
@@ -211,7 +225,7 @@ def _forward(q, k, v, sinks, alibi, scale: float, softcap: float | None, window:
             m, l, o = state  # (N, bq), (N, bq), (N, bq, Dv)
             s = _scores(q_i, _tile(kt, j), scale, softcap, acc) + _alibi_tile(alibi, i, j, bq, bk)  # (N, bq, bk)
             if masked:
-                mask = _causal_tile_mask(i, j, bq, bk, window)
+                mask = _causal_tile_mask(i, j, bq, bk, window, seg)
                 s = jnp.where(mask, s, jnp.finfo(acc).min)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Without a window every row sees key 0 in the first tile visited, so
@@ -232,6 +246,8 @@ def _forward(q, k, v, sinks, alibi, scale: float, softcap: float | None, window:
             m0, l0 = jnp.broadcast_to(sinks[:, None], (N, bq)), jnp.ones((N, bq), acc)
         state = (m0, l0, jnp.zeros((N, bq, Dv), acc))
         lo, a, b, n_seen = _key_tile_range(i, bq, bk, nk, window)
+        if seg is not None:  # no tile is whole: every one compares segment ids
+            a = b = lo
         state = lax.fori_loop(lo, a, functools.partial(key_tile, masked=True), state)
         state = lax.fori_loop(a, b, functools.partial(key_tile, masked=False), state)
         m, l, o = lax.fori_loop(b, n_seen, functools.partial(key_tile, masked=True), state)
@@ -252,7 +268,7 @@ def _forward(q, k, v, sinks, alibi, scale: float, softcap: float | None, window:
 # ---------------------------------------------------------------------------
 
 
-def _backward(q, k, v, sinks, alibi, out, lse, g, scale: float, softcap, window: int | None, bq: int, bk: int):
+def _backward(q, k, v, sinks, alibi, segments, out, lse, g, scale: float, softcap, window, bq: int, bk: int):
     N, T, D = q.shape
     acc = lse.dtype
     # delta_t = sum_d dO[t, d] O[t, d] = sum_s p[t, s] dp[t, s]: the softmax
@@ -262,6 +278,7 @@ def _backward(q, k, v, sinks, alibi, out, lse, g, scale: float, softcap, window:
     lset, deltat = _to_tiles(lse, bq), _to_tiles(delta, bq)  # (nq, N, bq)
     kt, vt = _to_tiles(k, bk), _to_tiles(v, bk)  # (nk, N, bk, D), (nk, N, bk, Dv)
     nq, nk = qt.shape[0], kt.shape[0]
+    seg = None if segments is None else (_to_tiles(segments, bq), _to_tiles(segments, bk))
     # Padded query rows have q = 0 and dO = 0, hence p·(dp - delta) = 0: they add
     # nothing to dk, dv of real keys.
 
@@ -275,7 +292,7 @@ def _backward(q, k, v, sinks, alibi, out, lse, g, scale: float, softcap, window:
             s = _scores(q_i, k_j, scale, softcap, acc)  # (N, bq, bk), capped, without the ALiBi bias
             p = jnp.exp(s + _alibi_tile(alibi, i, j, bq, bk) - _tile(lset, i)[..., None])
             if masked:
-                p = jnp.where(_causal_tile_mask(i, j, bq, bk, window), p, 0.0)
+                p = jnp.where(_causal_tile_mask(i, j, bq, bk, window, seg), p, 0.0)
             dv_j = dv_j + jnp.einsum("nts,ntd->nsd", p.astype(g_i.dtype), g_i, preferred_element_type=acc)
             dp = jnp.einsum("ntd,nsd->nts", g_i, v_j, preferred_element_type=acc)
             ds = p * (dp - _tile(deltat, i)[..., None])  # d loss / d s, (N, bq, bk)
@@ -288,6 +305,8 @@ def _backward(q, k, v, sinks, alibi, out, lse, g, scale: float, softcap, window:
 
         state = (dq, jnp.zeros((N, bk, D), acc), jnp.zeros((N, bk, v.shape[-1]), acc))
         first, a, b, end = _query_tile_range(j, bq, bk, nq, window)
+        if seg is not None:
+            a = b = first
         state = lax.fori_loop(first, a, functools.partial(query_tile, masked=True), state)
         state = lax.fori_loop(a, b, functools.partial(query_tile, masked=False), state)
         dq, dk_j, dv_j = lax.fori_loop(b, end, functools.partial(query_tile, masked=True), state)
@@ -307,22 +326,22 @@ def _backward(q, k, v, sinks, alibi, out, lse, g, scale: float, softcap, window:
     # d loss / d sink = sum_t p_sink(t) · (0 - delta_t).
     dsinks = None if sinks is None else -jnp.sum(jnp.exp(sinks[:, None] - lse) * delta, axis=-1)
     dalibi = None if alibi is None else jnp.zeros_like(alibi)  # constants: no gradient
-    return dq, dk, _from_tiles(dv, T).astype(v.dtype), dsinks, dalibi
+    return dq, dk, _from_tiles(dv, T).astype(v.dtype), dsinks, dalibi, None  # (integer segment ids: no gradient)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _attention(q, k, v, sinks, alibi, scale, softcap, window, bq, bk):
-    return _forward(q, k, v, sinks, alibi, scale, softcap, window, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q, k, v, sinks, alibi, segments, scale, softcap, window, bq, bk):
+    return _forward(q, k, v, sinks, alibi, segments, scale, softcap, window, bq, bk)[0]
 
 
-def _attention_fwd(q, k, v, sinks, alibi, scale, softcap, window, bq, bk):
-    out, lse = _forward(q, k, v, sinks, alibi, scale, softcap, window, bq, bk)
-    return out, (q, k, v, sinks, alibi, out, lse)
+def _attention_fwd(q, k, v, sinks, alibi, segments, scale, softcap, window, bq, bk):
+    out, lse = _forward(q, k, v, sinks, alibi, segments, scale, softcap, window, bq, bk)
+    return out, (q, k, v, sinks, alibi, segments, out, lse)
 
 
 def _attention_bwd(scale, softcap, window, bq, bk, residuals, g):
-    q, k, v, sinks, alibi, out, lse = residuals
-    return _backward(q, k, v, sinks, alibi, out, lse, g, scale, softcap, window, bq, bk)
+    q, k, v, sinks, alibi, segments, out, lse = residuals
+    return _backward(q, k, v, sinks, alibi, segments, out, lse, g, scale, softcap, window, bq, bk)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

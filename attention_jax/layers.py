@@ -8,8 +8,9 @@ no math of their own beyond projections. Shapes follow the legend in
 Every module takes ``deterministic`` (True disables dropout; dropout draws
 from the ``"dropout"`` RNG stream) and, on the dense attention path, records
 the attention weights with ``sow("intermediates", "attention_weights", w)``,
-so ``apply(..., mutable=["intermediates"])`` returns them without a second
-copy of the model.
+and on every path the queries and keys as attention takes them (``"queries"``,
+``"keys"``: after rope and log-n), so ``apply(..., mutable=["intermediates"])``
+returns them without a second copy of the model.
 """
 
 from __future__ import annotations
@@ -87,16 +88,19 @@ class AddPositions(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, *, decode: bool = False) -> Array:
+    def __call__(self, x: Array, *, decode: bool = False, positions: Array | None = None) -> Array:
+        """``positions`` (..., T) integers: each token's own position (packed sequences restart them)."""
         T, C = x.shape[-2:]
         if self.kind not in ("learned", "sinusoidal"):
             return x
         start = positions_offset(self, T, decode)
         if self.kind == "learned":
             table = self.param("embedding", default_init, (self.max_len, C), self.param_dtype)
+            if positions is not None:
+                return x + table[positions].astype(x.dtype)
             rows = jax.lax.dynamic_slice_in_dim(table, start, T) if decode else table[:T]
             return x + rows.astype(x.dtype)
-        return x + sinusoidal_encoding(T, C, offset=start).astype(x.dtype)
+        return x + sinusoidal_encoding(T, C, offset=start, positions=positions).astype(x.dtype)
 
 
 def _qk_norms(module: nn.Module, q: Array, k: Array, param_dtype: DTypeLike) -> tuple[Array, Array]:
@@ -147,7 +151,9 @@ def _cache(module: nn.Module, k: Array, v: Array):
     return (ck, cv, ci) if initialized else None
 
 
-def _attend_with_cache(module: nn.Module, q, k, v, *, num_heads: int, decode: bool, mask, bias, deterministic: bool):
+def _attend_with_cache(
+    module: nn.Module, q, k, v, *, num_heads: int, decode: bool, mask, bias, deterministic: bool, segment_ids=None
+):
     """``attention.attention_heads`` with the cache read from and written to ``module``'s variables.
 
     The parameters some options add (``AttentionOptions.option_params``: sinks, a learned
@@ -161,8 +167,14 @@ def _attend_with_cache(module: nn.Module, q, k, v, *, num_heads: int, decode: bo
         for name, (shape, value) in module.options.option_params(num_heads).items()
     }
     core = module.options.attention_kwargs(module.head_size, num_heads, params)
+
+    def record_qk(q, k):  # a sow costs nothing unless apply(..., mutable=["intermediates"]) asks for it
+        module.sow("intermediates", "queries", q)
+        module.sow("intermediates", "keys", k)
+
     out, new = attention.attention_heads(
-        q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, **core
+        q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=hook, qk_hook=record_qk, segment_ids=segment_ids,
+        **core,
     )  # fmt: skip
     if variables is not None:
         for var, value in zip(variables, new):
@@ -227,6 +239,7 @@ class Head(nn.Module):
         bias: Array | None = None,
         deterministic: bool = True,
         decode: bool | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
         decode = self.decode if decode is None else decode
         dtype = jnp.dtype(self.dtype)
@@ -244,7 +257,16 @@ class Head(nn.Module):
         if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         return _attend_with_cache(
-            self, q, k, v, num_heads=1, decode=decode, mask=mask, bias=bias, deterministic=deterministic
+            self,
+            q,
+            k,
+            v,
+            num_heads=1,
+            decode=decode,
+            mask=mask,
+            bias=bias,
+            deterministic=deterministic,
+            segment_ids=segment_ids,
         )  # (..., T, D)
 
 
@@ -278,6 +300,8 @@ class MultiHeadAttention(nn.Module):
     Call: ``mask`` boolean, broadcastable to (..., H, T, S) (e.g.
     ``attention.padding_mask``), True = attend; ``bias`` float, same shape rule,
     added to the logits. A query row with no key left gives zero output.
+    ``segment_ids`` (..., T) integers: a packed sequence of documents, each
+    token attending within its own, rope restarting per document.
 
     Choices:
     {choices}"""
@@ -314,6 +338,7 @@ class MultiHeadAttention(nn.Module):
         bias: Array | None = None,
         deterministic: bool = True,
         decode: bool | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
         decode = self.decode if decode is None else decode
         check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
@@ -325,7 +350,16 @@ class MultiHeadAttention(nn.Module):
         if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         out = _attend_with_cache(
-            self, q, k, v, num_heads=H, decode=decode, mask=mask, bias=bias, deterministic=deterministic
+            self,
+            q,
+            k,
+            v,
+            num_heads=H,
+            decode=decode,
+            mask=mask,
+            bias=bias,
+            deterministic=deterministic,
+            segment_ids=head_axis(segment_ids),
         )  # (..., H, T, D)
         out_features = self.out_features or C
         w_out = self.param("proj_kernel", self.out_init, (H, D, out_features), self.param_dtype)
@@ -339,6 +373,11 @@ class MultiHeadAttention(nn.Module):
 for _shell in (Head, MultiHeadAttention):
     if _shell.__doc__:  # None under python -OO
         _shell.__doc__ = _shell.__doc__.format(choices=choices_doc().lstrip())
+
+
+def head_axis(segment_ids: Array | None) -> Array | None:
+    """Segment ids (..., T) of the tokens as the heads' (..., 1, T): one id per token for every head."""
+    return None if segment_ids is None else jnp.asarray(segment_ids)[..., None, :]
 
 
 class FeedForward(nn.Module):

@@ -18,6 +18,7 @@ from jax.typing import DTypeLike
 from attention_jax import attention
 from attention_jax.layers import AddPositions, FeedForward, MultiHeadAttention, default_init
 from attention_jax.options import AttentionOptions, OptionError, choices_doc
+from attention_jax.positions import segment_positions
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")
@@ -178,6 +179,7 @@ class Block(nn.Module):
         bias: Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        segment_ids: Array | None = None,
     ) -> Array:
         cfg = self.model_config
         attn, mlp = block_options(cfg, self.layer)
@@ -186,7 +188,7 @@ class Block(nn.Module):
         )
         h = norm("ln_attn")(x)
         x = x + MultiHeadAttention(**attn, name="attn")(
-            h, mask=mask, bias=bias, deterministic=deterministic, decode=decode
+            h, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
         )
         h = norm("ln_mlp")(x)
         return x + FeedForward(**mlp, name="mlp")(h, deterministic=deterministic)
@@ -214,7 +216,10 @@ class TransformerLM(nn.Module):
     """GPT-style decoder: tokens (..., T) -> logits (..., T, V) float32, with T <= block_size.
 
     token embedding + positions -> n_layer pre-LN Blocks -> LayerNorm -> LM head.
-    ``mask``/``bias`` go to every attention layer (see ``Block``).
+    ``mask``/``bias`` go to every attention layer (see ``Block``). ``segment_ids``
+    (integers, the tokens' shape) pack several documents into one row: each
+    attends only within itself and its positions (learned, sinusoidal, rope,
+    log-n) restart at 0, so its logits are those of the document alone.
 
     Decoding with a KV cache (Flax's convention): ``cache = model.init_cache(B,
     max_length)``, then ``model.apply({"params": params, "cache": cache},
@@ -235,23 +240,25 @@ class TransformerLM(nn.Module):
         bias: Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        segment_ids: Array | None = None,
     ) -> Array:
         cfg = self.model_config
         T = tokens.shape[-1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        positions = packed_positions(tokens, segment_ids, decode)
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(
             cfg.vocab_size, cfg.n_embd, embedding_init=default_init, param_dtype=cfg.param_dtype, name="token_embedding"
         )
         x = embed(tokens)
         x = AddPositions(cfg.pos_encoding, cfg.block_size, param_dtype=cfg.param_dtype, name="positions")(
-            x, decode=decode
+            x, decode=decode, positions=positions
         )  # (..., T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic).astype(dtype)
         for i in range(cfg.n_layer):
             x = Block(cfg, layer=i, name=f"block_{i}")(
-                x, mask=mask, bias=bias, deterministic=deterministic, decode=decode
+                x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
             )
         x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final")(x)
         if cfg.tie_embeddings:  # one (V, C) matrix reads tokens in and writes logits out
@@ -283,6 +290,23 @@ class TransformerLM(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward = 3x forward); see :func:`flops_per_token`."""
         return flops_per_token(self.model_config)
+
+
+def packed_positions(tokens: Array, segment_ids: Array | None, decode: bool) -> Array | None:
+    """Each token's position in its document for ``segment_ids`` (..., T) like ``tokens``; None without them.
+
+    Refuses, in one line, ids of another shape or a non-integer dtype, and decoding a packed sequence.
+    """
+    if segment_ids is None:
+        return None
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != tokens.shape:
+        raise ValueError(f"segment_ids of shape {segment_ids.shape} must have the tokens' shape {tokens.shape}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers (one document id per token), got dtype {segment_ids.dtype}")
+    if decode:
+        raise ValueError("segment_ids: packed sequences are for training and scoring; decode one document at a time")
+    return segment_positions(segment_ids)
 
 
 def empty_cache(model: nn.Module, batch_size: int, max_length: int, block_size: int | None = None) -> Any:

@@ -96,7 +96,7 @@ class _Attention(nnx.Module):
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
-    def _attend(self, q, k, v, *, decode, mask, bias, deterministic):
+    def _attend(self, q, k, v, *, decode, mask, bias, deterministic, segment_ids=None):
         cache = None
         if decode:
             if getattr(self, "cached_key", None) is None:
@@ -104,7 +104,7 @@ class _Attention(nnx.Module):
             cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
         params = {name: getattr(self, name)[...] for name in self._option_params}
         out, new = attention.attention_heads(
-            q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic),
+            q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic), segment_ids=segment_ids,
             **self.options.attention_kwargs(self.head_size, getattr(self, "num_heads", 1), params),
         )  # fmt: skip
         if new is not None:
@@ -180,11 +180,14 @@ class Head(_Attention):
         bias: Array | None = None,
         deterministic: bool | None = None,
         decode: bool | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
         k, q, v = self.key(x), self.query(x), self.value(x)  # (..., T, D)
         q, k = self._norms(q, k)
         decode = self.decode if decode is None else decode
-        return self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic)
+        return self._attend(
+            q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic, segment_ids=segment_ids
+        )
 
 
 class MultiHeadAttention(_Attention):
@@ -254,13 +257,15 @@ class MultiHeadAttention(_Attention):
         bias: Array | None = None,
         deterministic: bool | None = None,
         decode: bool | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
         decode = self.decode if decode is None else decode
         check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
         dtype = jnp.dtype(self.dtype)
         q, k, v = attention.project_qkv(self.qkv_kernel[...], inputs_q, inputs_kv, dtype)  # (..., H, T, D)
         q, k = self._norms(q, k)
-        out = self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic)
+        out = self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic,
+                           segment_ids=layers.head_axis(segment_ids))  # fmt: skip
         b_out = None if self.proj_bias is None else self.proj_bias[...]
         y = attention.project_out(out, self.proj_kernel[...], b_out, dtype)
         return self.dropout(y, deterministic=deterministic)  # (..., T, C')
@@ -309,10 +314,14 @@ class AddPositions(nnx.Module):
         if self.kind in ("learned", "sinusoidal"):
             self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
-    def __call__(self, x: Array, *, decode: bool = False) -> Array:
+    def __call__(self, x: Array, *, decode: bool = False, positions: Array | None = None) -> Array:
         T, C = x.shape[-2:]
         if self.kind not in ("learned", "sinusoidal"):
             return x
+        if positions is not None:  # each token's own position (packed sequences)
+            if self.kind == "learned":
+                return x + self.embedding[...][positions].astype(x.dtype)
+            return x + sinusoidal_encoding(T, C, positions=positions).astype(x.dtype)
         start = 0
         if decode:
             if self.cache_index is None:
@@ -354,8 +363,11 @@ class Block(nnx.Module):
         bias: Array | None = None,
         deterministic: bool | None = None,
         decode: bool | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
-        x = x + self.attn(self.ln_attn(x), mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+        x = x + self.attn(
+            self.ln_attn(x), mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
+        )
         return x + self.mlp(self.ln_mlp(x), deterministic=deterministic)
 
 
@@ -413,14 +425,16 @@ class TransformerLM(nnx.Module):
         bias: Array | None = None,
         deterministic: bool | None = None,
         decode: bool = False,
+        segment_ids: Array | None = None,
     ) -> Array:
         cfg = self.model_config
         if tokens.shape[-1] > cfg.block_size:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds block_size {cfg.block_size}")
-        x = self.positions(self.token_embedding(tokens), decode=decode)  # (..., T, C)
+        positions = model.packed_positions(tokens, segment_ids, decode)
+        x = self.positions(self.token_embedding(tokens), decode=decode, positions=positions)  # (..., T, C)
         x = self.dropout(x, deterministic=deterministic).astype(jnp.dtype(cfg.dtype))
         for block in self.blocks():
-            x = block(x, mask=mask, bias=bias, deterministic=deterministic, decode=decode)
+            x = block(x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids)
         x = self.ln_final(x)
         if self.lm_head is None:
             logits = self.token_embedding.attend(x.astype(jnp.float32))

@@ -24,30 +24,48 @@ Array = jax.Array
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none", "alibi")
 
 
-def sinusoidal_encoding(T: int, C: int, base: float = 10000.0, offset: int | Array = 0) -> Array:
+def sinusoidal_encoding(
+    T: int, C: int, base: float = 10000.0, offset: int | Array = 0, positions: Array | None = None
+) -> Array:
     """Fixed (T, C) table of Vaswani et al.: sin on even channels, cos on odd.
 
-    Rows are positions offset..offset+T-1 (``offset`` may be traced: a decode step's cache index).
+    Rows are positions offset..offset+T-1 (``offset`` may be traced: a decode step's cache index),
+    or ``positions`` (..., T) given (packed sequences: ``segment_positions``) -> (..., T, C).
     """
-    pos = (offset + jnp.arange(T)).astype(jnp.float32)[:, None]  # (T, 1)
+    pos = offset + jnp.arange(T) if positions is None else positions
+    pos = pos.astype(jnp.float32)[..., None]  # (..., T, 1)
     freq = base ** (-jnp.arange(0, C, 2, dtype=jnp.float32) / C)  # (ceil(C/2),)
-    angles = pos * freq  # (T, ceil(C/2))
-    table = jnp.zeros((T, C), jnp.float32)
-    table = table.at[:, 0::2].set(jnp.sin(angles))
-    return table.at[:, 1::2].set(jnp.cos(angles[:, : C // 2]))
+    angles = pos * freq  # (..., T, ceil(C/2))
+    table = jnp.zeros((*angles.shape[:-1], C), jnp.float32)
+    table = table.at[..., 0::2].set(jnp.sin(angles))
+    return table.at[..., 1::2].set(jnp.cos(angles[..., : C // 2]))
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Each token's position within its segment (document) of a packed sequence: (..., T) -> (..., T) int32.
+
+    A segment is a run of equal ids: [7, 7, 7, 2, 2, 7] -> [0, 1, 2, 0, 1, 0].
+    """
+    T = segment_ids.shape[-1]
+    t = jnp.arange(T, dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones((*segment_ids.shape[:-1], 1), bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)  # where each token's segment starts
+    return t - first
 
 
 def apply_rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
     """Rotary position embedding (Su et al. 2021) on the last axis of x.
 
-    x (..., T, D) with D even, positions (T,). Channel i is paired with channel
+    x (..., T, D) with D even, positions (T,) or broadcastable to x's (..., T). Channel i is paired with channel
     i + D/2 and the pair is rotated by angle positions * base^(-2i/D), so q·k
     depends on positions only through their difference.
     """
     D = x.shape[-1]
     half = D // 2
     freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / D)  # (D/2,)
-    angles = positions.astype(jnp.float32)[:, None] * freq  # (T, D/2)
+    angles = positions.astype(jnp.float32)[..., None] * freq  # (..., T, D/2)
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

@@ -56,12 +56,14 @@ def splash_attention(
     window: int | None = None,
     softcap: float | None = None,
     sinks: Array | None = None,
+    segment_ids: Array | None = None,
     interpret: bool | None = None,
 ) -> Array:
     """Splash attention: q, k, v (..., T, D) -> (..., T, D), the leading axes any batch and head axes.
 
     ``scale`` multiplies q·kᵀ (folded into q); ``window`` W needs ``causal``;
-    ``sinks`` broadcast to the leading axes (per head: (H,)). ``interpret``:
+    ``sinks`` broadcast to the leading axes (per head: (H,)); ``segment_ids``
+    (broadcastable to (..., T)) are its ``SegmentIds``. ``interpret``:
     None runs the kernel compiled on TPU and interpreted elsewhere.
     """
     if q.shape != k.shape or q.shape[:-1] != v.shape[:-1] or q.ndim < 2:
@@ -78,18 +80,22 @@ def splash_attention(
     lead = q.shape[:-2]
     if sinks is not None:
         sinks = jnp.broadcast_to(jnp.asarray(sinks, jnp.float32), lead)
+    if segment_ids is not None:
+        segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), q.shape[:-1])
     run = functools.partial(_on_rows, causal=causal, window=window, softcap=softcap, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if q.ndim == 4 and not mesh.empty:
         spec = _spec(mesh, q.shape)
         if spec != P():
-            args = (q, k, v) + (() if sinks is None else (sinks,))
-            specs = (spec, spec, spec, P(*spec[:2]))[: len(args)]
+            extra = {name: x for name, x in (("sinks", sinks), ("segment_ids", segment_ids)) if x is not None}
+            args = (q, k, v, *extra.values())
+            extra_specs = {"sinks": P(*spec[:2]), "segment_ids": P(*spec[:3])}
+            specs = (spec, spec, spec, *(extra_specs[name] for name in extra))
             if _explicit(mesh, spec):  # explicit axes: shard_map takes inputs already laid out as it splits them
                 args = tuple(jax.reshard(a, s) for a, s in zip(args, specs))
-            body = lambda q, k, v, *s: run(q, k, v, s[0] if s else None)
+            body = lambda q, k, v, *rest: run(q, k, v, **dict(zip(extra, rest)))
             return jax.shard_map(body, in_specs=specs, out_specs=spec, check_vma=False)(*args)
-    return run(q, k, v, sinks)
+    return run(q, k, v, sinks=sinks, segment_ids=segment_ids)
 
 
 def _say_interpreted(interpret: bool) -> None:
@@ -123,7 +129,7 @@ def _explicit(mesh, spec: P) -> bool:
     return all(types[a] == jax.sharding.AxisType.Explicit for a in named)
 
 
-def _on_rows(q, k, v, sinks, *, causal, window, softcap, interpret):
+def _on_rows(q, k, v, *, sinks=None, segment_ids=None, causal, window, softcap, interpret):
     """The kernel over the flattened leading axes: each row one head of one example."""
     *lead, T, D = q.shape
     Dv = v.shape[-1]
@@ -132,11 +138,17 @@ def _on_rows(q, k, v, sinks, *, causal, window, softcap, interpret):
     Tp = -(-T // block) * block  # padded at the end; the padded keys are masked (causally: unseen anyway)
     pad = lambda x: jnp.pad(x.reshape(N, 1, T, x.shape[-1]), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
     kernel = _kernel(T, Tp, block, causal, window, softcap, interpret)
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
     args = (pad(q), pad(k), pad(v))
-    if sinks is None:
-        out = jax.vmap(kernel)(*args)
-    else:
-        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, sinks=s))(*args, sinks.reshape(N, 1))
+    sinks = None if sinks is None else sinks.reshape(N, 1)
+    if segment_ids is not None:  # the padding gets an id of its own (-1): a padded query sees itself
+        segment_ids = jnp.pad(segment_ids.reshape(N, T), ((0, 0), (0, Tp - T)), constant_values=-1)
+
+    def one(q, k, v, s, seg):
+        return kernel(q, k, v, segment_ids=None if seg is None else SegmentIds(q=seg, kv=seg), sinks=s)
+
+    out = jax.vmap(one)(*args, sinks, segment_ids)
     return out[:, 0, :T].reshape(*lead, T, Dv)
 
 

@@ -209,3 +209,75 @@ def model_qk_stats(model, params: Any, tokens: Array, targets: Array) -> dict[st
     out = {key: float(np.mean([r[key] for r in per_layer])) for key in per_layer[0]}
     out.update(grad_q=float(np.mean(gq)), grad_k=float(np.mean(gk)))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Stability diagnostics of a TransformerLM (Wortsman et al. 2023; Zhai et al. 2023)
+# ---------------------------------------------------------------------------
+
+# name -> how a layer's heads are summarized into one number (TensorBoard, reports)
+DIAGNOSTICS = {"max_logit": "max", "entropy": "mean", "q_norm": "mean", "k_norm": "mean"}
+
+
+def stability_diagnostics(model, params: Any, tokens: Array) -> dict[str, Array]:
+    """What grows before a transformer's training diverges, on ``tokens`` (B, T); jit-able.
+
+    Per layer and head, (L, H) float32:
+      ``max_logit``  the largest attention logit q·kᵀ·scale over the pairs a query
+                     may see (causal, within its window), before any soft-cap: the
+                     attention-logit growth of Dehghani et al. and Wortsman et al.;
+      ``entropy``    the mean normalized entropy of the attention rows (1 uniform,
+                     0 one-hot; rows of one key left out): entropy collapse (Zhai et al.);
+      ``q_norm``, ``k_norm``  the mean L2 norm of the queries and keys as attention
+                     takes them (after the q/k norm, rope and log-n).
+    And (): ``log_z`` the mean and ``log_z_max`` the largest log-normalizer
+    logsumexp of the output logits, which the z-loss keeps near 0.
+
+    The model runs once on the dense path (a twin with attention_impl="dense",
+    same parameters), which materializes the (B, H, T, T) weights: give it a few
+    rows of modest length. A model without attention layers gives the log Z only.
+    """
+    cfg = getattr(model, "model_config", None)
+    if cfg is not None and cfg.attention_impl != "dense":
+        model = model.clone(model_config=cfg.replace(attention_impl="dense"))
+    logits, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # (B, T)
+    out = {"log_z": jnp.mean(log_z), "log_z_max": jnp.max(log_z)}
+    inter = state.get("intermediates", {})
+    blocks = sorted((k for k in inter if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+    if not blocks:
+        return out
+    T = tokens.shape[-1]
+    rows = {name: [] for name in DIAGNOSTICS}
+    for i, b in enumerate(blocks):
+        layer = inter[b]["attn"]
+        (q,), (k,), (w,) = layer["queries"], layer["keys"], layer["attention_weights"]  # (B, H, T, D), (B, H, T, T)
+        options = cfg.attention.layer(i)
+        scale = attention.resolve_scale(options.scale, q.shape[-1])
+        mask = attention.causal_mask(T, T, options.window) if options.causal else jnp.ones((T, T), bool)
+        raw = attention.attention_logits(q, k, scale=scale)  # (B, H, T, T), uncapped
+        rows["max_logit"].append(jnp.max(jnp.where(mask, raw, -jnp.inf), axis=(0, 2, 3)))
+        n = _row_lengths(w.shape, mask)
+        entropy = jnp.nan_to_num(row_entropy(w, mask))  # (B, H, T)
+        keep = (n > 1).astype(jnp.float32)
+        rows["entropy"].append(jnp.sum(entropy * keep, axis=(0, 2)) / jnp.maximum(keep.sum() * w.shape[0], 1))
+        rows["q_norm"].append(jnp.mean(jnp.linalg.norm(q.astype(jnp.float32), axis=-1), axis=(0, 2)))
+        rows["k_norm"].append(jnp.mean(jnp.linalg.norm(k.astype(jnp.float32), axis=-1), axis=(0, 2)))
+    return out | {name: jnp.stack(values) for name, values in rows.items()}
+
+
+def summarize_diagnostics(diagnostics: dict[str, Any]) -> dict[str, float]:
+    """Flat numbers of ``stability_diagnostics``: per layer, the heads summarized (``DIAGNOSTICS``).
+
+    ``{"max_logit/layer_0": ..., "entropy/layer_0": ..., "log_z": ..., "log_z_max": ...}``.
+    """
+    flat = {}
+    for name, value in diagnostics.items():
+        value = np.asarray(value, np.float64)
+        if value.ndim == 0:
+            flat[name] = float(value)
+            continue
+        how = np.max if DIAGNOSTICS.get(name) == "max" else np.mean
+        for layer, heads in enumerate(value):
+            flat[f"{name}/layer_{layer}"] = float(how(heads))
+    return flat

@@ -291,7 +291,11 @@ def train_steps(exp: Experiment, steps_per_call: int, state: steps.TrainState | 
 
 
 def eval_program(exp: Experiment) -> Callable[..., dict[str, Array]]:
-    """A jitted ``(params, *exp.eval_inputs) -> {"train": (M,), "val": (M,)}``: mean losses on fixed batches."""
+    """A jitted ``(params, *exp.eval_inputs) -> {"train": (M,), "val": (M,), "diagnostics": {...}}``.
+
+    Mean losses on fixed batches, and each member's stability diagnostics on the
+    first validation rows (``steps.eval_diagnostics``): arrays with a leading M.
+    """
     key = ProgramKey.of(exp)
 
     def make():
@@ -299,9 +303,14 @@ def eval_program(exp: Experiment) -> Callable[..., dict[str, Array]]:
                                        block_size=key.block_size, eval_iters=key.eval_iters,
                                        batch_sharding=key.sharding("data"))  # fmt: skip
         all_members = key.over_members(one_member, (0, 0, None))
+        diagnose = key.over_members(
+            functools.partial(steps.eval_diagnostics, model=key.model, batch_size=key.batch_size,
+                              block_size=key.block_size), (0, 0, None),
+        )  # fmt: skip
 
         def evaluate(params, members, train, val):
-            return {"train": all_members(params, members, train), "val": all_members(params, members, val)}
+            return {"train": all_members(params, members, train), "val": all_members(params, members, val),
+                    "diagnostics": diagnose(params, members, val)}  # fmt: skip
 
         return jax.jit(evaluate, out_shardings=key.sharding())  # replicated: every process reads the losses
 

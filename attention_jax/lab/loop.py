@@ -558,8 +558,9 @@ def evaluate(
     losses = jax.device_get(programs.evaluate(p.state.params))
     alive = [i for i in range(exp.num_members) if not p.diverged[i]]
     for i in alive:
+        diagnostics = {name: np.asarray(v[i]).tolist() for name, v in losses["diagnostics"].items()}  # per layer, head
         p.last_eval[i] = {"step": p.step, "seed": exp.members[i].seed, "train_loss": float(losses["train"][i]),
-                          "val_loss": float(losses["val"][i])}  # fmt: skip
+                          "val_loss": float(losses["val"][i]), "diagnostics": diagnostics}  # fmt: skip
     if write:
         for o in outputs:
             o.metrics.write_many([{"step": p.step, "member": j, **p.last_eval[i]} for j, i in enumerate(o.members)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from attention_jax import data as data_lib
+from attention_jax import stats
 from attention_jax.lab import parts as parts_lib
 from attention_jax.lab.parts import Optimizer
 from attention_jax.lab.rundir.checkpoints import to_host  # noqa: F401  (re-exported: steps.to_host)
@@ -245,6 +246,21 @@ def eval_loss(
         return loss_fn(params, model, x, y, eval_key, True)
 
     return jnp.mean(jax.lax.map(one, jnp.arange(eval_iters)))
+
+
+# The stability diagnostics' sample: the first rows of the first fixed evaluation batch, at most this
+# long (their dense twin materializes (rows, H, T, T) weights per layer).
+DIAGNOSTIC_ROWS, DIAGNOSTIC_MAX_T = 4, 512
+
+
+def eval_diagnostics(
+    params: Any, member: dict[str, Any], data: Array, *, model: nn.Module, batch_size: int, block_size: int
+) -> dict[str, Array]:
+    """``stats.stability_diagnostics`` of a member on the same validation rows at every evaluation."""
+    eval_key = jax.random.fold_in(member["key"], EVAL)
+    x, _ = batch(jax.random.fold_in(eval_key, 0), data, batch_size, block_size)
+    x = x[:DIAGNOSTIC_ROWS, :DIAGNOSTIC_MAX_T]
+    return stats.stability_diagnostics(member_model(model, member), params, x)
 
 
 def full_split_loss(

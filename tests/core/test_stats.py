@@ -83,3 +83,47 @@ def test_model_weights_per_layer_and_near_uniform_at_gpt_init():
     assert min(stats.layer_entropies(model, params, tokens)) > 0.95
     out = stats.model_qk_stats(model, params, tokens, tokens)
     assert set(out) == set(stats.STAT_KEYS) and out["grad_q"] > 0
+
+
+# --- stability diagnostics: against numpy from the parameters of a one-layer model --------------
+
+
+def _numpy_diagnostics(params, tokens, scale, window):
+    """float64: embeddings + positions -> LayerNorm -> q, k (B, H, T, D) -> the diagnostics of layer 0."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    x = p["token_embedding"]["embedding"][np.asarray(tokens)] + p["positions"]["embedding"][: tokens.shape[1]]
+    ln = p["block_0"]["ln_attn"]
+    h = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * ln["scale"] + ln["bias"]
+    w = p["block_0"]["attn"]["qkv_kernel"]
+    q, k = (np.einsum("btc,chd->bhtd", h, w[:, i]) for i in range(2))
+    T = tokens.shape[1]
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    seen = (s <= t) if window is None else (s <= t) & (s > t - window)
+    logits = np.where(seen, q @ np.swapaxes(k, -1, -2) * scale, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    n = seen.sum(-1)  # keys per row
+    ent = -np.sum(np.where(weights > 0, weights * np.log(np.where(weights > 0, weights, 1)), 0), -1)  # (B, H, T)
+    ent = (ent[..., n > 1] / np.log(n[n > 1])).mean(axis=(0, 2))
+    norm = lambda a: np.linalg.norm(a, axis=-1).mean(axis=(0, 2))
+    return {"max_logit": logits.max(axis=(0, 2, 3)), "entropy": ent, "q_norm": norm(q), "k_norm": norm(k)}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(window=3, attention_impl="blockwise", attn_scale=0.7)])
+def test_stability_diagnostics_equal_numpy_from_the_parameters(fake_init, kw):
+    stability_diagnostics, summarize_diagnostics = stats.stability_diagnostics, stats.summarize_diagnostics
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_layer=1, **kw)
+    model = TransformerLM(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 8)), jnp.int32)
+    params = fake_init(model, tokens, std=0.5)
+    got = jax.jit(lambda p: stability_diagnostics(model, p, tokens))(params)
+    want = _numpy_diagnostics(params, tokens, attention.resolve_scale(cfg.attn_scale, cfg.head_dim), cfg.window)
+    for name, value in want.items():
+        assert got[name].shape == (1, 2)
+        np.testing.assert_allclose(np.asarray(got[name][0]), value, rtol=2e-5, err_msg=name)
+    log_z = jax.nn.logsumexp(model.apply({"params": params}, tokens), axis=-1)
+    np.testing.assert_allclose([float(got["log_z"]), float(got["log_z_max"])], [log_z.mean(), log_z.max()], rtol=1e-6)
+    flat = summarize_diagnostics(got)
+    assert flat["max_logit/layer_0"] == pytest.approx(float(np.max(want["max_logit"])), rel=2e-5)
+    assert flat["entropy/layer_0"] == pytest.approx(float(np.mean(want["entropy"])), rel=2e-5)
+    assert set(flat) == {"log_z", "log_z_max"} | {f"{n}/layer_0" for n in ("max_logit", "entropy", "q_norm", "k_norm")}

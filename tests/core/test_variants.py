@@ -4,6 +4,8 @@ and their config keys round-tripping through config.json. (softcap, the first, i
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -543,3 +545,102 @@ def test_variant_config_keys_round_trip_and_are_checked_before_anything_compiles
         model_config(apply_overrides(base_config(), {"model.logn_scale": "-1"}), V)
     with pytest.raises(ConfigError, match=r"^model\.logn_learned: a learned log-n scale needs logn_scale"):
         model_config(apply_overrides(base_config(), {"model.logn_learned": "true"}), V)
+
+
+# --- packed sequences: segment_ids ----------------------------------------------------------------
+
+
+def test_segment_positions_restart_per_document():
+    from attention_jax.positions import segment_positions
+
+    ids = jnp.asarray([[7, 7, 7, 2, 2, 7], [0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(segment_positions(ids)), [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+
+
+def numpy_packed_attention(q, k, v, scale, segments, window=None):
+    """float64: causal (and windowed) attention within each segment only."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    T = q.shape[-2]
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    seg = np.asarray(segments)
+    seen = (s <= t) & (seg[..., :, None] == seg[..., None, :])
+    if window is not None:
+        seen &= s > t - window
+    logits = np.where(seen, q @ np.swapaxes(k, -1, -2) * scale, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+PACKED = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7]])
+
+
+@pytest.mark.parametrize("W, bq, bk", [(None, 4, 4), (None, 3, 5), (5, 4, 3)])
+def test_segment_ids_on_every_backend_equal_the_numpy_reference(W, bq, bk):
+    q, k, v = window_qkv(13, lead=(2, 3))
+    seg = jnp.asarray(PACKED)[:, None, :]  # (B, 1, T): one id per token for every head
+    want = numpy_packed_attention(q, k, v, 0.5, np.broadcast_to(PACKED[:, None, :], (2, 3, 13)), W)
+    for impl in ("dense", "xla", "blockwise", "splash"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # splash: interpret mode
+            got = A.attend(q, k, v, scale=0.5, causal=True, impl=impl, window=W, segment_ids=seg)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    got = blockwise_causal_attention(q, k, v, scale=0.5, window=W, segment_ids=seg, block_q=bq, block_k=bk)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+    grads = lambda fn: jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v), g), argnums=(0, 1, 2))(q, k, v)
+    dense = grads(lambda q, k, v: A.attend(q, k, v, scale=0.5, causal=True, window=W, segment_ids=seg))
+    tiled = grads(lambda q, k, v: blockwise_causal_attention(q, k, v, scale=0.5, window=W, segment_ids=seg,
+                                                             block_q=bq, block_k=bk))  # fmt: skip
+    for a, b in zip(tiled, dense):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal", "rope", "alibi", "none"])
+def test_a_packed_row_gives_each_document_the_logits_it_has_alone(fake_init, pos_encoding):
+    # Three documents of 4, 5 and 3 tokens in one row of 12: positions restart, nothing crosses a boundary.
+    model = TransformerLM(lm_config(block_size=12, pos_encoding=pos_encoding, logn_scale=0.5))
+    tokens = tokens_input(shape=(2, 12))
+    params = fake_init(model, tokens, std=0.5)
+    bounds = [(0, 4), (4, 9), (9, 12)]
+    seg = jnp.asarray(np.repeat(np.arange(3), [4, 5, 3])[None].repeat(2, 0), jnp.int32)
+    packed = np.asarray(model.apply({"params": params}, tokens, segment_ids=seg))
+    for a, b in bounds:
+        alone = np.asarray(model.apply({"params": params}, tokens[:, a:b]))
+        np.testing.assert_allclose(packed[:, a:b], alone, rtol=1e-5, atol=1e-5, err_msg=f"document {a}:{b}")
+    assert np.max(np.abs(packed - np.asarray(model.apply({"params": params}, tokens)))) > 1e-3  # packing acts
+    twin = ajx.from_linen(model, params)
+    np.testing.assert_allclose(np.asarray(twin(tokens, segment_ids=seg)), packed, rtol=1e-5, atol=1e-5)
+
+
+def test_no_gradient_crosses_a_document_boundary(fake_init):
+    from attention_jax.model import Block
+
+    block = Block(lm_config(block_size=T, pos_encoding="rope", window=4))
+    x = x_input()
+    seg = jnp.asarray([[0, 0, 1, 1, 1, 1], [3, 3, 3, 3, 3, 9]], jnp.int32)
+    params = fake_init(block, x, std=0.5)
+    jac = jax.jacrev(lambda x: block.apply({"params": params}, x, segment_ids=seg))(x)  # (B, T, C, B, T, C)
+    dep = np.abs(np.asarray(jac)).sum(axis=(2, 5))[np.arange(B), :, np.arange(B), :]  # (B, T out, T in)
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    ids = np.asarray(seg)
+    seen = (s <= t) & (s > t - 4) & (ids[:, :, None] == ids[:, None, :])  # (B, T, T)
+    assert np.all(dep[~seen] == 0.0)  # exactly: no earlier document, nothing outside the window, no future
+    assert np.all(dep[seen] > 0.0)
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (jnp.zeros((2, 11), jnp.int32), r"segment_ids of shape \(2, 11\) must have the tokens' shape \(2, 12\)"),
+        (jnp.zeros((2, 12), jnp.float32), r"segment_ids must be integers"),
+    ],
+)
+def test_bad_segment_ids_are_refused_in_one_line_before_anything_compiles(bad, why):
+    model = TransformerLM(lm_config(block_size=12))
+    tokens = tokens_input(shape=(2, 12))
+    with pytest.raises(ValueError, match=why):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, segment_ids=bad))
+    with pytest.raises(ValueError, match="decode one document at a time"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, segment_ids=jnp.zeros((2, 12), int), decode=True))
+    with pytest.raises(ValueError, match=r"segment_ids must be integers"):
+        A.attend(*window_qkv(5), scale=1.0, causal=True, segment_ids=jnp.zeros(5))

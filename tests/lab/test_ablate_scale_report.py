@@ -12,7 +12,7 @@ from attention_jax.lab.ablate_scale import report
 from attention_jax.lab.ablate_scale.points import describe_config
 from attention_jax.lab.config import apply_overrides, load_config
 from attention_jax.lab.loop import train
-from attention_jax.lab.rundir import load_run
+from attention_jax.lab.rundir import RunDir, load_run
 from attention_jax.stats import sown_attention_weights
 
 NAN = float("nan")
@@ -137,6 +137,14 @@ def test_entropy_and_heatmaps_from_a_real_checkpoint(tmp_path, small_text):
     assert (tmp_path / "sweep" / "attention_heatmaps.png").stat().st_size > 1000
     window = md.split("```\n")[1]
     assert window.count("\n") == 8 and window.startswith("[[1.0000, 0.0000")  # row 0 attends to itself only
+    # the stability diagnostics: the last evaluation's largest logit and log Z, mean over seeds, from metrics.jsonl
+    rows = [r for r in RunDir(workdir).read_metrics() if "diagnostics" in r and r["step"] == 4]
+    assert len(rows) == 2
+    largest = np.mean([max(max(heads) for heads in r["diagnostics"]["max_logit"]) for r in rows])
+    log_z = np.mean([r["diagnostics"]["log_z"] for r in rows])
+    assert "## Stability diagnostics (last evaluation)" in md
+    assert f"| a | sqrt | {point.head_size} | {point.learning_rate:g} | {largest:.3g} |" in md and f"{log_z:.3g}" in md
+    assert (tmp_path / "sweep" / "max_logit_curves.png").stat().st_size > 1000 and "(max_logit_curves.png)" in md
 
 
 @pytest.fixture

@@ -110,6 +110,20 @@ def test_metrics_writer_keeps_rows_up_to_a_step_and_mirrors_them_to_tensorboard(
         assert starts == [0, 3], (seed, starts)  # SessionLog.START: a fresh run purges all, a resumed one from 3
 
 
+def test_diagnostics_become_one_tensorboard_scalar_per_layer_and_head(tmp_path):
+    run = rd.RunDir(tmp_path)
+    run.create()
+    writer = run.metrics_writer(["seed_0"])
+    diagnostics = {"max_logit": [[1.0, 2.0], [3.0, None]], "log_z": 4.5, "per_layer": [0.5, 0.25]}
+    writer.write_many([{"step": 5, "member": 0, "val_loss": 1.0, "diagnostics": diagnostics}])
+    writer.close()
+    assert run.read_metrics()[0]["diagnostics"] == diagnostics
+    events = read_event_scalars(tmp_path / rd.TENSORBOARD / "seed_0")
+    assert events["diagnostics/max_logit/layer_1/head_0"] == [(5, 3.0)] and events["diagnostics/log_z"] == [(5, 4.5)]
+    assert events["diagnostics/per_layer/layer_1"] == [(5, 0.25)]
+    assert "diagnostics/max_logit/layer_1/head_1" not in events  # null (a non-finite value): not written
+
+
 @pytest.mark.slow
 def test_training_writes_tensorboard_equal_to_metrics_jsonl(tmp_path, tiny_config, small_text):
     train(tiny_config(max_iters=10, eval_interval=5, log_interval=5, num_seeds=2), tmp_path, text=small_text(3000),
@@ -122,6 +136,17 @@ def test_training_writes_tensorboard_equal_to_metrics_jsonl(tmp_path, tiny_confi
             got = events[tag]
             assert [s for s, _ in got] == [s for s, _ in want] and len(want) >= 2
             np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)  # float32 in events
+        # every evaluation row carries the stability diagnostics, per layer and head, mirrored to TensorBoard
+        evals = [r for r in rows if r["seed"] == seed and "val_loss" in r]
+        L, H = tiny_config().model.n_layer, tiny_config().model.n_head
+        for r in evals:
+            d = r["diagnostics"]
+            assert {len(d[n]) for n in ("max_logit", "entropy", "q_norm", "k_norm")} == {L}
+            assert {len(heads) for heads in d["entropy"]} == {H} and 0 < min(min(h) for h in d["entropy"]) <= 1
+            assert d["log_z_max"] >= d["log_z"] > 0
+        got = events[f"diagnostics/max_logit/layer_{L - 1}/head_{H - 1}"]
+        np.testing.assert_allclose([v for _, v in got], [r["diagnostics"]["max_logit"][-1][-1] for r in evals], 1e-6)
+        assert [s for s, _ in events["diagnostics/log_z"]] == [r["step"] for r in evals]
 
 
 def test_load_run_errors_name_the_folder(tmp_path, tiny_config, small_text):

@@ -86,8 +86,12 @@ def _finish(fig, path, dpi: int):
     return fig
 
 
-def plot_curves(points: list[PointResult], path, lr: float | None, dpi: int = 90):
-    """Val loss against step: a panel per (design, D), a line per scale (mean over seeds, band min..max)."""
+def plot_curves(points: list[PointResult], path, lr: float | None, dpi: int = 90, *, series=None, ylabel="val loss"):
+    """Val loss against step: a panel per (design, D), a line per scale (mean over seeds, band min..max).
+
+    ``series(p, seed)`` -> [(step, value)] draws another per-evaluation number instead (a diagnostic).
+    """
+    series = series or (lambda p, s: p.evals[s])
     plt = _plt()
     pts = grid_points(points, lr)
     designs = sorted({p.design for p in pts})
@@ -97,12 +101,12 @@ def plot_curves(points: list[PointResult], path, lr: float | None, dpi: int = 90
     shown: dict[int, list[float]] = {}  # id(ax) -> every value drawn there
     for p in sorted(pts, key=lambda p: scale_rank(p.scale)):
         ax = axes[designs.index(p.design)][sizes.index(p.head_size)]
-        ok = [s for s in p.seeds if p.evals[s] and not p.diverged[s]]
+        ok = [s for s in p.seeds if series(p, s) and not p.diverged[s]]
         if not ok:
             continue
-        n = min(len(p.evals[s]) for s in ok)
-        steps = [st for st, _ in p.evals[ok[0]][:n]]
-        vals = np.array([[v for _, v in p.evals[s][:n]] for s in ok])
+        n = min(len(series(p, s)) for s in ok)
+        steps = [st for st, _ in series(p, ok[0])[:n]]
+        vals = np.array([[v for _, v in series(p, s)[:n]] for s in ok])
         style = arm_style(p.scale, scales.index(p.scale))
         ax.plot(steps, vals.mean(0), lw=1.2, ms=3, label=p.scale, **style)
         ax.fill_between(steps, vals.min(0), vals.max(0), color=style["color"], alpha=0.15, lw=0)
@@ -120,7 +124,7 @@ def plot_curves(points: list[PointResult], path, lr: float | None, dpi: int = 90
                 ax.text(0.5, 0.5, "no run", ha="center", va="center", fontsize=8, color="grey", transform=ax.transAxes)
                 ax.set_xticks([])
                 ax.set_yticks([])
-        axes[i][0].set_ylabel("val loss", fontsize=8)
+        axes[i][0].set_ylabel(ylabel, fontsize=8)
     return _finish(fig, path, dpi)
 
 

@@ -111,11 +111,37 @@ def read_point(workdir: str | os.PathLike) -> PointResult | None:
             diverged[s] = True
     for s in evals:
         evals[s].sort()
+    diagnostics = {s: sorted((int(r["step"]), diagnostic_numbers(r["diagnostics"])) for r in rows
+                             if r.get("seed", base) == s and isinstance(r.get("diagnostics"), dict))
+                   for s in seeds}  # fmt: skip
     status = "done" if run.has_summary() else (run.read_point_record() or {}).get("status", "incomplete")
     return PointResult(
         name=run.path.name, workdir=run.path, config=config, seeds=seeds, evals=evals, diverged=diverged, status=status,
-        **describe_config(config),
+        extra={"diagnostics": diagnostics}, **describe_config(config),
     )  # fmt: skip
+
+
+DIAGNOSTIC_NUMBERS = ("max_logit", "min_entropy", "log_z", "log_z_max")
+
+
+def diagnostic_numbers(d: dict) -> dict[str, float]:
+    """One evaluation's stability diagnostics (``stats.stability_diagnostics``, per layer and head) in four numbers.
+
+    ``max_logit``: the largest attention logit of any layer and head; ``min_entropy``: the lowest
+    layer's mean head entropy; ``log_z``, ``log_z_max``: the output logits' mean and largest log Z.
+    A row missing one (a model without attention, a null) gives NaN there.
+    """
+    flat = lambda v: [
+        x for heads in (v or []) for x in (heads if isinstance(heads, list) else [heads]) if x is not None
+    ]
+    per_layer = [np.mean([x for x in heads if x is not None]) for heads in d.get("entropy") or [] if heads]
+    num = lambda v: math.nan if v is None else float(v)
+    return {
+        "max_logit": max(flat(d.get("max_logit")), default=math.nan),
+        "min_entropy": float(min(per_layer, default=math.nan)),
+        "log_z": num(d.get("log_z")),
+        "log_z_max": num(d.get("log_z_max")),
+    }
 
 
 def load_points(sweep_dir: str | os.PathLike) -> list[PointResult]:

@@ -26,6 +26,7 @@ import numpy as np
 from attention_jax.lab.ablate_scale import tuned
 from attention_jax.lab.ablate_scale.plots import plot_curves, plot_heatmaps, plot_vs_head_size
 from attention_jax.lab.ablate_scale.points import (  # noqa: F401 (the report's names since before the split)
+    DIAGNOSTIC_NUMBERS,
     SCALE_ORDER,
     PointResult,
     base_learning_rate,
@@ -161,6 +162,23 @@ def arm_table(points: list[PointResult], target: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnostics_table(points: list[PointResult]) -> str:
+    """Markdown: per point, the stability diagnostics of its last evaluation (mean over its seeds), or ""."""
+    lines = []
+    for p in points:
+        last = [p.extra.get("diagnostics", {}).get(s) for s in p.seeds]
+        last = [d[-1][1] for d in last if d]
+        if not last:
+            continue
+        mean = {k: float(np.mean([d[k] for d in last])) for k in DIAGNOSTIC_NUMBERS}
+        cells = " | ".join(f"{mean[k]:.3g}" for k in DIAGNOSTIC_NUMBERS)
+        lines.append(f"| {p.design} | {p.scale} | {p.head_size} | {p.learning_rate:g} | {cells} |")
+    if not lines:
+        return ""
+    head = "| design | scale | D | lr | largest attention logit | lowest layer entropy | log Z (mean) | log Z (max) |"
+    return "\n".join([head, "|" + "---|" * 8, *lines]) + "\n"
+
+
 def lr_table(points: list[PointResult]) -> str:
     """Markdown: final val loss per scale (rows) and learning rate (columns) where several lrs were run."""
     groups: dict[tuple, dict[float, PointResult]] = {}
@@ -250,6 +268,20 @@ def write_report(
         figures.append(
             ("Final validation loss against head size (error bars: std over seeds)", "final_loss_vs_head_size.png")
         )
+    diag_md = diagnostics_table(points)
+    if diag_md:
+        md.append("## Stability diagnostics (last evaluation)\n")
+        md.append(
+            "Logged at every evaluation on the same validation rows (metrics.jsonl, TensorBoard), mean over seeds: "
+            "the largest attention logit q·kᵀ·scale of any layer and head, the lowest layer's mean head entropy, "
+            "and the log-normalizer log Z of the output softmax (Wortsman et al. 2023; Zhai et al. 2023).\n"
+        )
+        md.append(diag_md)
+        max_logits = lambda p, s: [(st, d["max_logit"]) for st, d in p.extra.get("diagnostics", {}).get(s, [])]
+        plot_curves(points, outdir / "max_logit_curves.png", lr, dpi=dpi, ylabel="largest attention logit",
+                    series=max_logits)  # fmt: skip
+        figures.append(("The largest attention logit against step (mean over seeds; band: min..max)",
+                        "max_logit_curves.png"))  # fmt: skip
     if any(p.entropy for p in main):
         plot_vs_head_size(main, outdir / "entropy_vs_head_size.png", None, "entropy", dpi=dpi)
         figures.append((f"Attention entropy after training against head size{at}", "entropy_vs_head_size.png"))

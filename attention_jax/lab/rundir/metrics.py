@@ -103,6 +103,8 @@ class MetricsWriter:
                 for key, tag in TENSORBOARD_TAGS.items():
                     if key in row:
                         board.add_scalar(tag, row[key], global_step=row["step"])
+                for tag, value in _diagnostic_scalars(row.get("diagnostics", {})):
+                    board.add_scalar(tag, value, global_step=row["step"])
         self._file.flush()
         for board in self._boards.values():
             board.flush()
@@ -112,6 +114,25 @@ class MetricsWriter:
             self._file.close()
         for board in self._boards.values():
             board.close()
+
+
+def _diagnostic_scalars(diagnostics: dict) -> list[tuple[str, float]]:
+    """A row's stability diagnostics as TensorBoard scalars: ``diagnostics/max_logit/layer_0/head_1``, ...
+
+    Each value is a number, a list per layer, or a list per layer of lists per head.
+    """
+    out = []
+
+    def walk(tag: str, value, depth: int) -> None:
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{tag}/{('layer', 'head')[min(depth, 1)]}_{i}", v, depth + 1)
+        elif value is not None:
+            out.append((tag, float(value)))
+
+    for name, value in diagnostics.items():
+        walk(f"diagnostics/{name}", value, 0)
+    return out
 
 
 def _json_line(row: dict) -> str:
