@@ -130,7 +130,11 @@ def test_a_diverging_member_stops_alone_and_the_others_go_on(tmp_path, tiny_conf
 def test_a_population_resumes_exactly(tmp_path, tiny_config, small_text, capsys):
     text = small_text(3000)
     entries = ({"learning_rate": 1e-3}, {"learning_rate": 3e-3})
-    base = dict(eval_interval=5, checkpoint_every=5, log_interval=5, population=entries, **{"model.dropout": 0.1})
+    # with the attention variants on, so that their keys go through config.json and a resume too
+    variants = {"model.sinks": True, "model.window": 4, "model.logn_scale": 0.5, "model.logn_learned": True,
+                "model.softcap": 20.0, "model.qk_norm": "rms", "model.pos_encoding": "alibi"}  # fmt: skip
+    base = dict(eval_interval=5, checkpoint_every=5, log_interval=5, population=entries,
+                **{"model.dropout": 0.1, **variants})  # fmt: skip
     straight = train(tiny_config(max_iters=15, **base), tmp_path / "a", text=text, progress=False)
     train(tiny_config(max_iters=10, **base), tmp_path / "b", text=text, progress=False)
     assert checkpoint_steps(tmp_path / "b") == [5, 10]

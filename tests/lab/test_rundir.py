@@ -78,6 +78,13 @@ def test_check_same_config_names_what_changed_and_allows_resumable_changes(tmp_p
     run.check_same_config({**old, "z_loss": 0.0})
     with pytest.raises(ConfigError, match=r"different config \(z_loss: None -> 0\.0001\)"):
         run.check_same_config({**old, "z_loss": 1e-4})
+    # the attention variants' keys likewise: their defaults compute what the run computed, anything else not
+    same = {"qk_norm_gain": True, "sinks": False, "logn_learned": False, "softcap": None, "window": None,
+            "logn_scale": None}  # fmt: skip
+    run.check_same_config({**old, "model": {"n_head": 2, **same}})
+    for key, value in (("sinks", True), ("qk_norm_gain", False), ("window", 16), ("logn_scale", 0.3)):
+        with pytest.raises(ConfigError, match=rf"model\.{key}: None -> {value!r}"):
+            run.check_same_config({**old, "model": {"n_head": 2, **same, key: value}})
 
 
 def test_metrics_writer_keeps_rows_up_to_a_step_and_mirrors_them_to_tensorboard(tmp_path):

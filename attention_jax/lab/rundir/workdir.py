@@ -45,7 +45,8 @@ RESUMABLE_CHANGES |= {"distributed", *(f"distributed.{key}" for key in DISTRIBUT
 RESUMABLE_CHANGES |= {f"ray.{key}" for key in ("num_cpus", "num_gpus", "tpu_chips", "hosts", "max_retries")}
 # Keys added after runs were written, with the value that computes what those runs computed: a run whose
 # config lacks one resumes with that value, and is refused with any other.
-ADDED_KEYS = {"z_loss": 0.0}
+# (Keys whose value was None then, such as model.softcap or model.window, need no entry: a missing key reads None.)
+ADDED_KEYS = {"z_loss": 0.0, "model.qk_norm_gain": True, "model.sinks": False, "model.logn_learned": False}
 
 
 class RunDir:
