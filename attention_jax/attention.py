@@ -27,7 +27,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from attention_jax.blockwise import blockwise_causal_attention
-from attention_jax.positions import alibi_bias, apply_rope, segment_positions
+from attention_jax.positions import alibi_bias, apply_rope, segment_positions, segment_runs
 from attention_jax.splash import splash_attention
 
 Array = jax.Array
@@ -81,10 +81,11 @@ def causal_mask(T: int, S: int | None = None, window: int | None = None) -> Arra
 def segment_mask(segment_ids: Array) -> Array:
     """(..., T, T) boolean mask of a packed sequence: True where query t and key s are of one segment.
 
-    ``segment_ids`` (..., T) integers, one per token, equal within a document.
+    ``segment_ids`` (..., T) integers, one per token, equal within a document; a segment is a run
+    of equal ids (``positions.segment_runs``: an id that comes back later is another document).
     """
-    segment_ids = jnp.asarray(segment_ids)
-    return segment_ids[..., :, None] == segment_ids[..., None, :]
+    runs = segment_runs(jnp.asarray(segment_ids))
+    return runs[..., :, None] == runs[..., None, :]
 
 
 def padding_mask(lengths: ArrayLike, max_length: int, *, mask_queries: bool = False) -> Array:
@@ -306,8 +307,8 @@ def attend(
     lower-triangular mask, aligned so the last query sees the last key) combine;
     a query row with no key left gives exactly zero output on every impl.
     ``bias`` (float, broadcastable to (..., T, S)) is added to the logits.
-    ``softcap`` caps the scaled logits (see ``attention_logits``): "dense" and
-    "blockwise" only. ``window`` W (with ``causal``) lets each query see only
+    ``softcap`` caps the scaled logits (see ``attention_logits``): "dense",
+    "blockwise" and "splash". ``window`` W (with ``causal``) lets each query see only
     the last W keys, itself included (``causal_mask``); "blockwise" skips the
     tiles outside it, "xla" and "cudnn" take it as jax.nn's ``local_window_size``
     where they can (self-attention without a mask), else as part of the mask.
@@ -322,12 +323,14 @@ def attend(
     check_choice("attention impl", impl, ATTENTION_IMPLS)
     if softcap is not None and impl in ("xla", "cudnn"):
         raise ValueError(f"attention impl {impl!r} cannot soft-cap the logits; use impl='dense' or 'blockwise'")
-    if window is not None and not causal:
-        raise ValueError("window (sliding-window attention) needs causal=True")
+    if window is not None:
+        window = as_int("window", window)
+        if not causal:
+            raise ValueError("window (sliding-window attention) needs causal=True")
     mask = as_mask(mask)
     T, S = q.shape[-2], k.shape[-2]
     if segment_ids is not None:
-        segment_ids = check_segment_ids(segment_ids, q.shape[:-1])
+        segment_ids = segment_runs(check_segment_ids(segment_ids, q.shape[:-1]))  # the kernels compare run indices
         if T != S:
             raise ValueError(f"segment_ids: packed sequences are for self-attention, got {T} queries and {S} keys")
     for name, extra in (("mask", mask), ("bias", bias)):
@@ -652,6 +655,7 @@ def attention_heads(
     index = 0 if cache is None else cache[2]
     T, S_new = q.shape[-2], k.shape[-2]
     q_pos, k_pos = index + (S_new - T) + jnp.arange(T), index + jnp.arange(S_new)
+    n_keys = index + S_new
     if segment_ids is not None:
         if cache is not None:
             raise ValueError(
@@ -659,10 +663,11 @@ def attention_heads(
             )
         segment_ids = check_segment_ids(segment_ids, q.shape[:-1])
         q_pos = k_pos = segment_positions(segment_ids)
+        n_keys = jnp.sum(segment_mask(segment_ids), axis=-1)  # without a causal mask: the document's length
     if rope:
         q, k = apply_rope(q, q_pos), apply_rope(k, k_pos)
     if logn is not None:
-        q = (q * logn_factor(logn, q_pos, causal=causal, window=window, n_keys=index + S_new)).astype(q.dtype)
+        q = (q * logn_factor(logn, q_pos, causal=causal, window=window, n_keys=n_keys)).astype(q.dtype)
     if qk_hook is not None:
         qk_hook(q, k)
     if cache is None:

@@ -99,6 +99,8 @@ def blockwise_causal_attention(
     N = math.prod(lead)  # all leading (batch, head) axes flattened into one
     bq, bk = min(block_q, T), min(block_k, T)
     cap = None if softcap is None else float(softcap)
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive integer, got {window!r}")
     W = None if window is None else int(window)
     acc = jnp.promote_types(q.dtype, jnp.float32)
     rows = lambda x: None if x is None else jnp.broadcast_to(jnp.asarray(x, acc), lead).reshape(N)  # (N,)

@@ -152,7 +152,17 @@ def _cache(module: nn.Module, k: Array, v: Array):
 
 
 def _attend_with_cache(
-    module: nn.Module, q, k, v, *, num_heads: int, decode: bool, mask, bias, deterministic: bool, segment_ids=None
+    module: nn.Module,
+    q,
+    k,
+    v,
+    *,
+    num_heads: int | None,
+    decode: bool,
+    mask,
+    bias,
+    deterministic: bool,
+    segment_ids=None,
 ):
     """``attention.attention_heads`` with the cache read from and written to ``module``'s variables.
 
@@ -261,7 +271,7 @@ class Head(nn.Module):
             q,
             k,
             v,
-            num_heads=1,
+            num_heads=None,  # one head: scalar sinks, slope and log-n scale
             decode=decode,
             mask=mask,
             bias=bias,

@@ -73,7 +73,7 @@ class _Attention(nnx.Module):
             )  # fmt: skip
             self.query_norm, self.key_norm = norm(), norm()
 
-    def _set_option_params(self, num_heads: int) -> None:
+    def _set_option_params(self, num_heads: int | None) -> None:
         """The parameters some options add (sinks, a learned log-n scale), by their Linen names."""
         self._option_params = tuple(self.options.option_params(num_heads))
         for name, (shape, value) in self.options.option_params(num_heads).items():
@@ -105,7 +105,7 @@ class _Attention(nnx.Module):
         params = {name: getattr(self, name)[...] for name in self._option_params}
         out, new = attention.attention_heads(
             q, k, v, mask=mask, bias=bias, cache=cache, weights_hook=self._hook(deterministic), segment_ids=segment_ids,
-            **self.options.attention_kwargs(self.head_size, getattr(self, "num_heads", 1), params),
+            **self.options.attention_kwargs(self.head_size, getattr(self, "num_heads", None), params),
         )  # fmt: skip
         if new is not None:
             self.cached_key[...], self.cached_value[...], self.cache_index[...] = new
@@ -163,7 +163,7 @@ class Head(_Attention):
         )
         self.key, self.query, self.value = linear(), linear(), linear()
         self._set_norms(head_size, dtype, param_dtype, rngs)
-        self._set_option_params(1)
+        self._set_option_params(None)  # one head: scalar sinks and log-n scale
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 

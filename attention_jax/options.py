@@ -208,13 +208,20 @@ class AttentionOptions:
                 "or None (AttentionOptions.layer(i) picks layer i's)"
             )  # fmt: skip
 
-    def attention_kwargs(self, head_size: int, num_heads: int = 1, params: dict | None = None) -> dict[str, Any]:
+    def attention_kwargs(
+        self, head_size: int, num_heads: int | None = None, params: dict | None = None
+    ) -> dict[str, Any]:
         """What ``attention.attention_heads`` takes from these options, the scale resolved for D.
 
-        ``num_heads`` sizes ALiBi's slopes; ``params`` holds the layer's learned
-        ``sinks`` and ``logn_scale`` (``option_params``), where these options have them.
+        ``num_heads`` sizes ALiBi's slopes, (H,) for q (..., H, T, D); None: a single head
+        (``Head``, q (..., T, D)), whose slope is a scalar (the first of one head's). ``params``
+        holds the layer's learned ``sinks`` and ``logn_scale`` (``option_params``), where these
+        options have them.
         """
         params = params or {}
+        slopes = None
+        if self.pos_encoding == "alibi":
+            slopes = alibi_slopes(num_heads) if num_heads else alibi_slopes(1)[0]
         return dict(
             scale=attention.resolve_scale(self.scale, head_size),
             causal=self.causal,
@@ -222,18 +229,22 @@ class AttentionOptions:
             rope=self.pos_encoding == "rope",
             softcap=self.softcap,
             window=self.window,
-            alibi=alibi_slopes(num_heads) if self.pos_encoding == "alibi" else None,
+            alibi=slopes,
             sinks=params.get("sinks"),
             logn=params.get("logn_scale", self.logn_scale),
         )
 
-    def option_params(self, num_heads: int) -> dict[str, tuple[tuple[int, ...], float]]:
-        """The parameters these options add to a layer of ``num_heads`` heads: name -> (shape, initial value)."""
+    def option_params(self, num_heads: int | None) -> dict[str, tuple[tuple[int, ...], float]]:
+        """The parameters these options add to a layer of ``num_heads`` heads: name -> (shape, initial value).
+
+        One per head, (H,); a single ``Head`` (``num_heads=None``) has scalars.
+        """
+        shape = () if num_heads is None else (num_heads,)
         params = {}
         if self.sinks:
-            params["sinks"] = ((num_heads,), 0.0)
+            params["sinks"] = (shape, 0.0)
         if self.logn_learned:
-            params["logn_scale"] = ((num_heads,), self.logn_scale)
+            params["logn_scale"] = (shape, self.logn_scale)
         return params
 
     def replace(self, **changes: Any) -> AttentionOptions:

@@ -41,6 +41,19 @@ def sinusoidal_encoding(
     return table.at[..., 1::2].set(jnp.cos(angles[..., : C // 2]))
 
 
+def segment_runs(segment_ids: Array) -> Array:
+    """The index of each token's segment, counted along the row: (..., T) -> (..., T) int32.
+
+    A segment is a run of equal ids, so an id that comes back later starts a new
+    segment: [7, 7, 7, 2, 2, 7] -> [0, 0, 0, 1, 1, 2]. The mask and the positions
+    of a packed sequence both follow these runs.
+    """
+    starts = jnp.concatenate(
+        [jnp.ones((*segment_ids.shape[:-1], 1), bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    return jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1
+
+
 def segment_positions(segment_ids: Array) -> Array:
     """Each token's position within its segment (document) of a packed sequence: (..., T) -> (..., T) int32.
 

@@ -165,11 +165,20 @@ def sown_attention_weights(model, params: Any, tokens: Array) -> list[Array]:
     return [inter[b]["attn"]["attention_weights"][0] for b in blocks]
 
 
+def layer_mask(model, layer: int, T: int) -> Array:
+    """The (T, T) keys a query of ``layer`` may see: causal, within the layer's window if it has one."""
+    cfg = getattr(model, "model_config", None)
+    options = None if cfg is None else cfg.attention.layer(layer)
+    if options is not None and not options.causal:
+        return jnp.ones((T, T), bool)
+    return attention.causal_mask(T, T, None if options is None else options.window)
+
+
 def layer_entropies(model, params: Any, tokens: Array) -> list[float]:
-    """Mean normalized causal row entropy of each layer on ``tokens`` (B, T)."""
+    """Mean normalized row entropy of each layer on ``tokens`` (B, T), over the keys each row may see."""
     T = tokens.shape[-1]
-    mask = attention.causal_mask(T)
-    return [float(mean_entropy(w, mask)) for w in sown_attention_weights(model, params, tokens)]
+    weights = sown_attention_weights(model, params, tokens)
+    return [float(mean_entropy(w, layer_mask(model, i, T))) for i, w in enumerate(weights)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -195,11 +204,11 @@ def model_qk_stats(model, params: Any, tokens: Array, targets: Array) -> dict[st
     averaged over layers: the gradient that reaches q and k.
     """
     T = tokens.shape[-1]
-    mask = attention.causal_mask(T)
     weights, grads = _weights_and_grads(model, params, tokens, targets)
     tiny = jnp.finfo(jnp.float32).tiny
     per_layer = []
-    for w in weights:
+    for i, w in enumerate(weights):
+        mask = layer_mask(model, i, T)
         row = weight_stats(w, mask)
         row["logit_var"] = float(logit_variance(jnp.log(jnp.maximum(w, tiny)), mask))
         per_layer.append(row)
@@ -227,7 +236,8 @@ def stability_diagnostics(model, params: Any, tokens: Array) -> dict[str, Array]
                      may see (causal, within its window), before any soft-cap: the
                      attention-logit growth of Dehghani et al. and Wortsman et al.;
       ``entropy``    the mean normalized entropy of the attention rows (1 uniform,
-                     0 one-hot; rows of one key left out): entropy collapse (Zhai et al.);
+                     0 one-hot; rows of one key left out; with sinks, of the keys' weights
+                     renormalized): entropy collapse (Zhai et al.);
       ``q_norm``, ``k_norm``  the mean L2 norm of the queries and keys as attention
                      takes them (after the q/k norm, rope and log-n).
     And (): ``log_z`` the mean and ``log_z_max`` the largest log-normalizer
@@ -254,7 +264,9 @@ def stability_diagnostics(model, params: Any, tokens: Array) -> dict[str, Array]
         (q,), (k,), (w,) = layer["queries"], layer["keys"], layer["attention_weights"]  # (B, H, T, D), (B, H, T, T)
         options = cfg.attention.layer(i)
         scale = attention.resolve_scale(options.scale, q.shape[-1])
-        mask = attention.causal_mask(T, T, options.window) if options.causal else jnp.ones((T, T), bool)
+        mask = layer_mask(model, i, T)
+        if options.sinks:  # the keys' weights sum to 1 - the sink's share: the entropy of how they split it
+            w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
         raw = attention.attention_logits(q, k, scale=scale)  # (B, H, T, T), uncapped
         rows["max_logit"].append(jnp.max(jnp.where(mask, raw, -jnp.inf), axis=(0, 2, 3)))
         n = _row_lengths(w.shape, mask)

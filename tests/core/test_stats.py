@@ -127,3 +127,18 @@ def test_stability_diagnostics_equal_numpy_from_the_parameters(fake_init, kw):
     assert flat["max_logit/layer_0"] == pytest.approx(float(np.max(want["max_logit"])), rel=2e-5)
     assert flat["entropy/layer_0"] == pytest.approx(float(np.mean(want["entropy"])), rel=2e-5)
     assert set(flat) == {"log_z", "log_z_max"} | {f"{n}/layer_0" for n in ("max_logit", "entropy", "q_norm", "k_norm")}
+
+
+def test_layer_entropies_count_only_the_keys_inside_a_window(fake_init):
+    # At std 0 q = k = 0: every visible key gets the same weight, so the entropy is exactly 1 when the rows
+    # are counted over the keys the window lets them see (not over all of the past).
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_embd=16, n_head=2, n_layer=2, window=(4, None))
+    model = TransformerLM(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 16)), jnp.int32)
+    params = fake_init(model, tokens, std=0.5)
+    zero_qk = jax.tree_util.tree_map_with_path(
+        lambda path, a: a.at[:, :2].set(0.0) if "qkv_kernel" in jax.tree_util.keystr(path) else a, params
+    )
+    np.testing.assert_allclose(stats.layer_entropies(model, zero_qk, tokens), [1.0, 1.0], rtol=1e-5)
+    qk = stats.model_qk_stats(model, zero_qk, tokens, tokens)
+    assert qk["entropy"] == pytest.approx(1.0, rel=1e-5) and qk["logit_var"] == pytest.approx(0.0, abs=1e-6)

@@ -644,3 +644,41 @@ def test_bad_segment_ids_are_refused_in_one_line_before_anything_compiles(bad, w
         jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, segment_ids=jnp.zeros((2, 12), int), decode=True))
     with pytest.raises(ValueError, match=r"segment_ids must be integers"):
         A.attend(*window_qkv(5), scale=1.0, causal=True, segment_ids=jnp.zeros(5))
+
+
+def test_a_reused_segment_id_starts_a_new_document(fake_init):
+    # [7, 7, 7, 2, 2, 7]: three documents (runs), the last one token long, for the mask and the positions alike
+    from attention_jax.positions import segment_runs
+
+    ids = jnp.asarray([[7, 7, 7, 2, 2, 7]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(segment_runs(ids)), [[0, 0, 0, 1, 1, 2]])
+    assert not bool(A.segment_mask(ids)[0, 5, 0])
+    model = TransformerLM(lm_config(block_size=T, pos_encoding="rope"))
+    tokens = tokens_input(shape=(1, T))
+    params = fake_init(model, tokens, std=0.5)
+    packed = np.asarray(model.apply({"params": params}, tokens, segment_ids=ids))
+    alone = np.asarray(model.apply({"params": params}, tokens[:, 5:]))
+    np.testing.assert_allclose(packed[:, 5:], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "xla", "blockwise"])
+def test_a_single_head_takes_the_per_head_options_batched_or_not(fake_init, impl):
+    x = x_input()
+    for kw in (dict(pos_encoding="alibi"), dict(sinks=True), dict(logn_scale=0.5, logn_learned=True)):
+        head = layers.Head(D, options=AttentionOptions(attention_impl=impl, **kw))
+        params = fake_init(head, x, std=0.5)
+        assert all(np.ndim(p) == 0 for n, p in params.items() if n in ("sinks", "logn_scale"))  # one head: scalars
+        batched = np.asarray(head.apply({"params": params}, x))
+        alone = np.asarray(head.apply({"params": params}, x[0]))
+        assert batched.shape == (B, T, D) and alone.shape == (T, D), kw
+        np.testing.assert_allclose(alone, batched[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_attend_refuses_a_bad_window_on_every_backend(bad):
+    q, k, v = window_qkv(5)
+    for impl in ("dense", "xla", "blockwise"):
+        with pytest.raises(ValueError, match="window must be a positive integer"):
+            A.attend(q, k, v, scale=1.0, causal=True, impl=impl, window=bad)
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        blockwise_causal_attention(q, k, v, scale=1.0, window=bad)
