@@ -74,6 +74,9 @@ class ModelConfig:
     bias: bool = True  # biases in LayerNorms, output projections, MLP and LM head (nanoGPT: False)
     tie_embeddings: bool = False  # LM head = token embedding transposed (nanoGPT and GPT-2: True)
     param_dtype: DTypeLike = "float32"  # dtype the parameters are stored in
+    # The token that ends a document in a packed stream: a call without segment_ids derives them from
+    # the tokens (the token after each end starts a new document: segment_ids_from_ends). None: one stream.
+    end_token_id: int | None = None
     attention: AttentionOptions = AttentionOptions(pos_encoding="learned")  # every attention layer's options
 
     def __init__(self, vocab_size: int, **fields: Any):
@@ -121,6 +124,12 @@ class ModelConfig:
                 f"ModelConfig.window={self.window!r}: a window longer than block_size={self.block_size} sees no "
                 "more than the whole block; use None for full attention"
             )
+        if self.end_token_id is not None:
+            set_("end_token_id", attention.as_int("ModelConfig.end_token_id", self.end_token_id, minimum=0))
+            if self.end_token_id >= self.vocab_size:
+                raise ValueError(
+                    f"ModelConfig.end_token_id={self.end_token_id} is not a token of vocab_size={self.vocab_size}"
+                )
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -219,7 +228,9 @@ class TransformerLM(nn.Module):
     ``mask``/``bias`` go to every attention layer (see ``Block``). ``segment_ids``
     (integers, the tokens' shape) pack several documents into one row: each
     attends only within itself and its positions (learned, sinusoidal, rope,
-    log-n) restart at 0, so its logits are those of the document alone.
+    log-n) restart at 0, so its logits are those of the document alone. With
+    ``model_config.end_token_id`` set, a call without ``segment_ids`` derives
+    them from the tokens (``segment_ids_from_ends``); decoding does not.
 
     Decoding with a KV cache (Flax's convention): ``cache = model.init_cache(B,
     max_length)``, then ``model.apply({"params": params, "cache": cache},
@@ -246,6 +257,8 @@ class TransformerLM(nn.Module):
         T = tokens.shape[-1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        if segment_ids is None and cfg.end_token_id is not None and not decode:
+            segment_ids = segment_ids_from_ends(tokens, cfg.end_token_id)
         positions = packed_positions(tokens, segment_ids, decode)
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(
@@ -290,6 +303,15 @@ class TransformerLM(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward = 3x forward); see :func:`flops_per_token`."""
         return flops_per_token(self.model_config)
+
+
+def segment_ids_from_ends(tokens: Array, end_token_id: int) -> Array:
+    """Segment ids (..., T) of a packed stream: each end token closes its document, the next token opens one.
+
+    ``[a, b, END, c, END, d]`` -> ``[0, 0, 0, 1, 1, 2]``.
+    """
+    ends = (tokens == end_token_id).astype(jnp.int32)
+    return jnp.cumsum(ends, axis=-1) - ends
 
 
 def packed_positions(tokens: Array, segment_ids: Array | None, decode: bool) -> Array | None:

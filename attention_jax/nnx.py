@@ -430,6 +430,8 @@ class TransformerLM(nnx.Module):
         cfg = self.model_config
         if tokens.shape[-1] > cfg.block_size:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds block_size {cfg.block_size}")
+        if segment_ids is None and cfg.end_token_id is not None and not decode:
+            segment_ids = model.segment_ids_from_ends(tokens, cfg.end_token_id)
         positions = model.packed_positions(tokens, segment_ids, decode)
         x = self.positions(self.token_embedding(tokens), decode=decode, positions=positions)  # (..., T, C)
         x = self.dropout(x, deterministic=deterministic).astype(jnp.dtype(cfg.dtype))

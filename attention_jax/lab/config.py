@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # "tinyshakespeare" or a path to any UTF-8 text file
     c.data.train_fraction = 0.9  # first 90% of the characters train, the rest validate
+    # A character that ends each document of the text (e.g. "\n": every line a document): tokens attend
+    # only within their document and positions restart after it (packed sequences); None: one stream
+    c.data.document_end = config_dict.placeholder(str)
     return c
 
 
@@ -402,6 +405,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     need(config.grad_clip >= 0, "grad_clip", "must be non-negative (0 disables clipping)")
     need(config.z_loss >= 0, "z_loss", "must be non-negative (0: no z-loss)")
     need(0 < config.data.train_fraction < 1, "data.train_fraction", "must be in (0, 1)")
+    end = config.data.get("document_end")
+    need(end is None or (isinstance(end, str) and len(end) == 1), "data.document_end",
+         f"must be one character (the character tokenizer's end token) or None, got {end!r}")  # fmt: skip
     need(config.batch_size % device_count == 0, "batch_size", f"must be divisible by the {device_count} devices")
     if config.model.attention_impl == "cudnn":
         import jax
@@ -413,10 +419,23 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
 
 # ModelConfig fields that are not config keys: the vocabulary comes from the data; a causal=False
 # model cannot be trained on next tokens; parameters stay float32 for the optimizer.
-NOT_IN_CONFIG = ("vocab_size", "causal", "param_dtype")
+NOT_IN_CONFIG = ("vocab_size", "causal", "param_dtype", "end_token_id")  # end_token_id: from data.document_end
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+def end_token_id(document_end: str | None, tokenizer) -> int | None:
+    """The token id of ``data.document_end`` in ``tokenizer``'s vocabulary, or None; errors name the key."""
+    if document_end is None:
+        return None
+    ids = tokenizer.encode(document_end) if document_end in tokenizer.chars else []
+    if len(ids) != 1:
+        raise ConfigError(
+            f"data.document_end={document_end!r} does not occur in the text, so no document ends; "
+            "choose a character of the text, or None"
+        )
+    return int(ids[0])
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, end_token_id: int | None = None) -> ModelConfig:
     """The frozen ModelConfig described by ``config.model``; errors name the key.
 
     The one place where config keys meet the model: ``model.KEY`` is the
@@ -434,7 +453,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
         except ValueError:
             pass
     try:
-        return ModelConfig(vocab_size=vocab_size, **kwargs)
+        return ModelConfig(vocab_size=vocab_size, end_token_id=end_token_id, **kwargs)
     except ValueError as e:
         raise ConfigError(str(e).replace("ModelConfig.", "model.")) from None
 

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from attention_jax import data as data_lib
 from attention_jax.lab import parts as parts_lib
 from attention_jax.lab import population, steps
-from attention_jax.lab.config import ConfigError
+from attention_jax.lab.config import ConfigError, end_token_id
 from attention_jax.lab.parts import MESH_AXES, Parts, resolve
 from attention_jax.model import ModelConfig
 
@@ -71,7 +71,7 @@ class Experiment:
         if text is None:
             text = load_dataset(parts.data.dataset)
         tokenizer, train, val = data_lib.prepare(text, parts.data.train_fraction)
-        parts = parts.with_vocab(tokenizer.vocab_size)
+        parts = parts.with_vocab(tokenizer.vocab_size, end_token_id(parts.data.document_end, tokenizer))
         mcfg = parts.model.config
         T = mcfg.block_size
         for name, split in (("training", train), ("validation", val)):

@@ -94,6 +94,7 @@ class Data:
     dataset: str  # "tinyshakespeare" or a path to a UTF-8 text file
     train_fraction: float  # the first fraction of the characters trains, the rest validates
     batch_size: int  # sequences per optimizer step (per member)
+    document_end: str | None = None  # the character that ends each document (packed sequences); None: one stream
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,10 @@ class Parts:
     def replace(self, **changes: Any) -> Parts:
         return dataclasses.replace(self, **changes)
 
-    def with_vocab(self, vocab_size: int) -> Parts:
-        """These parts with the model's vocabulary (known once the data is read)."""
-        model = dataclasses.replace(self.model, config=self.model.config.replace(vocab_size=vocab_size))
-        return self.replace(model=model)
+    def with_vocab(self, vocab_size: int, end_token_id: int | None = None) -> Parts:
+        """These parts with the model's vocabulary and end token (known once the data is read)."""
+        config = self.model.config.replace(vocab_size=vocab_size, end_token_id=end_token_id)
+        return self.replace(model=dataclasses.replace(self.model, config=config))
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -269,7 +270,12 @@ def resolve(
     return Parts(
         model=model,
         optimizer=optimizer,
-        data=Data(dataset=config.data.dataset, train_fraction=config.data.train_fraction, batch_size=config.batch_size),
+        data=Data(
+            dataset=config.data.dataset,
+            train_fraction=config.data.train_fraction,
+            batch_size=config.batch_size,
+            document_end=config.data.get("document_end"),
+        ),  # fmt: skip
         mesh=mesh,
         distributed=resolve_distributed(config),
         ray=resolve_ray(config),

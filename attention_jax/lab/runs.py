@@ -17,7 +17,7 @@ import ml_collections
 
 from attention_jax.data import CharTokenizer
 from attention_jax.lab import population
-from attention_jax.lab.config import build_model, from_dict, model_config
+from attention_jax.lab.config import build_model, end_token_id, from_dict, model_config
 from attention_jax.lab.rundir.rundir import CONFIG
 from attention_jax.lab.rundir.workdir import RunDir
 from attention_jax.lab.steps import TrainState, abstract_train_state, make_optimizer, to_host
@@ -65,7 +65,8 @@ def load_run(workdir: str | os.PathLike, which: str = "latest") -> Run:
         raise FileNotFoundError(f"no run in {run.path}: {CONFIG} is missing (train one with experiments.train)")
     config = from_dict(run.read_config())
     tokenizer = run.read_tokenizer()
-    model = build_model(config, model_config(config, tokenizer.vocab_size))
+    end = end_token_id(config.data.get("document_end"), tokenizer)
+    model = build_model(config, model_config(config, tokenizer.vocab_size, end))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     block_size, num_members = config.model.block_size, len(population.members(config))
     abstract = abstract_train_state(model, make_optimizer(config), block_size, num_members, sharding)
