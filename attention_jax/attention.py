@@ -72,10 +72,14 @@ def causal_mask(T: int, S: int | None = None, window: int | None = None) -> Arra
     """
     T = operator.index(T)
     S = T if S is None else operator.index(S)
-    mask = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
-    if window is None:
-        return mask
-    return mask & ~jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T - operator.index(window))
+    window = None if window is None else operator.index(window)
+    return sees(jnp.arange(S - T, S)[:, None], jnp.arange(S)[None, :], window)
+
+
+def sees(query_pos: Array, key_pos: Array, window: int | None = None) -> Array:
+    """Whether a query at ``query_pos`` may see a key at ``key_pos`` causally (broadcast): s <= t, and t - W < s."""
+    visible = key_pos <= query_pos
+    return visible if window is None else visible & (key_pos > query_pos - window)
 
 
 def segment_mask(segment_ids: Array) -> Array:
@@ -426,9 +430,8 @@ def _attend_with_a_sink_key(q, k, v, sinks, *, scale, mask, bias, causal, impl, 
     if not _is_static(scale):
         q, scale = (q * scale).astype(q.dtype), 1.0
     # Rows the mask empties would put all their weight on the sink and give 0: as the other paths do.
-    out = _jax_nn_attention(q, pad(k), pad(v), scale=scale, mask=keep, bias=jnp.concatenate([bias, sink], -1),
-                            implementation=impl)  # fmt: skip
-    return out
+    return _jax_nn_attention(q, pad(k), pad(v), scale=scale, mask=keep, bias=jnp.concatenate([bias, sink], -1),
+                             implementation=impl)  # fmt: skip
 
 
 def _jax_nn_attention(q, k, v, *, scale, bias, implementation, mask=None, is_causal=False, local=None):
@@ -560,7 +563,7 @@ def ring_attend(
     T, W = q.shape[-2], cached_k.shape[-2]
     key_pos = jnp.concatenate([ring_positions(index, W), index + jnp.arange(T)])  # (W + T,)
     query_pos = (index + jnp.arange(T))[:, None]  # (T, 1)
-    mask = (key_pos >= 0) & (key_pos <= query_pos) & (key_pos > query_pos - window)  # (T, W + T)
+    mask = (key_pos >= 0) & sees(query_pos, key_pos, window)  # (T, W + T)
     keys = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=-2)
     values = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=-2)
     bias = None if alibi is None else alibi_bias(alibi, query_pos[:, 0], key_pos)  # (N, T, W + T)
@@ -595,8 +598,7 @@ def decode_mask(index: Array, T: int, S: int, *, causal: bool = True, window: in
     """
     s = jnp.arange(S)[None, :]
     if causal:
-        t = index + jnp.arange(T)[:, None]
-        return (s <= t) if window is None else (s <= t) & (s > t - window)
+        return sees(index + jnp.arange(T)[:, None], s, window)
     return jnp.broadcast_to(s < index + T, (T, S))
 
 
@@ -663,10 +665,11 @@ def attention_heads(
             )
         segment_ids = check_segment_ids(segment_ids, q.shape[:-1])
         q_pos = k_pos = segment_positions(segment_ids)
-        n_keys = jnp.sum(segment_mask(segment_ids), axis=-1)  # without a causal mask: the document's length
     if rope:
         q, k = apply_rope(q, q_pos), apply_rope(k, k_pos)
     if logn is not None:
+        if segment_ids is not None and not causal:  # all of its own document's keys
+            n_keys = jnp.sum(segment_mask(segment_ids), axis=-1)
         q = (q * logn_factor(logn, q_pos, causal=causal, window=window, n_keys=n_keys)).astype(q.dtype)
     if qk_hook is not None:
         qk_hook(q, k)
@@ -685,20 +688,22 @@ def attention_heads(
         )
     rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # -> (N, *tail)
     impl = "dense" if impl in ("blockwise", "cudnn", "splash") else impl  # a few rows need no fused kernel
+    q, k, v = rows(q, T, q.shape[-1]), rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:])  # (N, T, D)
     if sinks is not None:
         sinks = rows(sinks)  # (N,)
+    if not _is_static(scale) and jnp.ndim(scale):
+        scale = rows(scale, 1, 1)
+    hook = None
+    if weights_hook is not None:  # the hook sees the weights in their (..., T, keys) shape
+        hook = lambda w: weights_hook(w.reshape(*lead, T, -1)).reshape(N, T, -1)
     if window is not None and S == window:  # a ring of the last W keys
         if mask is not None or bias is not None:
             raise ValueError(
                 "decode: a window layer's ring cache takes no mask or bias (its slots hold changing positions); "
                 "decode without them, or give the layer a cache shorter than its window"
             )
-        if not _is_static(scale) and jnp.ndim(scale):
-            scale = rows(scale, 1, 1)
-        hook = None if weights_hook is None else lambda w: weights_hook(w.reshape(*lead, T, -1)).reshape(N, T, -1)
         out, new = ring_attend(
-            rows(q, T, q.shape[-1]), rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]), cache, window=window,
-            scale=scale, impl=impl, weights_hook=hook, softcap=softcap, sinks=sinks,
+            q, k, v, cache, window=window, scale=scale, impl=impl, weights_hook=hook, softcap=softcap, sinks=sinks,
             alibi=None if alibi is None else rows(alibi),
         )  # fmt: skip
         return out.reshape(*lead, T, -1), new
@@ -708,15 +713,10 @@ def attention_heads(
     flat_bias = None if bias is None else rows(bias, T, S)
     if alibi is not None:
         flat_bias = _add(flat_bias, rows(alibi_bias(alibi, index + jnp.arange(T), jnp.arange(S)), T, S))
-    if not _is_static(scale) and jnp.ndim(scale):
-        scale = rows(scale, 1, 1)
-    hook = None
-    if weights_hook is not None:  # the hook sees the weights in their (..., T, S) shape
-        hook = lambda w: weights_hook(w.reshape(*lead, T, S)).reshape(N, T, S)
-    k, v, new_index = cache_append(cache[0], cache[1], index, rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:]))
+    k, v, new_index = cache_append(cache[0], cache[1], index, k, v)
     out = attend(
-        rows(q, T, q.shape[-1]), k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook,
-        softcap=softcap, sinks=sinks,
+        q, k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook, softcap=softcap,
+        sinks=sinks,
     )  # fmt: skip
     out = jnp.where(new_index <= S, out, jnp.nan).reshape(*lead, T, -1)  # overflowing the cache: loud
     return out, (k, v, new_index)

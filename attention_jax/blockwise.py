@@ -137,13 +137,19 @@ def _tile(x: Array, i) -> Array:
     return lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
 
 
+def _tile_positions(i, j, bq: int, bk: int) -> tuple[Array, Array]:
+    """(bq, bk) query and key positions t, s of query tile i against key tile j."""
+    t = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    s = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    return t, s
+
+
 def _causal_tile_mask(i, j, bq: int, bk: int, window: int | None, segments=None) -> Array:
     """(bq, bk) mask of query tile i against key tile j: True where s <= t (and t - W < s).
 
     With ``segments`` (the tiled (nq, N, bq) and (nk, N, bk) ids), (N, bq, bk): also of one segment.
     """
-    t = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    s = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    t, s = _tile_positions(i, j, bq, bk)
     mask = (s <= t) if window is None else (s <= t) & (s > t - window)
     if segments is None:
         return mask
@@ -162,8 +168,7 @@ def _alibi_tile(alibi: Array | None, i, j, bq: int, bk: int):
     """(N, bq, bk) ALiBi bias -slope·|t - s| of query tile i against key tile j, or 0 without slopes."""
     if alibi is None:
         return 0.0
-    t = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    s = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    t, s = _tile_positions(i, j, bq, bk)
     return -alibi[:, None, None] * jnp.abs(t - s).astype(alibi.dtype)
 
 

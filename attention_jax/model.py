@@ -257,9 +257,7 @@ class TransformerLM(nn.Module):
         T = tokens.shape[-1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-        if segment_ids is None and cfg.end_token_id is not None and not decode:
-            segment_ids = segment_ids_from_ends(tokens, cfg.end_token_id)
-        positions = packed_positions(tokens, segment_ids, decode)
+        segment_ids, positions = packed_inputs(tokens, segment_ids, cfg.end_token_id, decode)
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(
             cfg.vocab_size, cfg.n_embd, embedding_init=default_init, param_dtype=cfg.param_dtype, name="token_embedding"
@@ -314,13 +312,18 @@ def segment_ids_from_ends(tokens: Array, end_token_id: int) -> Array:
     return jnp.cumsum(ends, axis=-1) - ends
 
 
-def packed_positions(tokens: Array, segment_ids: Array | None, decode: bool) -> Array | None:
-    """Each token's position in its document for ``segment_ids`` (..., T) like ``tokens``; None without them.
+def packed_inputs(
+    tokens: Array, segment_ids: Array | None, end_token_id: int | None, decode: bool
+) -> tuple[Array | None, Array | None]:
+    """A language model's ``(segment_ids, positions)`` for ``tokens``: each token's document and position in it.
 
+    The ids given, else derived from ``end_token_id`` (not when decoding), else (None, None): one stream.
     Refuses, in one line, ids of another shape or a non-integer dtype, and decoding a packed sequence.
     """
+    if segment_ids is None and end_token_id is not None and not decode:
+        segment_ids = segment_ids_from_ends(tokens, end_token_id)
     if segment_ids is None:
-        return None
+        return None, None
     segment_ids = jnp.asarray(segment_ids)
     if segment_ids.shape != tokens.shape:
         raise ValueError(f"segment_ids of shape {segment_ids.shape} must have the tokens' shape {tokens.shape}")
@@ -328,7 +331,7 @@ def packed_positions(tokens: Array, segment_ids: Array | None, decode: bool) -> 
         raise ValueError(f"segment_ids must be integers (one document id per token), got dtype {segment_ids.dtype}")
     if decode:
         raise ValueError("segment_ids: packed sequences are for training and scoring; decode one document at a time")
-    return segment_positions(segment_ids)
+    return segment_ids, segment_positions(segment_ids)
 
 
 def empty_cache(model: nn.Module, batch_size: int, max_length: int, block_size: int | None = None) -> Any:

@@ -75,8 +75,9 @@ class _Attention(nnx.Module):
 
     def _set_option_params(self, num_heads: int | None) -> None:
         """The parameters some options add (sinks, a learned log-n scale), by their Linen names."""
-        self._option_params = tuple(self.options.option_params(num_heads))
-        for name, (shape, value) in self.options.option_params(num_heads).items():
+        params = self.options.option_params(num_heads)
+        self._option_params = tuple(params)
+        for name, (shape, value) in params.items():
             setattr(self, name, nnx.Param(jnp.full(shape, value, jnp.float32)))
 
     def _norms(self, q: Array, k: Array) -> tuple[Array, Array]:
@@ -430,9 +431,7 @@ class TransformerLM(nnx.Module):
         cfg = self.model_config
         if tokens.shape[-1] > cfg.block_size:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds block_size {cfg.block_size}")
-        if segment_ids is None and cfg.end_token_id is not None and not decode:
-            segment_ids = model.segment_ids_from_ends(tokens, cfg.end_token_id)
-        positions = model.packed_positions(tokens, segment_ids, decode)
+        segment_ids, positions = model.packed_inputs(tokens, segment_ids, cfg.end_token_id, decode)
         x = self.positions(self.token_embedding(tokens), decode=decode, positions=positions)  # (..., T, C)
         x = self.dropout(x, deterministic=deterministic).astype(jnp.dtype(cfg.dtype))
         for block in self.blocks():

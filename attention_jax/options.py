@@ -48,9 +48,11 @@ def _is_array(value: object) -> bool:
     return isinstance(value, (np.ndarray, jax.Array))  # jax.Array includes tracers
 
 
-def _is_count(value: object) -> bool:
-    """A positive integer (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value > 0
+def _positive_number(name: str, value: object) -> float:
+    """``value`` as a float if it is a positive finite real number (not a bool), else the field's one-line error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise OptionError(name, f" must be a positive finite number or None, got {value!r}")
+    return float(value)
 
 
 def _quoted(choices) -> str:
@@ -109,7 +111,7 @@ class AttentionOptions:
     # (the TPU's Pallas kernel, self-attention; interpreted off TPU, for tests).
     attention_impl: str = "dense"
     # Soft-capping (Gemma 2; modded-nanogpt): the scaled logits become softcap·tanh(logits/softcap),
-    # bounded by ±softcap, before the mask and bias; None: no cap. "dense" and "blockwise" only:
+    # bounded by ±softcap, before the mask and bias; None: no cap. "dense", "blockwise", "splash":
     # jax.nn.dot_product_attention ("xla", "cudnn") exposes no logits to cap.
     softcap: float | None = None
     # Sliding-window (local) attention (Longformer; Mistral; Gemma 2): each query sees at most
@@ -155,10 +157,7 @@ class AttentionOptions:
                 "or 'blockwise'"
             )  # fmt: skip
         if self.softcap is not None:
-            cap = self.softcap
-            if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, numbers.Real) or not 0 < cap < float("inf"):
-                raise OptionError("softcap", f" must be a positive finite number or None, got {cap!r}")
-            set_("softcap", float(cap))
+            set_("softcap", _positive_number("softcap", self.softcap))
             if self.attention_impl in ("xla", "cudnn"):
                 raise OptionError(
                     "softcap",
@@ -168,23 +167,20 @@ class AttentionOptions:
 
         if self.window is not None:
             windows = tuple(self.window) if isinstance(self.window, (tuple, list)) else (self.window,)
-            for w in windows:
-                if w is not None and not _is_count(w):
-                    raise OptionError(
-                        "window", f" must be a positive integer, None, or a tuple of them (one per layer), "
-                        f"got {self.window!r}"
-                    )  # fmt: skip
+            try:
+                windows = tuple(None if w is None else attention.as_int("window", w) for w in windows)
+            except ValueError:
+                raise OptionError(
+                    "window", f" must be a positive integer, None, or a tuple of them (one per layer), "
+                    f"got {self.window!r}"
+                ) from None  # fmt: skip
             if not windows:
                 raise OptionError("window", " must not be an empty tuple (None: no window)")
-            windows = tuple(None if w is None else int(w) for w in windows)
             set_("window", windows if isinstance(self.window, (tuple, list)) else windows[0])
             if not self.causal:
                 raise OptionError("window", ": a sliding window needs causal=True")
         if self.logn_scale is not None:
-            s = self.logn_scale
-            if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real) or not 0 < s < float("inf"):
-                raise OptionError("logn_scale", f" must be a positive finite number or None, got {s!r}")
-            set_("logn_scale", float(s))
+            set_("logn_scale", _positive_number("logn_scale", self.logn_scale))
         elif self.logn_learned:
             raise OptionError("logn_learned", ": a learned log-n scale needs logn_scale, its starting value")
 

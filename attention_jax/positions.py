@@ -48,10 +48,7 @@ def segment_runs(segment_ids: Array) -> Array:
     segment: [7, 7, 7, 2, 2, 7] -> [0, 0, 0, 1, 1, 2]. The mask and the positions
     of a packed sequence both follow these runs.
     """
-    starts = jnp.concatenate(
-        [jnp.ones((*segment_ids.shape[:-1], 1), bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
-    )
-    return jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1
+    return jnp.cumsum(_segment_starts(segment_ids), axis=-1, dtype=jnp.int32) - 1
 
 
 def segment_positions(segment_ids: Array) -> Array:
@@ -59,13 +56,15 @@ def segment_positions(segment_ids: Array) -> Array:
 
     A segment is a run of equal ids: [7, 7, 7, 2, 2, 7] -> [0, 1, 2, 0, 1, 0].
     """
-    T = segment_ids.shape[-1]
-    t = jnp.arange(T, dtype=jnp.int32)
-    starts = jnp.concatenate(
-        [jnp.ones((*segment_ids.shape[:-1], 1), bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
-    )
-    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)  # where each token's segment starts
-    return t - first
+    t = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    first = jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=segment_ids.ndim - 1)
+    return t - first  # first: where each token's segment starts
+
+
+def _segment_starts(segment_ids: Array) -> Array:
+    """(..., T) bool: True where a segment starts (the first token, and wherever the id changes)."""
+    first = jnp.ones((*segment_ids.shape[:-1], 1), bool)
+    return jnp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
 
 
 def apply_rope(x: Array, positions: Array, base: float = 10000.0) -> Array:

@@ -238,14 +238,18 @@ def eval_loss(
     batch_sharding=None,
 ) -> Array:
     """Mean loss over ``eval_iters`` fixed batches of ``data`` (the same batches at every evaluation) -> ()."""
-    eval_key = jax.random.fold_in(member["key"], EVAL)
     model = member_model(model, member)
 
     def one(i):
-        x, y = batch(jax.random.fold_in(eval_key, i), data, batch_size, block_size, batch_sharding)
-        return loss_fn(params, model, x, y, eval_key, True)
+        x, y = eval_batch(member, i, data, batch_size, block_size, batch_sharding)
+        return loss_fn(params, model, x, y, jax.random.fold_in(member["key"], EVAL), True)
 
     return jnp.mean(jax.lax.map(one, jnp.arange(eval_iters)))
+
+
+def eval_batch(member: dict[str, Any], i, data: Array, batch_size: int, block_size: int, sharding=None):
+    """A member's i-th fixed evaluation batch of ``data`` (the same at every evaluation): (x, y)."""
+    return batch(jax.random.fold_in(jax.random.fold_in(member["key"], EVAL), i), data, batch_size, block_size, sharding)
 
 
 # The stability diagnostics' sample: the first rows of the first fixed evaluation batch, at most this
@@ -257,8 +261,7 @@ def eval_diagnostics(
     params: Any, member: dict[str, Any], data: Array, *, model: nn.Module, batch_size: int, block_size: int
 ) -> dict[str, Array]:
     """``stats.stability_diagnostics`` of a member on the same validation rows at every evaluation."""
-    eval_key = jax.random.fold_in(member["key"], EVAL)
-    x, _ = batch(jax.random.fold_in(eval_key, 0), data, batch_size, block_size)
+    x, _ = eval_batch(member, 0, data, batch_size, block_size)
     x = x[:DIAGNOSTIC_ROWS, :DIAGNOSTIC_MAX_T]
     return stats.stability_diagnostics(member_model(model, member), params, x)
 

@@ -98,11 +98,14 @@ def read_point(workdir: str | os.PathLike) -> PointResult | None:
     base = config.get("seed", 0)
     seeds = [base + i for i in range(config.get("num_seeds", 1))]
     evals: dict[int, list[tuple[int, float]]] = {s: [] for s in seeds}
+    diagnostics: dict[int, list[tuple[int, dict]]] = {s: [] for s in seeds}
     diverged = {s: False for s in seeds}
     for r in rows:
         s = r.get("seed", base)
         if s not in evals:
             continue
+        if isinstance(r.get("diagnostics"), dict):
+            diagnostics[s].append((int(r["step"]), diagnostic_numbers(r["diagnostics"])))
         if "val_loss" in r:
             evals[s].append((int(r["step"]), float(r["val_loss"])))
             if not math.isfinite(float(r["val_loss"])):
@@ -111,9 +114,7 @@ def read_point(workdir: str | os.PathLike) -> PointResult | None:
             diverged[s] = True
     for s in evals:
         evals[s].sort()
-    diagnostics = {s: sorted((int(r["step"]), diagnostic_numbers(r["diagnostics"])) for r in rows
-                             if r.get("seed", base) == s and isinstance(r.get("diagnostics"), dict))
-                   for s in seeds}  # fmt: skip
+        diagnostics[s].sort(key=lambda row: row[0])
     status = "done" if run.has_summary() else (run.read_point_record() or {}).get("status", "incomplete")
     return PointResult(
         name=run.path.name, workdir=run.path, config=config, seeds=seeds, evals=evals, diverged=diverged, status=status,
