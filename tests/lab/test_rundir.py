@@ -189,3 +189,32 @@ print(loaded, torch.zeros(2).sum().item())
     scalars = [(v.tag, e.step, v.simple_value) for e in read_events(tmp_path / "tensorboard" / "seed_0")
                for v in e.summary.value]  # fmt: skip
     assert scalars == [("train/loss", 1, 2.5)]  # the writer still writes
+
+
+def test_a_workdir_moved_during_a_save_leaves_no_checkpoint_under_the_old_name(tmp_path, monkeypatch):
+    # The race behind a rare failure of test_system_faults' moved-workdir test: the workdir moved after the
+    # check before a save and before orbax wrote, so orbax recreated the old path and finished a checkpoint
+    # there. The save now stops with the same one-line fault and the stray folder no longer reads as a step.
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    workdir = tmp_path / "w"
+    run = rd.RunDir(workdir)
+    run.create()
+    checkpoints = run.checkpoints()
+    real_save = ocp.CheckpointManager.save
+
+    def move_then_save(self, *args, **kwargs):
+        if workdir.exists():
+            workdir.rename(tmp_path / "elsewhere")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", move_then_save)
+    try:
+        with pytest.raises(rd.StorageFault) as info:
+            checkpoints.save_latest(5, {"w": jnp.ones(3)}, {"best": {}})
+    finally:
+        checkpoints.close()
+    assert f"the workdir {workdir}" in str(info.value)
+    assert not any(p.name.isdigit() for p in workdir.rglob("*") if p.is_dir())
+    assert (workdir / rd.CHECKPOINTS / "5.saved-after-the-workdir-moved").is_dir()  # kept, not deleted

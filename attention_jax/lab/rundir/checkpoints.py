@@ -210,6 +210,14 @@ class Checkpoints:
             raise
         finally:
             self.saving = False
+        if _identity(self.workdir) != self._identity:
+            # Moved or deleted after the check above and before orbax wrote: the save went into a folder
+            # orbax recreated under the old name. Name it so that no run takes it for a checkpoint (it is
+            # kept, not deleted), and stop as the check above would have.
+            stray = Path(manager.directory) / str(step)
+            with contextlib.suppress(OSError):
+                stray.rename(stray.with_name(f"{step}.saved-after-the-workdir-moved"))
+            self._check_workdir()
 
     def save_latest(self, step: int, state: Any, meta: dict) -> None:
         self._save(self._latest, step, state, meta)
