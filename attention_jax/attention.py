@@ -360,6 +360,7 @@ def attend(
             )
         if not _is_static(scale):  # its custom VJP takes a static scale: fold a runtime one into q
             q, scale = (q * scale).astype(q.dtype), 1.0
+        k, v = _to_query_heads(q, k), _to_query_heads(q, v)  # grouped kv heads: copied per query head
         return blockwise_causal_attention(
             q, k, v, scale=scale, softcap=softcap, window=window, sinks=sinks, alibi=alibi, segment_ids=segment_ids
         )
@@ -405,6 +406,21 @@ def check_segment_ids(segment_ids: ArrayLike, shape: tuple[int, ...]) -> Array:
     return segment_ids
 
 
+def _to_query_heads(q: Array, x: Array) -> Array:
+    """Keys or values (..., S, D) broadcast to the queries' leading axes: a shared kv head copied for each of
+    its query heads (what "blockwise" needs; autodiff sums their gradients back)."""
+    return jnp.broadcast_to(x, (*jnp.broadcast_shapes(q.shape[:-2], x.shape[:-2]), *x.shape[-2:]))
+
+
+def _groups(q: Array, k: Array, v: Array) -> int:
+    """G when k, v (..., 1, S, D) are shared by the G heads of q (..., G, T, D) (grouped-query attention's
+    layout, ``group_heads``), else 1."""
+    if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim or q.shape[-3] == 1:
+        return 1
+    shared = k.shape[-3] == v.shape[-3] == 1 and k.shape[:-3] == v.shape[:-3] == q.shape[:-3]
+    return q.shape[-3] if shared else 1
+
+
 def _and(mask: Array | None, other: Array) -> Array:
     return other if mask is None else jnp.logical_and(mask, other)
 
@@ -435,18 +451,25 @@ def _attend_with_a_sink_key(q, k, v, sinks, *, scale, mask, bias, causal, impl, 
 
 
 def _jax_nn_attention(q, k, v, *, scale, bias, implementation, mask=None, is_causal=False, local=None):
-    """jax.nn.dot_product_attention on (..., T, D) arrays: leading axes become its batch, one head each."""
+    """jax.nn.dot_product_attention on (..., T, D) arrays: leading axes become its batch, one head each.
+
+    Keys and values shared by G query heads (``_groups``: grouped-query attention) become its
+    own grouped form, G query heads over one kv head, so they are not copied per head.
+    """
     *lead, T, D = q.shape
     S, Dv = k.shape[-2], v.shape[-1]
-    n = math.prod(lead)
-    as_bthd = lambda a, t, d: a.reshape(n, t, 1, d)  # (..., t, d) -> (N, t, 1, d)
-    as_bnts = lambda a: None if a is None else jnp.broadcast_to(a, (*lead, T, S)).reshape(n, 1, T, S)
+    G = _groups(q, k, v)
+    if G == 1:
+        k, v = _to_query_heads(q, k), _to_query_heads(q, v)
+    n = math.prod(lead) // G
+    heads_last = lambda a, t, d, g: jnp.swapaxes(a.reshape(n, g, t, d), 1, 2)  # (..., g, t, d) -> (n, t, g, d)
+    as_bnts = lambda a: None if a is None else jnp.broadcast_to(a, (*lead, T, S)).reshape(n, G, T, S)
     out = jax.nn.dot_product_attention(
-        as_bthd(q, T, D), as_bthd(k, S, D), as_bthd(v, S, Dv),
+        heads_last(q, T, D, G), heads_last(k, S, D, 1), heads_last(v, S, Dv, 1),
         scale=scale, mask=as_bnts(mask), bias=as_bnts(bias), implementation=implementation,
         is_causal=is_causal, local_window_size=local,
     )  # fmt: skip
-    return out.reshape(*lead, T, Dv)
+    return jnp.swapaxes(out, 1, 2).reshape(*lead, T, Dv)
 
 
 # ---------------------------------------------------------------------------
@@ -473,28 +496,65 @@ def _heads_in(x: Array, w: Array) -> Array:
     return jnp.moveaxis(y, (-3, -2), (0, -3))
 
 
-def project_qkv(
-    w_qkv: Array, inputs_q: Array, inputs_kv: Array | None = None, dtype: jnp.dtype | None = None
-) -> tuple[Array, Array, Array]:
-    """Queries, keys, values in head-major layout from one fused kernel w_qkv (C, 3, H, D).
+def projection_shapes(C: int, H: int, D: int, K: int | None = None, *, bias: bool = False,
+                      C_kv: int | None = None) -> dict[str, tuple[int, ...]]:  # fmt: skip
+    """The q, k, v projection parameters of an attention layer, name -> shape.
 
-    Self-attention: inputs_q (..., T, C) -> q, k, v (..., H, T, D), the layout
-    the attention einsums want. Cross-attention: queries from inputs_q, keys
-    and values from inputs_kv (..., S, C) with the same kernel's k and v
-    slices, so inputs_kv must have the same C channels.
+    H query heads and K kv heads (None: H) of size D, from C channels (keys and values from
+    ``C_kv``, None: C). One fused kernel ``qkv_kernel`` (C, 3, H, D) when K = H and C_kv = C
+    (one matmul for all three; biases ``qkv_bias`` (3, H, D)); else ``query_kernel`` (C, H, D)
+    and ``kv_kernel`` (C_kv, 2, K, D) (biases ``query_bias`` (H, D), ``kv_bias`` (2, K, D)).
+    """
+    K = H if K is None else K
+    C_kv = C if C_kv is None else C_kv
+    if K == H and C_kv == C:
+        shapes = {"qkv_kernel": (C, 3, H, D)}
+        return shapes | ({"qkv_bias": (3, H, D)} if bias else {})
+    shapes = {"query_kernel": (C, H, D), "kv_kernel": (C_kv, 2, K, D)}
+    return shapes | ({"query_bias": (H, D), "kv_bias": (2, K, D)} if bias else {})
+
+
+def _heads_plus(x: Array, w: Array, b: Array | None) -> Array:
+    """``_heads_in`` plus a bias (n, H, D): (n, ..., H, T, D)."""
+    y = _heads_in(x, w)
+    if b is None:
+        return y
+    n, H, D = b.shape
+    return y + b.reshape(n, *(1,) * (y.ndim - 4), H, 1, D).astype(y.dtype)
+
+
+def project_qkv(
+    params: dict[str, Array], inputs_q: Array, inputs_kv: Array | None = None, dtype: jnp.dtype | None = None
+) -> tuple[Array, Array, Array]:
+    """Queries, keys, values in head-major layout from an attention layer's ``params`` (``projection_shapes``).
+
+    Self-attention: inputs_q (..., T, C) -> q (..., H, T, D), k, v (..., K, T, D), the layout
+    the attention einsums want. Cross-attention: keys and values from inputs_kv (..., S, C_kv),
+    C_kv = C for the fused ``qkv_kernel`` (the same kernel's k and v slices).
     """
     dtype = dtype or inputs_q.dtype
-    w = w_qkv.astype(dtype)
-    if inputs_kv is None:
-        q, k, v = _heads_in(inputs_q.astype(dtype), w)
+    cast = lambda name: None if name not in params else params[name].astype(dtype)
+    x_q = inputs_q.astype(dtype)
+    x_kv = x_q if inputs_kv is None else inputs_kv.astype(dtype)
+    if "qkv_kernel" in params:
+        w, b = cast("qkv_kernel"), cast("qkv_bias")
+        if inputs_kv is None:
+            q, k, v = _heads_plus(x_q, w, b)
+            return q, k, v
+        if inputs_kv.shape[-1] != w.shape[0]:
+            raise ValueError(
+                f"inputs_kv must have the same {w.shape[0]} channels as inputs_q (keys and values use the same "
+                f"fused kernel; a layer built for inputs_kv of another width has its own), got shape {inputs_kv.shape}"
+            )
+        (q,) = _heads_plus(x_q, w[:, :1], None if b is None else b[:1])  # (..., H, T, D)
+        k, v = _heads_plus(x_kv, w[:, 1:], None if b is None else b[1:])  # (..., H, S, D) each
         return q, k, v
-    if inputs_kv.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"inputs_kv must have the same {w.shape[0]} channels as inputs_q (keys and values use the same "
-            f"fused kernel), got shape {inputs_kv.shape}"
-        )
-    (q,) = _heads_in(inputs_q.astype(dtype), w[:, :1])  # (..., H, T, D)
-    k, v = _heads_in(inputs_kv.astype(dtype), w[:, 1:])  # (..., H, S, D) each
+    w_kv = cast("kv_kernel")
+    if x_kv.shape[-1] != w_kv.shape[0]:
+        raise ValueError(f"inputs_kv must have {w_kv.shape[0]} channels (kv_kernel), got shape {x_kv.shape}")
+    b_q = cast("query_bias")
+    (q,) = _heads_plus(x_q, cast("query_kernel")[:, None], None if b_q is None else b_q[None])  # (..., H, T, D)
+    k, v = _heads_plus(x_kv, w_kv, cast("kv_bias"))  # (..., K, S, D) each
     return q, k, v
 
 
@@ -547,7 +607,7 @@ def ring_positions(index: Array, slots: int) -> Array:
 
 
 def ring_attend(
-    q, k, v, cache, *, window: int, alibi: Array | None = None, **attend_kwargs
+    q, k, v, cache, *, window: int, alibi: Array | None = None, as_keys: Callable = lambda a: a, **attend_kwargs
 ) -> tuple[Array, tuple[Array, Array, Array]]:
     """Decode through a sliding window's ring cache: q, k, v (N, T, D) new rows, cache (N, W, D) x 2 + index.
 
@@ -557,7 +617,8 @@ def ring_attend(
     and values overwrite their slots. The cache's memory is W rows whatever
     the context's length, and a chunk longer than W still sees every key it
     needs (a ring of W alone would have overwritten them). ``alibi`` slopes
-    (N,) bias each key by its true position.
+    (N,) bias each key by its true position. ``as_keys`` turns the (N, W + T, D)
+    keys and values into what q reads (grouped queries (N, G, T, D): (N, 1, W + T, D)).
     """
     cached_k, cached_v, index = cache
     T, W = q.shape[-2], cached_k.shape[-2]
@@ -567,7 +628,7 @@ def ring_attend(
     keys = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=-2)
     values = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=-2)
     bias = None if alibi is None else alibi_bias(alibi, query_pos[:, 0], key_pos)  # (N, T, W + T)
-    out = attend(q, keys, values, mask=mask, bias=bias, **attend_kwargs)
+    out = attend(q, as_keys(keys), as_keys(values), mask=mask, bias=bias, **attend_kwargs)
     m = min(T, W)  # the newest m keys are the ones a later query can still see
     slots = jnp.mod(index + T - m + jnp.arange(m), W)
     new_k = cached_k.at[:, slots].set(k[:, T - m :].astype(cached_k.dtype))
@@ -600,6 +661,29 @@ def decode_mask(index: Array, T: int, S: int, *, causal: bool = True, window: in
     if causal:
         return sees(index + jnp.arange(T)[:, None], s, window)
     return jnp.broadcast_to(s < index + T, (T, S))
+
+
+def group_heads(x: ArrayLike | None, num_heads: int, num_kv_heads: int, tail: int) -> ArrayLike | None:
+    """A per-head array (..., H, *tail) in grouped-query attention's layout (..., K, G, *tail), G = H / K.
+
+    Query head h = k·G + g uses kv head k = h // G (the order of Flax's and Hugging Face's
+    ``repeat_kv``); the K kv heads of keys and values then broadcast over the G axis without
+    being copied. ``tail`` counts the axes after the head axis (2 for q (..., H, T, D) and for
+    masks (..., H, T, S); 0 for per-head numbers such as sinks (H,)). An array with a head
+    axis of 1 gets (1, 1) there; one with too few axes to have a head axis, or a number,
+    broadcasts as it is and is returned unchanged.
+    """
+    if x is None or isinstance(x, numbers.Number) or jnp.ndim(x) <= tail:
+        return x
+    x = jnp.asarray(x)
+    axis = x.ndim - tail - 1
+    h = x.shape[axis]
+    if h not in (1, num_heads):
+        raise ValueError(
+            f"an array of shape {x.shape} has {h} heads on axis {axis - x.ndim}; it must have 1 or {num_heads}"
+        )
+    groups = (num_kv_heads, num_heads // num_kv_heads) if h == num_heads else (1, 1)
+    return x.reshape(*x.shape[:axis], *groups, *x.shape[axis + 1 :])
 
 
 def attention_heads(
@@ -653,7 +737,46 @@ def attention_heads(
     ``segment_ids`` (broadcastable to q's (..., T)): a packed sequence of
     documents, each attending only within itself, its positions (rope, log-n)
     restarting at 0 (``positions.segment_positions``); not with a cache.
+
+    Grouped-query attention (Ainslie et al. 2023; multi-query when K = 1, Shazeer 2019): k, v
+    (..., K, S, D) with fewer heads K than q's (..., H, T, D), K dividing H; query head h reads
+    kv head h // (H / K) (``group_heads``), and the cache holds the K kv heads only.
     """
+    H, K = (q.shape[-3], k.shape[-3]) if q.ndim >= 3 and k.ndim == q.ndim else (1, 1)
+    if H != K:
+        if H % K or v.shape[-3] != K:
+            raise ValueError(
+                f"grouped-query attention: keys {k.shape} and values {v.shape} must have the same number of heads, "
+                f"dividing the queries' {H} ({q.shape})"
+            )
+        heads = lambda x, tail: group_heads(x, H, K, tail)
+        q, k, v = heads(q, 2), k[..., None, :, :], v[..., None, :, :]  # (..., K, G, T, D), (..., K, 1, S, D)
+        mask, bias, segment_ids = heads(mask, 2), heads(bias, 2), heads(segment_ids, 1)
+        scale = scale if _is_static(scale) else heads(scale, 2)
+        sinks, alibi = heads(sinks, 0), heads(alibi, 0)
+        logn = logn if logn is None or _is_static(logn) else heads(logn, 0)
+        merge = lambda a: a.reshape(*a.shape[:-4], H, *a.shape[-2:])  # (..., K, G, T, X) -> (..., H, T, X)
+        if weights_hook is not None:  # the hook sees the weights per query head, (..., H, T, S)
+            hook = weights_hook
+            weights_hook = lambda w: hook(merge(w)).reshape(w.shape)
+        if qk_hook is not None:  # and the queries (..., H, T, D) and the K keys (..., K, S, D)
+            qk = qk_hook
+            qk_hook = lambda q, k: qk(merge(q), k[..., 0, :, :])
+    else:
+        K = 0  # not grouped
+    out, new = _attention_heads(
+        q, k, v, scale=scale, causal=causal, impl=impl, rope=rope, mask=mask, bias=bias, cache=cache,
+        weights_hook=weights_hook, softcap=softcap, window=window, sinks=sinks, alibi=alibi, logn=logn,
+        qk_hook=qk_hook, segment_ids=segment_ids,
+    )  # fmt: skip
+    return (out, new) if not K else (merge(out), new)
+
+
+def _attention_heads(
+    q, k, v, *, scale, causal, impl, rope, mask, bias, cache, weights_hook, softcap, window, sinks, alibi, logn,
+    qk_hook, segment_ids,
+):  # fmt: skip
+    """``attention_heads`` after grouping: k, v (..., 1, S, D) shared by the G heads of q (..., G, T, D)."""
     index = 0 if cache is None else cache[2]
     T, S_new = q.shape[-2], k.shape[-2]
     q_pos, k_pos = index + (S_new - T) + jnp.arange(T), index + jnp.arange(S_new)
@@ -681,21 +804,26 @@ def attention_heads(
         return out, None
     *lead, T, _ = q.shape
     N, S, _ = cache[0].shape
-    if math.prod(lead) != N:
+    G = _groups(q, k, v)  # grouped: the cache rows are batch x kv heads, each read by G query heads
+    kv_lead = (*lead[:-1], 1) if G > 1 else lead
+    if math.prod(kv_lead) != N:
         raise ValueError(
-            f"decode: the cache holds {N} rows (batch x heads), the queries {q.shape} need {math.prod(lead)}; "
-            "initialize the cache for this batch size"
+            f"decode: the cache holds {N} rows (batch x kv heads), the queries {q.shape} need "
+            f"{math.prod(kv_lead)}; initialize the cache for this batch size"
         )
-    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(N, *tail)  # -> (N, *tail)
+    row_shape = (N, G) if G > 1 else (N,)
+    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(*row_shape, *tail)  # -> (N, [G,] *tail)
+    kv_rows = lambda a: jnp.broadcast_to(a, (*kv_lead, *a.shape[-2:])).reshape(N, *a.shape[-2:])  # (N, T, D)
+    as_keys = (lambda a: a[:, None]) if G > 1 else (lambda a: a)  # (N, S, D) as the grouped queries read them
     impl = "dense" if impl in ("blockwise", "cudnn", "splash") else impl  # a few rows need no fused kernel
-    q, k, v = rows(q, T, q.shape[-1]), rows(k, *k.shape[-2:]), rows(v, *v.shape[-2:])  # (N, T, D)
+    q, k, v = rows(q, T, q.shape[-1]), kv_rows(k), kv_rows(v)  # (N, [G,] T, D), (N, T, D)
     if sinks is not None:
         sinks = rows(sinks)  # (N,)
     if not _is_static(scale) and jnp.ndim(scale):
         scale = rows(scale, 1, 1)
     hook = None
     if weights_hook is not None:  # the hook sees the weights in their (..., T, keys) shape
-        hook = lambda w: weights_hook(w.reshape(*lead, T, -1)).reshape(N, T, -1)
+        hook = lambda w: weights_hook(w.reshape(*lead, T, -1)).reshape(w.shape)
     if window is not None and S == window:  # a ring of the last W keys
         if mask is not None or bias is not None:
             raise ValueError(
@@ -704,7 +832,7 @@ def attention_heads(
             )
         out, new = ring_attend(
             q, k, v, cache, window=window, scale=scale, impl=impl, weights_hook=hook, softcap=softcap, sinks=sinks,
-            alibi=None if alibi is None else rows(alibi),
+            alibi=None if alibi is None else rows(alibi), as_keys=as_keys,
         )  # fmt: skip
         return out.reshape(*lead, T, -1), new
     flat_mask = decode_mask(index, T, S, causal=causal, window=window)  # (T, S)
@@ -715,8 +843,8 @@ def attention_heads(
         flat_bias = _add(flat_bias, rows(alibi_bias(alibi, index + jnp.arange(T), jnp.arange(S)), T, S))
     k, v, new_index = cache_append(cache[0], cache[1], index, k, v)
     out = attend(
-        q, k, v, scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook, softcap=softcap,
-        sinks=sinks,
+        q, as_keys(k), as_keys(v), scale=scale, mask=flat_mask, bias=flat_bias, impl=impl, weights_hook=hook,
+        softcap=softcap, sinks=sinks,
     )  # fmt: skip
     out = jnp.where(new_index <= S, out, jnp.nan).reshape(*lead, T, -1)  # overflowing the cache: loud
     return out, (k, v, new_index)

@@ -284,14 +284,20 @@ class MultiHeadAttention(nn.Module):
     """All heads in one batched einsum, then an output projection.
 
     Self-attention (..., T, C) -> (..., T, out_features or C); cross-attention
-    with ``inputs_kv`` (..., S, C): queries from ``inputs_q``, keys and values
+    with ``inputs_kv`` (..., S, C_kv): queries from ``inputs_q``, keys and values
     from ``inputs_kv`` (Flax's argument names). Query, key and value for all
     heads come from one fused kernel ``qkv_kernel`` of shape (C, 3, H, D),
     projected straight into the head-major layout (..., H, T, D) that the
-    attention einsums want; cross-attention uses the same kernel's k and v
-    slices, so ``inputs_kv`` must have C channels. Equal to running
-    ``num_heads`` ``Head``s and concatenating their outputs (tested with shared
-    weights).
+    attention einsums want (cross-attention uses its k and v slices). Equal to
+    running ``num_heads`` ``Head``s and concatenating their outputs (tested with
+    shared weights). ``num_kv_heads`` K < H (grouped-query attention; 1:
+    multi-query) or a layer initialized with ``inputs_kv`` of another width
+    C_kv has ``query_kernel`` (C, H, D) and ``kv_kernel`` (C_kv, 2, K, D)
+    instead (``attention.projection_shapes``); query head h reads kv head
+    h // (H / K), and the decode cache holds the K kv heads only.
+    ``use_qkv_bias``: biases on the q, k, v projections (GPT-2 has them;
+    ``qkv_bias`` (3, H, D), or ``query_bias`` and ``kv_bias``); ``use_bias``
+    is the output projection's.
 
     ``options``: an :class:`AttentionOptions` (the scale may also be an array
     broadcastable to (..., H, T, S): one per head, traced or learnable); today's
@@ -302,7 +308,7 @@ class MultiHeadAttention(nn.Module):
     ``intermediates/attention_weights``), and on the output on every path.
     ``decode``: KV-cache decoding, Flax's convention (also a call argument,
     which wins): the ``"cache"`` collection holds ``cached_key``,
-    ``cached_value`` (B·H, S, D), batch and heads in one axis, and
+    ``cached_value`` (B·K, S, D), batch and kv heads in one axis, and
     ``cache_index``; the first decode call (``init``) sizes it from its input,
     later calls append their T tokens and attend over everything cached.
     ``dtype`` (compute), ``param_dtype``: JAX dtypes or their names.
@@ -332,9 +338,11 @@ class MultiHeadAttention(nn.Module):
     kernel_init: Initializer = default_init
     out_init: Initializer = default_init
     options: AttentionOptions | None = None  # None: AttentionOptions(), with the keywords above
+    num_kv_heads: int | None = None  # K kv heads, dividing num_heads; None: num_heads
+    use_qkv_bias: bool = False  # biases of the q, k, v projections
 
     def __post_init__(self):
-        attention.as_int("MultiHeadAttention.num_heads", self.num_heads)
+        check_heads("MultiHeadAttention", self.num_heads, self.num_kv_heads)
         _resolve_options(self, "MultiHeadAttention")
         super().__post_init__()
 
@@ -355,8 +363,15 @@ class MultiHeadAttention(nn.Module):
         C = inputs_q.shape[-1]
         H, D = self.num_heads, self.head_size
         dtype = jnp.dtype(self.dtype)
-        w_qkv = self.param("qkv_kernel", self.kernel_init, (C, 3, H, D), self.param_dtype)
-        q, k, v = attention.project_qkv(w_qkv, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., H, S, D)
+        fused = self.has_variable("params", "qkv_kernel")  # initialized for keys of C channels
+        C_kv = C if inputs_kv is None or fused else inputs_kv.shape[-1]
+        shapes = attention.projection_shapes(C, H, D, self.num_kv_heads, bias=self.use_qkv_bias, C_kv=C_kv)
+        w = {
+            name: self.param(name, nn.initializers.zeros if "bias" in name else self.kernel_init, shape,
+                             self.param_dtype)
+            for name, shape in shapes.items()
+        }  # fmt: skip
+        q, k, v = attention.project_qkv(w, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., K, S, D)
         if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
         out = _attend_with_cache(
@@ -385,15 +400,38 @@ for _shell in (Head, MultiHeadAttention):
         _shell.__doc__ = _shell.__doc__.format(choices=choices_doc().lstrip())
 
 
+def check_heads(where: str, num_heads: int, num_kv_heads: int | None) -> None:
+    """num_heads a positive integer, num_kv_heads None or one that divides it; else one line naming them."""
+    attention.as_int(f"{where}.num_heads", num_heads)
+    if num_kv_heads is not None:
+        attention.as_int(f"{where}.num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{where}.num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (each kv head serves "
+                "num_heads / num_kv_heads query heads)"
+            )
+
+
 def head_axis(segment_ids: Array | None) -> Array | None:
     """Segment ids (..., T) of the tokens as the heads' (..., 1, T): one id per token for every head."""
     return None if segment_ids is None else jnp.asarray(segment_ids)[..., None, :]
 
 
+# The MLP's activations by name. Flax's nn.gelu is the tanh approximation by default (GPT-2's
+# "gelu_new"); "gelu" is the exact erf form (BERT, PyTorch's default).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
 class FeedForward(nn.Module):
-    """Position-wise MLP: (..., T, C) -> Dense(hidden) -> GELU -> Dense(C) -> dropout.
+    """Position-wise MLP: (..., T, C) -> Dense(hidden) -> activation -> Dense(C) -> dropout.
 
     This is where each token "thinks" about what it gathered by attention.
+    ``activation``: one of ``ACTIVATIONS`` (default GELU, tanh form).
     """
 
     hidden: int
@@ -402,6 +440,11 @@ class FeedForward(nn.Module):
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
     out_init: Initializer = default_init
+    activation: str = "gelu_tanh"
+
+    def __post_init__(self):
+        attention.check_choice("FeedForward.activation", self.activation, tuple(ACTIVATIONS))
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
@@ -414,6 +457,6 @@ class FeedForward(nn.Module):
             kernel_init=init,
             name=name,
         )
-        h = nn.gelu(dense(self.hidden, default_init, "fc")(x))
+        h = ACTIVATIONS[self.activation](dense(self.hidden, default_init, "fc")(x))
         y = dense(C, self.out_init, "proj")(h)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)

@@ -16,7 +16,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from attention_jax import attention
-from attention_jax.layers import AddPositions, FeedForward, MultiHeadAttention, default_init
+from attention_jax.layers import ACTIVATIONS, AddPositions, FeedForward, MultiHeadAttention, default_init
 from attention_jax.options import AttentionOptions, OptionError, choices_doc
 from attention_jax.positions import segment_positions
 
@@ -69,11 +69,21 @@ class ModelConfig:
     n_head: int = 6  # H: heads per attention layer
     n_layer: int = 6  # number of Blocks
     head_size: int | None = None  # D; None: n_embd // n_head. Settable independently of n_embd
+    # K kv heads per layer, dividing n_head: grouped-query attention (Ainslie et al. 2023), each kv head
+    # serving n_head / K query heads; 1: multi-query (Shazeer 2019). None: n_head. The cache holds K heads.
+    n_kv_head: int | None = None
     dropout: float = 0.0  # on attention weights, residual branches
     dtype: DTypeLike = "float32"  # compute dtype
     bias: bool = True  # biases in LayerNorms, output projections, MLP and LM head (nanoGPT: False)
     tie_embeddings: bool = False  # LM head = token embedding transposed (nanoGPT and GPT-2: True)
     param_dtype: DTypeLike = "float32"  # dtype the parameters are stored in
+    qkv_bias: bool = False  # biases on the q, k, v projections (GPT-2: True)
+    mlp_hidden: int | None = None  # the MLP's hidden width; None: 4 * n_embd
+    activation: str = "gelu_tanh"  # the MLP's: "gelu_tanh" (GPT-2's gelu_new), "gelu" (exact), "relu", "silu"
+    norm_epsilon: float = 1e-5  # every LayerNorm's epsilon (GPT-2: 1e-5)
+    # Layer i's (from 0) attention scale divided by i + 1: transformers' GPT-2 option
+    # scale_attn_by_inverse_layer_idx (from Stanford CRFM's Mistral runs); False: attn_scale in every layer.
+    attn_scale_by_layer: bool = False
     # The token that ends a document in a packed stream: a call without segment_ids derives them from
     # the tokens (the token after each end starts a new document: segment_ids_from_ends). None: one stream.
     end_token_id: int | None = None
@@ -110,6 +120,22 @@ class ModelConfig:
                 )
         else:
             set_("head_size", attention.as_int("ModelConfig.head_size", self.head_size))
+        if self.n_kv_head is not None:
+            set_("n_kv_head", attention.as_int("ModelConfig.n_kv_head", self.n_kv_head))
+            if self.n_head % self.n_kv_head:
+                raise ValueError(
+                    f"ModelConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (each kv head serves "
+                    "n_head / n_kv_head query heads)"
+                )
+        if self.mlp_hidden is not None:
+            set_("mlp_hidden", attention.as_int("ModelConfig.mlp_hidden", self.mlp_hidden))
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            choices = tuple(ACTIVATIONS)
+            raise ValueError(f"ModelConfig.activation: unknown {self.activation!r}, valid choices are {choices}")
+        eps = self.norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"ModelConfig.norm_epsilon must be a number in (0, 1), got {eps!r}")
+        set_("norm_epsilon", float(eps))
         if not isinstance(self.attn_scale, str) and np.ndim(self.attn_scale) != 0:
             shape = np.shape(self.attn_scale)
             raise ValueError(f"ModelConfig.attn_scale: an array scale must be a scalar, got shape {shape}")
@@ -130,7 +156,7 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.end_token_id={self.end_token_id} is not a token of vocab_size={self.vocab_size}"
                 )
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "qkv_bias", "attn_scale_by_layer"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -155,6 +181,16 @@ class ModelConfig:
     def head_dim(self) -> int:
         """D, the head size in effect: ``head_size``, or n_embd // n_head when that is None."""
         return self.n_embd // self.n_head if self.head_size is None else self.head_size
+
+    @property
+    def kv_heads(self) -> int:
+        """K, the kv heads in effect: ``n_kv_head``, or n_head when that is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width in effect: ``mlp_hidden``, or 4 * n_embd when that is None."""
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with ``changes`` (a head_size left None follows n_embd and n_head)."""
@@ -193,8 +229,9 @@ class Block(nn.Module):
         cfg = self.model_config
         attn, mlp = block_options(cfg, self.layer)
         norm = lambda name: nn.LayerNorm(
-            epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype, name=name
-        )
+            epsilon=cfg.norm_epsilon, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype,
+            name=name,
+        )  # fmt: skip
         h = norm("ln_attn")(x)
         x = x + MultiHeadAttention(**attn, name="attn")(
             h, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
@@ -217,8 +254,14 @@ def block_options(model_config: ModelConfig, layer: int = 0) -> tuple[dict[str, 
         param_dtype=jnp.dtype(cfg.param_dtype),
         out_init=out_init,
     )
-    attn = dict(num_heads=cfg.n_head, head_size=cfg.head_dim, options=cfg.attention.layer(layer), **common)
-    return attn, dict(hidden=4 * cfg.n_embd, **common)
+    options = cfg.attention.layer(layer)
+    if cfg.attn_scale_by_layer:  # GPT-2's scale_attn_by_inverse_layer_idx
+        options = options.replace(scale=attention.resolve_scale(options.scale, cfg.head_dim) / (layer + 1))
+    attn = dict(
+        num_heads=cfg.n_head, head_size=cfg.head_dim, options=options, num_kv_heads=cfg.n_kv_head,
+        use_qkv_bias=cfg.qkv_bias, **common,
+    )  # fmt: skip
+    return attn, dict(hidden=cfg.mlp_width, activation=cfg.activation, **common)
 
 
 class TransformerLM(nn.Module):
@@ -271,7 +314,9 @@ class TransformerLM(nn.Module):
             x = Block(cfg, layer=i, name=f"block_{i}")(
                 x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
             )
-        x = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final")(x)
+        x = nn.LayerNorm(
+            epsilon=cfg.norm_epsilon, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final"
+        )(x)
         if cfg.tie_embeddings:  # one (V, C) matrix reads tokens in and writes logits out
             logits = embed.attend(x.astype(jnp.float32))
         else:
@@ -396,8 +441,8 @@ def count_params(params: Any) -> int:
 def matmul_params(model_config: ModelConfig) -> int:
     """Weights that take part in a matmul per token (no embedding lookups)."""
     cfg = model_config
-    C, H, D, V, L = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.n_layer
-    per_layer = C * 3 * H * D + H * D * C + 2 * C * 4 * C
+    C, H, K, D, V, L = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.vocab_size, cfg.n_layer
+    per_layer = C * (H + 2 * K) * D + H * D * C + 2 * C * cfg.mlp_width
     return L * per_layer + C * V
 
 

@@ -194,8 +194,10 @@ class Head(_Attention):
 class MultiHeadAttention(_Attention):
     """The twin of ``layers.MultiHeadAttention``: (..., T, in_features) -> (..., T, out_features or in_features).
 
-    Cross-attention with ``inputs_kv`` (..., S, in_features); ``qkv_kernel``
-    (C, 3, H, D), ``proj_kernel`` (H, D, C'), ``proj_bias``; ``options`` (an
+    Cross-attention with ``inputs_kv`` (..., S, in_kv_features or in_features);
+    ``qkv_kernel`` (C, 3, H, D), or ``query_kernel`` and ``kv_kernel`` with
+    ``num_kv_heads`` or ``in_kv_features`` (``attention.projection_shapes``),
+    ``proj_kernel`` (H, D, C'), ``proj_bias``; ``options`` (an
     :class:`AttentionOptions`) or today's keywords, and every argument, as
     documented there. Cache: ``init_cache(batch_shape, max_length)``.
 
@@ -223,9 +225,12 @@ class MultiHeadAttention(_Attention):
         out_init: Initializer = default_init,
         sow_weights: bool = False,
         options: AttentionOptions | None = None,
+        num_kv_heads: int | None = None,
+        use_qkv_bias: bool = False,
+        in_kv_features: int | None = None,
         rngs: nnx.Rngs,
     ):
-        attention.as_int("MultiHeadAttention.num_heads", num_heads)
+        layers.check_heads("MultiHeadAttention", num_heads, num_kv_heads)
         keywords = dict(
             scale=scale, causal=causal, qk_norm=qk_norm, pos_encoding=pos_encoding, attention_impl=attention_impl
         )
@@ -235,8 +240,13 @@ class MultiHeadAttention(_Attention):
         self.out_features, self.use_bias = out_features, use_bias
         self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
         self.kernel_init, self.out_init, self.sow_weights = kernel_init, out_init, sow_weights
+        self.num_kv_heads, self.use_qkv_bias = num_kv_heads, use_qkv_bias
         C, H, D, C_out = in_features, num_heads, head_size, out_features or in_features
-        self.qkv_kernel = nnx.Param(kernel_init(rngs.params(), (C, 3, H, D), param_dtype))
+        shapes = attention.projection_shapes(C, H, D, num_kv_heads, bias=use_qkv_bias, C_kv=in_kv_features)
+        self._projections = tuple(shapes)
+        for name, shape in shapes.items():  # qkv_kernel, or query_kernel and kv_kernel; their biases
+            init = nn.initializers.zeros if "bias" in name else kernel_init
+            setattr(self, name, nnx.Param(init(rngs.params(), shape, param_dtype)))
         self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
         self._set_norms(D, dtype, param_dtype, rngs)
@@ -247,7 +257,8 @@ class MultiHeadAttention(_Attention):
     def init_cache(self, batch_shape: int | tuple[int, ...], max_length: int, dtype: DTypeLike | None = None) -> None:
         """Empty ``nnx.Cache`` variables for inputs (*batch_shape, T, C) of up to ``max_length`` tokens."""
         batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-        self._init_cache_for((*batch_shape, self.num_heads, max_length, self.head_size), dtype or self.dtype)
+        heads = self.num_kv_heads or self.num_heads
+        self._init_cache_for((*batch_shape, heads, max_length, self.head_size), dtype or self.dtype)
 
     def __call__(
         self,
@@ -263,7 +274,8 @@ class MultiHeadAttention(_Attention):
         decode = self.decode if decode is None else decode
         check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
         dtype = jnp.dtype(self.dtype)
-        q, k, v = attention.project_qkv(self.qkv_kernel[...], inputs_q, inputs_kv, dtype)  # (..., H, T, D)
+        w = {name: getattr(self, name)[...] for name in self._projections}
+        q, k, v = attention.project_qkv(w, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., K, S, D)
         q, k = self._norms(q, k)
         out = self._attend(q, k, v, decode=decode, mask=mask, bias=bias, deterministic=deterministic,
                            segment_ids=layers.head_axis(segment_ids))  # fmt: skip
@@ -278,7 +290,7 @@ for _shell in (Head, MultiHeadAttention):
 
 
 class FeedForward(nnx.Module):
-    """The twin of ``layers.FeedForward``: (..., T, C) -> fc -> GELU -> proj -> dropout."""
+    """The twin of ``layers.FeedForward``: (..., T, C) -> fc -> activation -> proj -> dropout."""
 
     def __init__(
         self,
@@ -290,15 +302,19 @@ class FeedForward(nnx.Module):
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
         out_init: Initializer = default_init,
+        activation: str = "gelu_tanh",
         rngs: nnx.Rngs,
     ):
+        attention.check_choice("FeedForward.activation", activation, tuple(layers.ACTIVATIONS))
+        self.activation = activation
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc = nnx.Linear(in_features, hidden, kernel_init=default_init, **kw)
         self.proj = nnx.Linear(hidden, in_features, kernel_init=out_init, **kw)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
-        return self.dropout(self.proj(nnx.gelu(self.fc(x))), deterministic=deterministic)
+        h = layers.ACTIVATIONS[self.activation](self.fc(x))
+        return self.dropout(self.proj(h), deterministic=deterministic)
 
 
 class AddPositions(nnx.Module):
@@ -345,7 +361,7 @@ class Block(nnx.Module):
         attn, mlp = model.block_options(cfg, layer)
         norm = lambda: nnx.LayerNorm(
             cfg.n_embd,
-            epsilon=1e-5,
+            epsilon=cfg.norm_epsilon,
             use_bias=cfg.bias,
             dtype=jnp.dtype(cfg.dtype),
             param_dtype=cfg.param_dtype,
@@ -391,7 +407,7 @@ class TransformerLM(nnx.Module):
         for i in range(cfg.n_layer):  # attributes block_0, block_1, ...: the Linen names
             setattr(self, f"block_{i}", Block(cfg, layer=i, rngs=rngs))
         self.ln_final = nnx.LayerNorm(
-            cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=dtype, param_dtype=pdt, rngs=rngs
+            cfg.n_embd, epsilon=cfg.norm_epsilon, use_bias=cfg.bias, dtype=dtype, param_dtype=pdt, rngs=rngs
         )
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
@@ -459,7 +475,12 @@ def _twin_of_linen(module: nn.Module, params: Any, rngs: nnx.Rngs) -> nnx.Module
             return TransformerLM(module.model_config, rngs=rngs)
         return Block(module.model_config, layer=module.layer, rngs=rngs)
     if isinstance(module, layers.MultiHeadAttention):
-        return MultiHeadAttention(params["qkv_kernel"].shape[0], **_layer_fields(module), rngs=rngs)
+        if "qkv_kernel" in params:
+            C = C_kv = params["qkv_kernel"].shape[0]
+        else:
+            C, C_kv = params["query_kernel"].shape[0], params["kv_kernel"].shape[0]
+        fields = _layer_fields(module)
+        return MultiHeadAttention(C, **fields, in_kv_features=None if C_kv == C else C_kv, rngs=rngs)
     if isinstance(module, layers.Head):
         return Head(params["key"]["kernel"].shape[0], **_layer_fields(module), rngs=rngs)
     raise TypeError(

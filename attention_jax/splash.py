@@ -65,11 +65,15 @@ def splash_attention(
     ``sinks`` broadcast to the leading axes (per head: (H,)); ``segment_ids``
     (broadcastable to (..., T)) are its ``SegmentIds``. ``interpret``:
     None runs the kernel compiled on TPU and interpreted elsewhere.
+    Grouped-query attention: k, v (..., 1, T, D) shared by the G heads of q
+    (..., G, T, D) run as the kernel's own grouped heads (not copied).
     """
-    if q.shape != k.shape or q.shape[:-1] != v.shape[:-1] or q.ndim < 2:
+    groups = q.ndim >= 3 and q.shape[-3] > 1 and k.shape[-3] == 1 and k.shape[:-3] == q.shape[:-3]
+    kv_shape = (*q.shape[:-3], 1, *q.shape[-2:]) if groups else q.shape
+    if k.shape != kv_shape or k.shape[:-1] != v.shape[:-1] or q.ndim < 2:
         raise ValueError(
-            f"splash: self-attention only, q and k (..., T, D) of one shape and v (..., T, Dv); got "
-            f"{q.shape}, {k.shape}, {v.shape}"
+            f"splash: self-attention only, q and k (..., T, D) of one shape (or k shared by q's heads, "
+            f"(..., 1, T, D)) and v (..., T, Dv) like k; got {q.shape}, {k.shape}, {v.shape}"
         )
     if window is not None and not causal:
         raise ValueError("splash: a window needs causal=True")
@@ -84,13 +88,13 @@ def splash_attention(
         segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), q.shape[:-1])
     run = functools.partial(_on_rows, causal=causal, window=window, softcap=softcap, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
-    if q.ndim == 4 and not mesh.empty:
+    if q.ndim in (4, 5) and not mesh.empty:  # (B, H, T, D), or grouped (B, K, G, T, D)
         spec = _spec(mesh, q.shape)
         if spec != P():
             extra = {name: x for name, x in (("sinks", sinks), ("segment_ids", segment_ids)) if x is not None}
             args = (q, k, v, *extra.values())
             extra_specs = {"sinks": P(*spec[:2]), "segment_ids": P(*spec[:3])}
-            specs = (spec, spec, spec, *(extra_specs[name] for name in extra))
+            specs = (spec, spec, spec, *(extra_specs[name] for name in extra))  # grouped: k's K heads as q's
             if _explicit(mesh, spec):  # explicit axes: shard_map takes inputs already laid out as it splits them
                 args = tuple(jax.reshard(a, s) for a, s in zip(args, specs))
             body = lambda q, k, v, *rest: run(q, k, v, **dict(zip(extra, rest)))
@@ -110,7 +114,7 @@ def _say_interpreted(interpret: bool) -> None:
 
 
 def _spec(mesh, shape) -> P:
-    """The (B, H, T, D) partition over the mesh's batch and head axes that divide B and H."""
+    """The (B, H, ...) partition over the mesh's batch and head axes that divide B and H."""
 
     def axes(names, size):
         chosen = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1]
@@ -119,7 +123,7 @@ def _spec(mesh, shape) -> P:
         return chosen[0] if len(chosen) == 1 else tuple(chosen)
 
     batch, heads = axes(BATCH_AXES, shape[0]), axes(HEAD_AXES, shape[1])
-    return P() if batch is None and heads is None else P(batch, heads, None, None)
+    return P() if batch is None and heads is None else P(batch, heads, *[None] * (len(shape) - 2))
 
 
 def _explicit(mesh, spec: P) -> bool:
@@ -130,31 +134,34 @@ def _explicit(mesh, spec: P) -> bool:
 
 
 def _on_rows(q, k, v, *, sinks=None, segment_ids=None, causal, window, softcap, interpret):
-    """The kernel over the flattened leading axes: each row one head of one example."""
+    """The kernel over the flattened leading axes: each row one head of one example (grouped: G query heads
+    of one example over its one kv head)."""
     *lead, T, D = q.shape
     Dv = v.shape[-1]
-    N = math.prod(lead)
+    G = q.shape[-3] if q.ndim >= 3 and k.shape[-3] == 1 else 1
+    N = math.prod(lead) // G
     block = min(MAX_BLOCK, -(-T // LANES) * LANES)
     Tp = -(-T // block) * block  # padded at the end; the padded keys are masked (causally: unseen anyway)
-    pad = lambda x: jnp.pad(x.reshape(N, 1, T, x.shape[-1]), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
-    kernel = _kernel(T, Tp, block, causal, window, softcap, interpret)
+    pad = lambda x, g: jnp.pad(x.reshape(N, g, T, x.shape[-1]), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    kernel = _kernel(T, Tp, block, G, causal, window, softcap, interpret)
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
-    args = (pad(q), pad(k), pad(v))
-    sinks = None if sinks is None else sinks.reshape(N, 1)
+    args = (pad(q, G), pad(k, 1), pad(v, 1))
+    sinks = None if sinks is None else sinks.reshape(N, G)
     if segment_ids is not None:  # the padding gets an id of its own (-1): a padded query sees itself
-        segment_ids = jnp.pad(segment_ids.reshape(N, T), ((0, 0), (0, Tp - T)), constant_values=-1)
+        segment_ids = segment_ids.reshape(N, G, T)[:, 0]  # one document layout per example, all heads
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, Tp - T)), constant_values=-1)
 
     def one(q, k, v, s, seg):
         return kernel(q, k, v, segment_ids=None if seg is None else SegmentIds(q=seg, kv=seg), sinks=s)
 
-    out = jax.vmap(one)(*args, sinks, segment_ids)
-    return out[:, 0, :T].reshape(*lead, T, Dv)
+    out = jax.vmap(one)(*args, sinks, segment_ids)  # (N, G, Tp, Dv)
+    return out[:, :, :T].reshape(*lead, T, Dv)
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(T: int, Tp: int, block: int, causal: bool, window, softcap, interpret: bool):
-    """A one-head splash kernel for (1, Tp, D) inputs (T real, padded to Tp), its mask built once."""
+def _kernel(T: int, Tp: int, block: int, heads: int, causal: bool, window, softcap, interpret: bool):
+    """A splash kernel for q (heads, Tp, D) over k, v (1, Tp, D) (T real, padded to Tp), its mask built once."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -173,6 +180,6 @@ def _kernel(T: int, Tp: int, block: int, causal: bool, window, softcap, interpre
     )  # fmt: skip
     with jax.ensure_compile_time_eval():  # its mask arrays concrete, not tracers of the first caller's trace
         return kernels.make_splash_mha(
-            masks.MultiHeadMask([mask]), block_sizes=sizes, attn_logits_soft_cap=softcap,
+            masks.MultiHeadMask([mask] * heads), block_sizes=sizes, attn_logits_soft_cap=softcap,
             head_shards=1, q_seq_shards=1, interpret=interpret,
         )  # fmt: skip

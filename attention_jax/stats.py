@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_jax import attention
+from attention_jax import model as model_lib
 
 Array = jax.Array
 
@@ -213,11 +214,18 @@ def model_qk_stats(model, params: Any, tokens: Array, targets: Array) -> dict[st
         row["logit_var"] = float(logit_variance(jnp.log(jnp.maximum(w, tiny)), mask))
         per_layer.append(row)
     blocks = sorted((k for k in grads if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
-    gq = [float(jnp.linalg.norm(grads[b]["attn"]["qkv_kernel"][:, 0])) for b in blocks]
-    gk = [float(jnp.linalg.norm(grads[b]["attn"]["qkv_kernel"][:, 1])) for b in blocks]
+    gq = [float(jnp.linalg.norm(_projection(grads[b]["attn"], 0))) for b in blocks]
+    gk = [float(jnp.linalg.norm(_projection(grads[b]["attn"], 1))) for b in blocks]
     out = {key: float(np.mean([r[key] for r in per_layer])) for key in per_layer[0]}
     out.update(grad_q=float(np.mean(gq)), grad_k=float(np.mean(gk)))
     return out
+
+
+def _projection(attn: dict, which: int) -> Array:
+    """The query (0) or key (1) projection kernel of an attention layer's parameters (or their gradients)."""
+    if "qkv_kernel" in attn:
+        return attn["qkv_kernel"][:, which]  # (C, H, D)
+    return attn["query_kernel"] if which == 0 else attn["kv_kernel"][:, 0]  # (C, H, D), (C, K, D)
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +270,8 @@ def stability_diagnostics(model, params: Any, tokens: Array) -> dict[str, Array]
     for i, b in enumerate(blocks):
         layer = inter[b]["attn"]
         (q,), (k,), (w,) = layer["queries"], layer["keys"], layer["attention_weights"]  # (B, H, T, D), (B, H, T, T)
-        options = cfg.attention.layer(i)
+        k = jnp.repeat(k, q.shape[1] // k.shape[1], axis=1)  # grouped (B, K, T, D): each query head's keys
+        options = model_lib.block_options(cfg, i)[0]["options"]  # the layer's, its scale by layer included
         scale = attention.resolve_scale(options.scale, q.shape[-1])
         mask = layer_mask(model, i, T)
         if options.sinks:  # the keys' weights sum to 1 - the sink's share: the entropy of how they split it

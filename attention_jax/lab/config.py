@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.n_head = 6  # heads per layer H
     c.model.n_layer = 6  # transformer blocks
     c.model.head_size = config_dict.placeholder(int)  # D; None = n_embd // n_head
+    c.model.n_kv_head = config_dict.placeholder(int)  # K kv heads (grouped-query; 1 = multi-query); None = n_head
     c.model.attn_scale = "sqrt"  # "sqrt" (1/sqrt(D)), "none" (1), "mup" (1/D), or a number
     c.model.pos_encoding = "learned"  # "learned", "sinusoidal", "rope", "alibi" or "none"
     # A norm on q and k before q·kᵀ: false, true or "layer" (LayerNorm), "rms" (RMSNorm)
@@ -99,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
     c.model.bias = True  # biases in LayerNorms, projections, MLP and LM head (nanoGPT's recipes: False)
     c.model.tie_embeddings = False  # LM head shares the token embedding (nanoGPT: True)
+    c.model.qkv_bias = False  # biases on the q, k, v projections (GPT-2: true)
+    c.model.mlp_hidden = config_dict.placeholder(int)  # the MLP's hidden width; None = 4 * n_embd
+    c.model.activation = "gelu_tanh"  # the MLP's: "gelu_tanh" (GPT-2), "gelu" (exact), "relu", "silu"
+    c.model.norm_epsilon = 1e-5  # the LayerNorms' epsilon
+    c.model.attn_scale_by_layer = False  # layer i's attention scale / (i + 1) (GPT-2's inverse-layer-idx option)
     c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU), "blockwise" (long T) or "splash" (TPU)
     c.model.softcap = config_dict.placeholder(float)  # None; c: logits -> c·tanh(logits/c) ("dense", "blockwise")
     # Sliding-window attention: None (all of the past), W (each query sees the last W keys), or

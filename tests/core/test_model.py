@@ -11,7 +11,16 @@ import numpy as np
 import optax
 import pytest
 
-from attention_jax.model import BigramLM, Block, ModelConfig, TransformerLM, count_params, cross_entropy, init_params
+from attention_jax.model import (
+    BigramLM,
+    Block,
+    ModelConfig,
+    TransformerLM,
+    block_options,
+    count_params,
+    cross_entropy,
+    init_params,
+)
 
 V, T = 11, 8
 POS = ["learned", "sinusoidal", "rope", "none"]
@@ -364,3 +373,33 @@ def test_xla_attention_equals_dense_in_a_block():
     g_dense, g_xla = grad(dense)(params), grad(xla)(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_dense), jax.tree_util.tree_leaves(g_xla)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gpt2_fields_are_checked_in_one_line_and_are_config_keys():
+    """mlp_hidden, activation, norm_epsilon, attn_scale_by_layer, qkv_bias: their numbers are tested against
+    transformers' GPT-2 in test_convert; here, what they build and refuse."""
+    from attention_jax.lab.config import ConfigError, apply_overrides, base_config, model_config
+
+    cfg = ModelConfig(vocab_size=11, n_embd=16, n_head=2, n_layer=3, mlp_hidden=24, qkv_bias=True,
+                      attn_scale_by_layer=True)  # fmt: skip
+    params = jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    block = params["params"]["block_2"]
+    assert block["mlp"]["fc"]["kernel"].shape == (16, 24) and block["attn"]["qkv_bias"].shape == (3, 2, 8)
+    assert [block_options(cfg, i)[0]["options"].scale for i in range(3)] == [8**-0.5 / (i + 1) for i in range(3)]
+    for field, bad, why in [
+        ("activation", "gelu_new", r"activation: unknown 'gelu_new', valid choices are \('gelu_tanh', 'gelu'"),
+        ("norm_epsilon", 0.0, r"norm_epsilon must be a number in \(0, 1\), got 0.0"),
+        ("mlp_hidden", 0, r"mlp_hidden must be a positive integer, got 0"),
+        ("qkv_bias", "yes", r"qkv_bias must be True or False, got 'yes'"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^ModelConfig\.{why}"):
+            ModelConfig(vocab_size=11, **{field: bad})
+        if field != "qkv_bias":  # (the command line reads "yes" as true)
+            with pytest.raises(ConfigError, match=rf"^model\.{why}"):
+                model_config(apply_overrides(base_config(), {f"model.{field}": str(bad)}), 11)
+    keys = {"model.activation": "relu", "model.mlp_hidden": "64", "model.norm_epsilon": "1e-6",
+            "model.attn_scale_by_layer": "true", "model.qkv_bias": "true"}  # fmt: skip
+    cfg = model_config(apply_overrides(base_config(), keys), 11)
+    assert (cfg.activation, cfg.mlp_width, cfg.norm_epsilon, cfg.attn_scale_by_layer, cfg.qkv_bias) == (
+        "relu", 64, 1e-6, True, True,
+    )  # fmt: skip

@@ -64,6 +64,11 @@ def numpy_mha(x, params, *, scale, norm=None, causal=True):
     q, k, v = (np.einsum("btc,chd->bhtd", x, w[:, i]) for i in range(3))  # (B, H, T, D)
     if norm is not None:
         q, k = norm(q, "query"), norm(k, "key")
+    return numpy_heads_out(q, k, v, params, scale=scale, causal=causal)
+
+
+def numpy_heads_out(q, k, v, params, *, scale, causal=True):
+    """Softmax attention of float64 q, k, v (B, H, T, D), then the layer's output projection: (B, T, C)."""
     logits = q @ np.swapaxes(k, -1, -2) * scale  # (B, H, T, T)
     if causal:
         logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
