@@ -12,11 +12,13 @@ The core depends on jax, flax and numpy only. Math lives in pure functions
 :mod:`attention_jax.blockwise`, :mod:`attention_jax.stats`); Flax modules
 (:mod:`attention_jax.layers`, :mod:`attention_jax.model`, and their NNX twins in
 :mod:`attention_jax.nnx`, imported explicitly because flax.nnx loads optax) are
-thin shells that create parameters and call them. The experiment toolkit,
+thin shells that create parameters and call them; :mod:`attention_jax.convert`
+loads Hugging Face GPT-2 checkpoints into them and writes them back. The experiment toolkit,
 :mod:`attention_jax.lab`, is an install extra (``attention_jax[experiments]``)
 and is never imported from here.
 """
 
+from attention_jax import convert
 from attention_jax.attention import (
     ATTENTION_IMPLS,
     attend,
@@ -71,6 +73,7 @@ __all__ = [
     "average_past_matmul",
     "average_past_softmax",
     "blockwise_causal_attention",
+    "convert",
     "causal_mask",
     "count_params",
     "cross_entropy",
