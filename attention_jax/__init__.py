@@ -35,6 +35,7 @@ from attention_jax.attention import (
 )
 from attention_jax.blockwise import blockwise_causal_attention
 from attention_jax.data import CharTokenizer, get_batch, load_text, split
+from attention_jax.flax_api import MultiHeadDotProductAttention, SelfAttention
 from attention_jax.generate import generate
 from attention_jax.layers import AddPositions, FeedForward, Head, MultiHeadAttention
 from attention_jax.model import (
@@ -64,6 +65,8 @@ __all__ = [
     "Head",
     "ModelConfig",
     "MultiHeadAttention",
+    "MultiHeadDotProductAttention",
+    "SelfAttention",
     "TransformerLM",
     "apply_rope",
     "attend",

@@ -114,16 +114,18 @@ def padding_mask(lengths: ArrayLike, max_length: int, *, mask_queries: bool = Fa
 def as_mask(mask: ArrayLike | None) -> Array | None:
     """Check that ``mask`` is boolean (True = attend) and return it as an array; None passes through.
 
-    A float mask is refused rather than guessed at: an additive mask
-    (0 = keep, -inf = drop) read as boolean would be inverted.
+    A numeric mask is refused rather than guessed at: a 1/0 mask (Flax reads
+    non-zero as attend) and an additive one (0 = keep, -inf = drop) mean
+    opposite things, and the message gives the conversion for each.
     """
     if mask is None:
         return None
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise ValueError(
-            f"mask must be a boolean array (True = attend), got dtype {mask.dtype}; for an additive mask "
-            "(0 = keep, -inf = drop) pass mask=(additive == 0), or pass a float bias as bias=... instead"
+            f"mask must be a boolean array (True = attend), got dtype {mask.dtype}: for a 1/0 mask (1 = attend, as "
+            "Flax reads it) pass mask=(m != 0); for an additive mask (0 = keep, -inf = drop) pass bias=m, or "
+            "mask=(m == 0)"
         )
     return mask
 

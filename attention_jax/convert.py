@@ -1,4 +1,5 @@
-"""Pretrained checkpoints in and out: Hugging Face GPT-2 <-> ``TransformerLM``.
+"""Pretrained checkpoints in and out: Hugging Face GPT-2 <-> ``TransformerLM``; Flax attention layers <->
+our native ``MultiHeadAttention`` (``from_flax_mha``, ``to_flax_mha``).
 
     cfg, params = convert.from_hf_gpt2("path/to/gpt2")        # a folder: config.json + model.safetensors
     logits = TransformerLM(cfg).apply({"params": params}, tokens)
@@ -169,6 +170,74 @@ def save_hf_gpt2(folder: str | os.PathLike, model_config: ModelConfig, params: M
               metadata={"format": "pt"})  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def from_flax_mha(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The parameters of a ``flax.linen.MultiHeadDotProductAttention`` (or ``flax.nnx.MultiHeadAttention``, or
+    ours of that name) as our native ``MultiHeadAttention``'s.
+
+    ``query``/``key``/``value``/``out`` (kernels (C, H, D), (C_kv, K, D), (H, D, C'); biases) become
+    the fused ``qkv_kernel`` (C, 3, H, D) when K = H and C_kv = C, else ``query_kernel`` and
+    ``kv_kernel``; biases ``qkv_bias`` (or ``query_bias``, ``kv_bias``) and ``proj_bias``. Build the
+    native layer with ``num_kv_heads=K``, ``use_qkv_bias`` and ``use_bias`` as the layer had biases,
+    and ``causal=False`` (Flax's layer has no causal mask of its own). Refused in one line: the
+    parameters of ``normalize_qk`` (Flax's LayerNorm there, epsilon 1e-6 without a bias, has no twin
+    in the native layer).
+    """
+    params = params.get("params", params) if set(params) == {"params"} else params
+    missing = sorted({"query", "key", "value", "out"} - set(params))
+    if missing:
+        raise ValueError(f"from_flax_mha: params lack {', '.join(missing)}: not a Flax attention layer's")
+    if {"query_ln", "key_ln"} & set(params):
+        raise ValueError("from_flax_mha: normalize_qk's query_ln/key_ln have no twin in the native layer")
+    get = lambda name, leaf: None if leaf not in params[name] else np.asarray(params[name][leaf])
+    q, k, v, out = (get(name, "kernel") for name in ("query", "key", "value", "out"))
+    if q.ndim != 3 or k.shape != v.shape or k.ndim != 3 or k.shape[-1] != q.shape[-1] or q.shape[1] % k.shape[1]:
+        shapes = {"query": q.shape, "key": k.shape, "value": v.shape}
+        raise ValueError(f"from_flax_mha: kernels of shapes {shapes} are not (C, H, D), (C_kv, K, D) twice")
+    H, K = q.shape[1], k.shape[1]
+    biases = [get(name, "bias") for name in ("query", "key", "value")]
+    native: dict[str, np.ndarray] = {"proj_kernel": out}
+    if get("out", "bias") is not None:
+        native["proj_bias"] = get("out", "bias")
+    if K == H and k.shape[0] == q.shape[0]:
+        native["qkv_kernel"] = np.stack([q, k, v], axis=1)
+        if biases[0] is not None:
+            native["qkv_bias"] = np.stack(biases)
+    else:
+        native["query_kernel"], native["kv_kernel"] = q, np.stack([k, v], axis=1)
+        if biases[0] is not None:
+            native["query_bias"], native["kv_bias"] = biases[0], np.stack(biases[1:])
+    return native
+
+
+def to_flax_mha(params: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Our native ``MultiHeadAttention``'s parameters as Flax's ``MultiHeadDotProductAttention`` tree (the inverse
+    of ``from_flax_mha``). A layer without q/k/v biases but with an output bias has no Flax twin (Flax's
+    ``use_bias`` is all four or none): refused in one line, as are the parameters of options Flax lacks."""
+    params = params.get("params", params) if set(params) == {"params"} else params
+    extra = sorted(set(params) - {"qkv_kernel", "qkv_bias", "query_kernel", "kv_kernel", "query_bias", "kv_bias",
+                                  "proj_kernel", "proj_bias"})  # fmt: skip
+    if extra:
+        raise ValueError(f"to_flax_mha: {', '.join(extra)} have no twin in Flax's layer")
+    arr = lambda name: None if name not in params else np.asarray(params[name])
+    if "qkv_kernel" in params:
+        w, b = arr("qkv_kernel"), arr("qkv_bias")
+        kernels, biases = [w[:, i] for i in range(3)], None if b is None else [b[i] for i in range(3)]
+    else:
+        kv, b_kv = arr("kv_kernel"), arr("kv_bias")
+        kernels = [arr("query_kernel"), kv[:, 0], kv[:, 1]]
+        biases = None if b_kv is None else [arr("query_bias"), b_kv[0], b_kv[1]]
+    if (biases is None) != ("proj_bias" not in params):
+        raise ValueError("to_flax_mha: Flax's use_bias covers q, k, v and the output together; this layer has "
+                         "biases on only some of them")  # fmt: skip
+    tree = {name: {"kernel": w} for name, w in zip(("query", "key", "value"), kernels)}
+    tree["out"] = {"kernel": arr("proj_kernel")}
+    if biases is not None:
+        for name, b in zip(("query", "key", "value"), biases):
+            tree[name]["bias"] = b
+        tree["out"]["bias"] = arr("proj_bias")
+    return tree
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@ no math of their own beyond projections. Shapes follow the legend in
 :mod:`attention_jax`.
 
 Every module takes ``deterministic`` (True disables dropout; dropout draws
-from the ``"dropout"`` RNG stream) and, on the dense attention path, records
+from the ``"dropout"`` RNG stream): a layer with dropout needs it given, as
+Flax's do (``required_deterministic``); ``Block`` and ``TransformerLM``
+default to True (evaluation). On the dense attention path each records
 the attention weights with ``sow("intermediates", "attention_weights", w)``,
 and on every path the queries and keys as attention takes them (``"queries"``,
 ``"keys"``: after rope and log-n), so ``apply(..., mutable=["intermediates"])``
@@ -15,6 +17,7 @@ returns them without a second copy of the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +39,25 @@ Initializer = Callable[..., Array]
 default_init = nn.initializers.normal(stddev=0.02)
 
 
-def check_call(where: str, *, inputs_kv: Array | None, decode: bool, pos_encoding: str) -> None:
-    """What a call may not combine: cross-attention with rope or with the decode cache."""
+def flax_style_init(init: Initializer, inputs: int = 1) -> Initializer:
+    """``init`` applied to a projection kernel as Flax's ``DenseGeneral`` applies it: to the flat (inputs, outputs)
+    matrix, so fan-in and fan-out are a projection's (C and H·D for a query kernel (C, H, D); H·D and C for an
+    output kernel (H, D, C)). A stacked kernel (C, n, H, D) (``qkv_kernel``, ``kv_kernel``) is n projections, each
+    drawn on its own: a variance-scaling init gives each Flax's numbers, not those of one (C, 3, H, D) tensor."""
+
+    def draw(key, shape, dtype=jnp.float32):
+        if inputs == 1 and len(shape) == 4:  # (C, n, H, D): n stacked projections
+            C, n, H, D = shape
+            keys = jax.random.split(key, n)
+            return jnp.stack([init(k, (C, H * D), dtype).reshape(C, H, D) for k in keys], axis=1)
+        flat = (math.prod(shape[:inputs]), math.prod(shape[inputs:]))
+        return init(key, flat, dtype).reshape(shape)
+
+    return draw
+
+
+def check_call(where: str, *, inputs_kv: Array | None, decode: bool, pos_encoding: str, causal: bool = False) -> None:
+    """What a call may not combine: cross-attention with a causal mask, rope, ALiBi or the decode cache."""
     if inputs_kv is None:
         return
     if pos_encoding in ("rope", "alibi"):
@@ -49,6 +69,11 @@ def check_call(where: str, *, inputs_kv: Array | None, decode: bool, pos_encodin
         raise ValueError(
             f"{where}: decode caches self-attention keys; for cross-attention pass the same inputs_kv "
             "at every step without decode"
+        )
+    if causal:  # the default of this package's layers, and a silent mistake for cross-attention
+        raise ValueError(
+            f"{where}: causal=True (the default here) masks keys by their position in the query's sequence, "
+            "and cross-attention's keys (inputs_kv) are another sequence; build the layer with causal=False"
         )
 
 
@@ -123,6 +148,19 @@ def qk_norm_layer(options: AttentionOptions, layer_norm: Callable, rms_norm: Cal
     if options.qk_norm == "rms":
         return rms_norm(epsilon=1e-6, use_scale=gain, **kwargs)
     return layer_norm(epsilon=1e-5, use_scale=gain, use_bias=gain, **kwargs)
+
+
+def required_deterministic(where: str, deterministic: bool | None, *rates: float) -> bool:
+    """``deterministic`` as a layer with these dropout ``rates`` needs it: given (True or False) when any rate is
+    above 0, as Flax requires it (never silently off); without dropout, None means True."""
+    if deterministic is None:
+        if any(rate > 0 for rate in rates):
+            raise ValueError(
+                f"{where}: dropout is on (rate {max(rates)}), so pass deterministic=False to train with it or "
+                "deterministic=True to evaluate"
+            )
+        return True
+    return deterministic
 
 
 def _dense_weights_hook(module: nn.Module, dropout_rate: float, deterministic: bool):
@@ -247,10 +285,11 @@ class Head(nn.Module):
         *,
         mask: Array | None = None,
         bias: Array | None = None,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         decode: bool | None = None,
         segment_ids: Array | None = None,
     ) -> Array:
+        deterministic = required_deterministic("Head", deterministic, self.dropout_rate)
         decode = self.decode if decode is None else decode
         dtype = jnp.dtype(self.dtype)
         dense = lambda name: nn.Dense(
@@ -304,8 +343,11 @@ class MultiHeadAttention(nn.Module):
     keywords ``scale``, ``causal``, ``qk_norm``, ``pos_encoding``,
     ``attention_impl`` build one (None: not given; with ``options`` they must
     agree with it); read ``self.options``. ``dropout_rate``: dropout on the
-    weights on the dense path (recorded there as
-    ``intermediates/attention_weights``), and on the output on every path.
+    attention weights (Flax's meaning; the dense path, where they exist);
+    ``out_dropout_rate``: dropout on the layer's output (a residual branch:
+    ``Block`` sets both from ``ModelConfig.dropout``). With either above 0 a
+    call gives ``deterministic``. ``causal`` defaults to True: cross-attention
+    (``inputs_kv``) needs ``causal=False`` and says so.
     ``decode``: KV-cache decoding, Flax's convention (also a call argument,
     which wins): the ``"cache"`` collection holds ``cached_key``,
     ``cached_value`` (B·K, S, D), batch and kv heads in one axis, and
@@ -340,6 +382,7 @@ class MultiHeadAttention(nn.Module):
     options: AttentionOptions | None = None  # None: AttentionOptions(), with the keywords above
     num_kv_heads: int | None = None  # K kv heads, dividing num_heads; None: num_heads
     use_qkv_bias: bool = False  # biases of the q, k, v projections
+    out_dropout_rate: float = 0.0  # dropout on the layer's output (a residual branch's: nanoGPT's resid_dropout)
 
     def __post_init__(self):
         check_heads("MultiHeadAttention", self.num_heads, self.num_kv_heads)
@@ -354,23 +397,26 @@ class MultiHeadAttention(nn.Module):
         *,
         mask: Array | None = None,
         bias: Array | None = None,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         decode: bool | None = None,
         segment_ids: Array | None = None,
     ) -> Array:
+        where = "MultiHeadAttention"
+        deterministic = required_deterministic(where, deterministic, self.dropout_rate, self.out_dropout_rate)
         decode = self.decode if decode is None else decode
-        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
+        check_call(where, inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding,
+                   causal=self.options.causal)  # fmt: skip
         C = inputs_q.shape[-1]
         H, D = self.num_heads, self.head_size
         dtype = jnp.dtype(self.dtype)
         fused = self.has_variable("params", "qkv_kernel")  # initialized for keys of C channels
         C_kv = C if inputs_kv is None or fused else inputs_kv.shape[-1]
         shapes = attention.projection_shapes(C, H, D, self.num_kv_heads, bias=self.use_qkv_bias, C_kv=C_kv)
+        kernel_init = flax_style_init(self.kernel_init)
         w = {
-            name: self.param(name, nn.initializers.zeros if "bias" in name else self.kernel_init, shape,
-                             self.param_dtype)
+            name: self.param(name, nn.initializers.zeros if "bias" in name else kernel_init, shape, self.param_dtype)
             for name, shape in shapes.items()
-        }  # fmt: skip
+        }
         q, k, v = attention.project_qkv(w, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., K, S, D)
         if self.options.qk_norm:
             q, k = _qk_norms(self, q, k, self.param_dtype)
@@ -387,12 +433,12 @@ class MultiHeadAttention(nn.Module):
             segment_ids=head_axis(segment_ids),
         )  # (..., H, T, D)
         out_features = self.out_features or C
-        w_out = self.param("proj_kernel", self.out_init, (H, D, out_features), self.param_dtype)
+        w_out = self.param("proj_kernel", flax_style_init(self.out_init, 2), (H, D, out_features), self.param_dtype)
         b_out = None
         if self.use_bias:
             b_out = self.param("proj_bias", nn.initializers.zeros, (out_features,), self.param_dtype)
         y = attention.project_out(out, w_out, b_out, dtype)
-        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # (..., T, C)
+        return nn.Dropout(self.out_dropout_rate)(y, deterministic=deterministic)  # (..., T, C)
 
 
 for _shell in (Head, MultiHeadAttention):
@@ -447,7 +493,8 @@ class FeedForward(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
+        deterministic = required_deterministic("FeedForward", deterministic, self.dropout_rate)
         C = x.shape[-1]
         dense = lambda features, init, name: nn.Dense(
             features,

@@ -259,7 +259,7 @@ def block_options(model_config: ModelConfig, layer: int = 0) -> tuple[dict[str, 
         options = options.replace(scale=attention.resolve_scale(options.scale, cfg.head_dim) / (layer + 1))
     attn = dict(
         num_heads=cfg.n_head, head_size=cfg.head_dim, options=options, num_kv_heads=cfg.n_kv_head,
-        use_qkv_bias=cfg.qkv_bias, **common,
+        use_qkv_bias=cfg.qkv_bias, out_dropout_rate=cfg.dropout, **common,
     )  # fmt: skip
     return attn, dict(hidden=cfg.mlp_width, activation=cfg.activation, **common)
 

@@ -31,7 +31,8 @@ This module imports ``flax.nnx``, which imports optax: that is why
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
-from attention_jax import attention, layers, model
+from attention_jax import attention, flax_api, layers, model
 from attention_jax.attention import ScaleLike
 from attention_jax.generate import generate as _generate_linen
 from attention_jax.layers import check_call, default_init
@@ -51,7 +52,8 @@ from attention_jax.positions import sinusoidal_encoding
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-__all__ = ["AddPositions", "Block", "FeedForward", "Head", "MultiHeadAttention", "TransformerLM"]
+__all__ = ["AddPositions", "Block", "FeedForward", "FusedMultiHeadAttention", "Head", "MultiHeadAttention"]
+__all__ += ["TransformerLM"]
 __all__ += ["from_linen", "generate", "to_linen"]
 
 
@@ -191,8 +193,11 @@ class Head(_Attention):
         )
 
 
-class MultiHeadAttention(_Attention):
+class FusedMultiHeadAttention(_Attention):
     """The twin of ``layers.MultiHeadAttention``: (..., T, in_features) -> (..., T, out_features or in_features).
+
+    (Named ``MultiHeadAttention`` before ``MultiHeadAttention`` became Flax NNX's class, arguments and
+    parameter tree; this one keeps the fused ``qkv_kernel`` and the arguments of the Linen twin.)
 
     Cross-attention with ``inputs_kv`` (..., S, in_kv_features or in_features);
     ``qkv_kernel`` (C, 3, H, D), or ``query_kernel`` and ``kv_kernel`` with
@@ -228,30 +233,32 @@ class MultiHeadAttention(_Attention):
         num_kv_heads: int | None = None,
         use_qkv_bias: bool = False,
         in_kv_features: int | None = None,
+        out_dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
-        layers.check_heads("MultiHeadAttention", num_heads, num_kv_heads)
+        layers.check_heads("FusedMultiHeadAttention", num_heads, num_kv_heads)
         keywords = dict(
             scale=scale, causal=causal, qk_norm=qk_norm, pos_encoding=pos_encoding, attention_impl=attention_impl
         )
-        self._set_options("MultiHeadAttention", options, head_size, keywords)
+        self._set_options("FusedMultiHeadAttention", options, head_size, keywords)
         # the other arguments, by the Linen field names (to_linen reads them back)
         self.num_heads, self.head_size, self.dropout_rate = num_heads, head_size, dropout_rate
         self.out_features, self.use_bias = out_features, use_bias
         self.decode, self.dtype, self.param_dtype = decode, dtype, param_dtype
         self.kernel_init, self.out_init, self.sow_weights = kernel_init, out_init, sow_weights
-        self.num_kv_heads, self.use_qkv_bias = num_kv_heads, use_qkv_bias
+        self.num_kv_heads, self.use_qkv_bias, self.out_dropout_rate = num_kv_heads, use_qkv_bias, out_dropout_rate
         C, H, D, C_out = in_features, num_heads, head_size, out_features or in_features
         shapes = attention.projection_shapes(C, H, D, num_kv_heads, bias=use_qkv_bias, C_kv=in_kv_features)
         self._projections = tuple(shapes)
         for name, shape in shapes.items():  # qkv_kernel, or query_kernel and kv_kernel; their biases
-            init = nn.initializers.zeros if "bias" in name else kernel_init
+            init = nn.initializers.zeros if "bias" in name else layers.flax_style_init(kernel_init)
             setattr(self, name, nnx.Param(init(rngs.params(), shape, param_dtype)))
-        self.proj_kernel = nnx.Param(out_init(rngs.params(), (H, D, C_out), param_dtype))
+        self.proj_kernel = nnx.Param(layers.flax_style_init(out_init, 2)(rngs.params(), (H, D, C_out), param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((C_out,), param_dtype)) if use_bias else None
         self._set_norms(D, dtype, param_dtype, rngs)
         self._set_option_params(H)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)  # on the weights
+        self.out_dropout = nnx.Dropout(out_dropout_rate, rngs=rngs)  # on the output
         self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 
     def init_cache(self, batch_shape: int | tuple[int, ...], max_length: int, dtype: DTypeLike | None = None) -> None:
@@ -272,7 +279,8 @@ class MultiHeadAttention(_Attention):
         segment_ids: Array | None = None,
     ) -> Array:
         decode = self.decode if decode is None else decode
-        check_call("MultiHeadAttention", inputs_kv=inputs_kv, decode=decode, pos_encoding=self.options.pos_encoding)
+        check_call("FusedMultiHeadAttention", inputs_kv=inputs_kv, decode=decode,
+                   pos_encoding=self.options.pos_encoding, causal=self.options.causal)  # fmt: skip
         dtype = jnp.dtype(self.dtype)
         w = {name: getattr(self, name)[...] for name in self._projections}
         q, k, v = attention.project_qkv(w, inputs_q, inputs_kv, dtype)  # (..., H, T, D), (..., K, S, D)
@@ -281,12 +289,219 @@ class MultiHeadAttention(_Attention):
                            segment_ids=layers.head_axis(segment_ids))  # fmt: skip
         b_out = None if self.proj_bias is None else self.proj_bias[...]
         y = attention.project_out(out, self.proj_kernel[...], b_out, dtype)
-        return self.dropout(y, deterministic=deterministic)  # (..., T, C')
+        return self.out_dropout(y, deterministic=deterministic)  # (..., T, C')
 
 
-for _shell in (Head, MultiHeadAttention):
+for _shell in (Head, FusedMultiHeadAttention):
     if _shell.__doc__:  # None under python -OO
         _shell.__doc__ = _shell.__doc__.format(choices=choices_doc().lstrip())
+
+
+class MultiHeadAttention(nnx.Module):
+    """``flax.nnx.MultiHeadAttention``, argument for argument (positional order included), over attention_jax's math.
+
+    ``MultiHeadAttention(num_heads, in_features, qkv_features, out_features, num_kv_heads,
+    in_kv_features, *, ...)`` with Flax's defaults, meanings and parameters (``query``, ``key``,
+    ``value``, ``out`` ``LinearGeneral``s; ``query_ln``, ``key_ln`` with ``normalize_qk``), created in
+    Flax's order from ``rngs``, so the same ``Rngs`` give Flax's parameters; the dropout stream
+    forked as Flax forks it; ``init_cache(input_shape)`` makes Flax's (batch..., S, K, D) cache.
+    Ours, as keywords: ``options`` (default ``causal=False``), ``empty_rows`` (see
+    :mod:`attention_jax.flax_api`: the one difference, a row with no key, is the same here) and
+    the call's ``bias`` and ``segment_ids``. The fused twin of ``layers.MultiHeadAttention`` is
+    ``FusedMultiHeadAttention``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        broadcast_dropout: bool = True,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        precision: Any = None,
+        kernel_init: Initializer = nnx.nn.linear.default_kernel_init,
+        out_kernel_init: Initializer | None = None,
+        bias_init: Initializer = nnx.initializers.zeros,
+        out_bias_init: Initializer | None = None,
+        use_bias: bool = True,
+        attention_fn: Callable[..., Array] = nnx.dot_product_attention,
+        decode: bool | None = None,
+        normalize_qk: bool = False,
+        qkv_promote_dtype: Callable = nnx.nn.dtypes.promote_dtype,
+        out_promote_dtype: Callable = nnx.nn.dtypes.promote_dtype,
+        ln_promote_dtype: Callable = nnx.nn.dtypes.promote_dtype,
+        qkv_dot_general: Any = None,
+        out_dot_general: Any = None,
+        qkv_dot_general_cls: Any = None,
+        out_dot_general_cls: Any = None,
+        rngs: nnx.Rngs,
+        keep_rngs: bool = True,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        out_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        out_bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        query_ln_scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        key_ln_scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        options: AttentionOptions | None = None,
+        empty_rows: str = "zero",
+        **ours: Any,
+    ):
+        where = "MultiHeadAttention"
+        if ours:  # our fused layer's arguments: say where they went, instead of building something else
+            raise TypeError(
+                f"{where} takes flax.nnx.MultiHeadAttention's arguments (num_heads, in_features, qkv_features, ...), "
+                f"not {sorted(ours)[0]!r}: the fused twin of layers.MultiHeadAttention is FusedMultiHeadAttention"
+            )
+        attention.check_choice(f"{where}.empty_rows", empty_rows, flax_api.EMPTY_ROWS)
+        self.num_heads, self.in_features = num_heads, in_features
+        self.qkv_features = qkv_features if qkv_features is not None else in_features
+        self.out_features = out_features if out_features is not None else in_features
+        self.in_kv_features = in_kv_features if in_kv_features is not None else in_features
+        self.head_dim, self.num_kv_heads = flax_api.check_heads(where, num_heads, self.qkv_features, num_kv_heads)
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        self.broadcast_dropout, self.dropout_rate, self.deterministic = broadcast_dropout, dropout_rate, deterministic
+        self.use_bias, self.attention_fn, self.decode, self.normalize_qk = use_bias, attention_fn, decode, normalize_qk
+        self.empty_rows = empty_rows
+        self._flax_computes = attention_fn is not nnx.dot_product_attention or precision is not None
+        self.options = flax_api.options_for(where, options, self._flax_computes, self.head_dim)
+        if normalize_qk and self.options.qk_norm:
+            raise ValueError(f"{where}: give normalize_qk (Flax's) or options.qk_norm, not both")
+        linear = lambda in_features, heads: nnx.LinearGeneral(
+            in_features, out_features=(heads, self.head_dim), dtype=dtype, param_dtype=param_dtype,
+            kernel_init=kernel_init, bias_init=bias_init, use_bias=use_bias, precision=precision,
+            promote_dtype=qkv_promote_dtype, dot_general=qkv_dot_general, dot_general_cls=qkv_dot_general_cls,
+            kernel_metadata=kernel_metadata, bias_metadata=bias_metadata, rngs=rngs,
+        )  # fmt: skip
+        self.query = linear(in_features, num_heads)
+        self.key = linear(self.in_kv_features, self.num_kv_heads)
+        self.value = linear(self.in_kv_features, self.num_kv_heads)
+        self.query_ln, self.key_ln = nnx.data(None), nnx.data(None)
+        if normalize_qk:
+            ln = lambda metadata: nnx.LayerNorm(
+                self.head_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, promote_dtype=ln_promote_dtype,
+                rngs=rngs, scale_metadata=metadata,
+            )  # fmt: skip
+            self.query_ln, self.key_ln = ln(query_ln_scale_metadata), ln(key_ln_scale_metadata)
+        self.out = nnx.LinearGeneral(
+            in_features=(num_heads, self.head_dim), out_features=self.out_features, axis=(-2, -1),
+            kernel_init=out_kernel_init or kernel_init, bias_init=out_bias_init or bias_init, use_bias=use_bias,
+            dtype=dtype, param_dtype=param_dtype, precision=precision, promote_dtype=out_promote_dtype,
+            dot_general=out_dot_general, dot_general_cls=out_dot_general_cls, rngs=rngs,
+            kernel_metadata=out_kernel_metadata or kernel_metadata, bias_metadata=out_bias_metadata or bias_metadata,
+        )  # fmt: skip
+        self.query_norm = self.key_norm = nnx.data(None)
+        if self.options.qk_norm:  # ours, by our names
+            norm = lambda: layers.qk_norm_layer(
+                self.options, nnx.LayerNorm, nnx.RMSNorm, num_features=self.head_dim, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs,
+            )  # fmt: skip
+            self.query_norm, self.key_norm = norm(), norm()
+        params = self.options.option_params(num_heads)
+        self._option_params = tuple(params)
+        for name, (shape, value) in params.items():
+            setattr(self, name, nnx.Param(jnp.full(shape, value, jnp.float32)))
+        self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
+        self.cached_key, self.cached_value, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
+
+    def init_cache(self, input_shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> None:
+        """Flax's cache for inputs (batch..., S, C): ``cached_key``/``cached_value`` (batch..., S, K, D)."""
+        S = input_shape[-2] if self.options.window is None else min(input_shape[-2], self.options.window)
+        shape = (*input_shape[:-2], S, self.num_kv_heads, self.head_dim)
+        self.cached_key, self.cached_value = nnx.Cache(jnp.zeros(shape, dtype)), nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_k: Array | None = None,
+        inputs_v: Array | None = None,
+        *,
+        mask: Array | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        sow_weights: bool = False,
+        decode: bool | None = None,
+        is_causal: bool = False,
+        out_sharding: Any = None,
+        qkv_sharding: Any = None,
+        bias: Array | None = None,
+        segment_ids: Array | None = None,
+    ) -> Array:
+        where = "MultiHeadAttention"
+        rngs = self.rngs if rngs is None else rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+        self_attention = inputs_k is None
+        inputs_k, inputs_v = flax_api.resolve_kv(where, inputs_q, inputs_k, inputs_v, None)
+        if inputs_q.shape[-1] != self.in_features:
+            raise ValueError(f"{where}: inputs_q has {inputs_q.shape[-1]} features, the layer {self.in_features}")
+        query = self.query(inputs_q, out_sharding=qkv_sharding)  # (..., T, H, D)
+        key = self.key(inputs_k, out_sharding=qkv_sharding)  # (..., S, K, D)
+        value = self.value(inputs_v, out_sharding=qkv_sharding)
+        if self.normalize_qk:
+            query, key = self.query_ln(query), self.key_ln(key)
+        elif self.options.qk_norm:
+            query, key = self.query_norm(query), self.key_norm(key)
+        decode = decode if decode is not None else self.decode  # the call's wins; one of them is needed, as in Flax NNX
+        if decode is None:
+            raise ValueError(f"{where}: give decode, at the call or as an attribute (decode=False: no cache)")
+        dropout_rng = None
+        if self.dropout_rate > 0.0:  # the call's deterministic wins over the attribute, as in Flax NNX
+            deterministic = deterministic if deterministic is not None else self.deterministic
+            if deterministic is None:
+                raise ValueError(f"{where}: dropout_rate > 0 needs deterministic, at the call or as an attribute")
+            if not deterministic:
+                if rngs is None:
+                    raise ValueError(
+                        f"{where}: dropout needs rngs at the call (the layer was built with keep_rngs=False)"
+                    )
+                dropout_rng = rngs()
+        else:
+            deterministic = True
+        mask = flax_api.flax_mask(mask)
+        if self._flax_computes:
+            if decode or bias is not None or segment_ids is not None or self.num_kv_heads != self.num_heads:
+                raise ValueError(
+                    f"{where}: a custom attention_fn or precision runs Flax's own attention, which takes no decode, "
+                    "bias, segment_ids or num_kv_heads here"
+                )
+            x = self.attention_fn(
+                query, key, value, mask=mask, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+                broadcast_dropout=self.broadcast_dropout, deterministic=deterministic, dtype=self.dtype,
+                precision=self.precision, module=self if sow_weights else None, is_causal=is_causal,
+            )  # fmt: skip
+            return self.out(x, out_sharding=out_sharding)
+        options = self.options.replace(causal=True) if is_causal else self.options
+        if is_causal and query.shape[-3] != key.shape[-3] and not decode:
+            raise ValueError(f"{where}: is_causal is for self-attention (T = S); give a mask for {query.shape[-3]} "
+                             f"queries over {key.shape[-3]} keys")  # fmt: skip
+
+        def hook(w):
+            if sow_weights:
+                self.sow(nnx.Intermediate, "attention_weights", w)
+            return w if deterministic else flax_api.dropout_weights(w, dropout_rng, self.dropout_rate,
+                                                                    self.broadcast_dropout)  # fmt: skip
+
+        cache = None
+        if decode:
+            if self.cached_key is None:
+                raise ValueError(f"{where}: decode needs a cache; call init_cache first")
+            cache = flax_api.cache_rows(self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        params = {name: getattr(self, name)[...] for name in self._option_params}
+        x, new = flax_api.attend_in_flax_layout(
+            where, options, query, key, value, mask=mask, bias=bias, segment_ids=segment_ids, hook=hook, cache=cache,
+            params=params, empty_rows=self.empty_rows, self_attention=self_attention, deterministic=deterministic,
+        )  # fmt: skip
+        if new is not None:
+            self.cached_key[...] = flax_api.cache_from_rows(new[0], self.cached_key[...])
+            self.cached_value[...] = flax_api.cache_from_rows(new[1], self.cached_value[...])
+            self.cache_index[...] = new[2]
+        return self.out(x, out_sharding=out_sharding)
 
 
 class FeedForward(nnx.Module):
@@ -368,7 +583,7 @@ class Block(nnx.Module):
             rngs=rngs,
         )
         self.ln_attn = norm()
-        self.attn = MultiHeadAttention(cfg.n_embd, **attn, rngs=rngs)
+        self.attn = FusedMultiHeadAttention(cfg.n_embd, **attn, rngs=rngs)
         self.ln_mlp = norm()
         self.mlp = FeedForward(cfg.n_embd, **mlp, rngs=rngs)
 
@@ -480,7 +695,7 @@ def _twin_of_linen(module: nn.Module, params: Any, rngs: nnx.Rngs) -> nnx.Module
         else:
             C, C_kv = params["query_kernel"].shape[0], params["kv_kernel"].shape[0]
         fields = _layer_fields(module)
-        return MultiHeadAttention(C, **fields, in_kv_features=None if C_kv == C else C_kv, rngs=rngs)
+        return FusedMultiHeadAttention(C, **fields, in_kv_features=None if C_kv == C else C_kv, rngs=rngs)
     if isinstance(module, layers.Head):
         return Head(params["key"]["kernel"].shape[0], **_layer_fields(module), rngs=rngs)
     raise TypeError(
@@ -493,7 +708,7 @@ def _linen_twin(module: nnx.Module) -> nn.Module:
         return model.TransformerLM(module.model_config)
     if isinstance(module, Block):
         return model.Block(module.model_config, layer=module.layer)
-    linen_type = {MultiHeadAttention: layers.MultiHeadAttention, Head: layers.Head}.get(type(module))
+    linen_type = {FusedMultiHeadAttention: layers.MultiHeadAttention, Head: layers.Head}.get(type(module))
     if linen_type is None:
         raise TypeError(
             f"to_linen converts Head, MultiHeadAttention, Block and TransformerLM, got {type(module).__name__}"

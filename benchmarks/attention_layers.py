@@ -81,7 +81,7 @@ def train_rows(B: int, T: int, C: int, H: int, repeats: int) -> dict[str, float]
     for impl in ("dense", "xla"):
         ours = MultiHeadAttention(H, D, attention_impl=impl)
         calls[f"attention_jax MultiHeadAttention ({impl})"] = linen_train_step(ours, ours.init(key, x)["params"], x)
-    twin = ajx.MultiHeadAttention(C, H, D, rngs=nnx.Rngs(0))
+    twin = ajx.FusedMultiHeadAttention(C, H, D, rngs=nnx.Rngs(0))
     calls["attention_jax.nnx MultiHeadAttention (dense)"] = nnx_train_step(twin, x)
     flax_linen = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=C)
     fl_params = flax_linen.init(key, x, mask=causal)["params"]

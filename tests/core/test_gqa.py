@@ -187,8 +187,8 @@ def test_grouped_refusals_are_one_line_naming_the_argument():
         ModelConfig(vocab_size=V, n_embd=C, n_head=H, n_kv_head=0)
     with pytest.raises(ValueError, match=r"^MultiHeadAttention\.num_kv_heads=3 must divide num_heads=4"):
         layers.MultiHeadAttention(H, D, num_kv_heads=3)
-    with pytest.raises(ValueError, match=r"^MultiHeadAttention\.num_kv_heads=3 must divide num_heads=4"):
-        ajx.MultiHeadAttention(C, H, D, num_kv_heads=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^FusedMultiHeadAttention\.num_kv_heads=3 must divide num_heads=4"):
+        ajx.FusedMultiHeadAttention(C, H, D, num_kv_heads=3, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match=r"^model\.n_kv_head=4 must divide n_head=6"):
         model_config(apply_overrides(base_config(), {"model.n_kv_head": "4"}), V)
     assert model_config(apply_overrides(base_config(), {"model.n_kv_head": "2"}), V).kv_heads == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,12 +169,43 @@ def test_mha_head_size_independent_of_width(fake_init):
 def test_mha_dropout_only_when_not_deterministic(fake_init):
     x = x_input()
     mha = MultiHeadAttention(num_heads=2, head_size=8, dropout_rate=0.5)
-    p = {"params": fake_init(mha, x, std=0.3)}
+    p = {"params": fake_init(mha, x, std=0.3, deterministic=True)}
     plain = MultiHeadAttention(num_heads=2, head_size=8).apply(p, x)
     np.testing.assert_array_equal(np.asarray(mha.apply(p, x, deterministic=True)), np.asarray(plain))
     a = mha.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
     b = mha.apply(p, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(np.asarray(a), np.asarray(b))
+    # With dropout on, deterministic must be given, as in Flax: never silently off.
+    with pytest.raises(ValueError, match=r"^MultiHeadAttention: dropout is on \(rate 0.5\), so pass deterministic"):
+        mha.apply(p, x)
+
+
+def test_dropout_rate_drops_the_weights_only_and_out_dropout_rate_the_output(fake_init):
+    """Flax's meaning of dropout_rate (the attention weights); the output's (a residual branch's) is its own."""
+    x = x_input()
+    p = {"params": fake_init(MultiHeadAttention(2, 8), x, std=0.3)}
+    rngs = {"dropout": jax.random.key(1)}
+    weights_only = MultiHeadAttention(2, 8, dropout_rate=0.5, use_bias=False)
+    p_nobias = {"params": {k: v for k, v in p["params"].items() if k != "proj_bias"}}
+    y = np.asarray(weights_only.apply(p_nobias, x, deterministic=False, rngs=rngs))
+    # The output itself is not dropped (Flax's layer drops none either): a row that sees 5 keys or more is zero
+    # only when all its weights in both heads are, about 1e-3 of the time.
+    assert np.mean(y[:, 4:] == 0.0) < 0.01
+    out_only = MultiHeadAttention(2, 8, out_dropout_rate=0.5, use_bias=False)
+    y = np.asarray(out_only.apply(p_nobias, x, deterministic=False, rngs=rngs))
+    assert 0.4 < np.mean(y == 0.0) < 0.6  # half the outputs exactly zero
+
+
+def test_kernel_init_is_applied_per_projection_as_flax_applies_it():
+    x = x_input()
+    init = nn.initializers.xavier_uniform()
+    p = MultiHeadAttention(2, 8, kernel_init=init, out_init=init).init(jax.random.key(0), x)["params"]
+    C, H, D = x.shape[-1], 2, 8
+    xavier_std = lambda fan_in, fan_out: (2.0 / (fan_in + fan_out)) ** 0.5
+    for i in range(3):  # each of q, k, v as a (C, H·D) matrix, as Flax's DenseGeneral draws its kernels
+        assert np.std(np.asarray(p["qkv_kernel"][:, i])) == pytest.approx(xavier_std(C, H * D), rel=0.2)
+    assert np.std(np.asarray(p["proj_kernel"])) == pytest.approx(xavier_std(H * D, C), rel=0.2)
+    assert not np.allclose(np.asarray(p["qkv_kernel"][:, 0]), np.asarray(p["qkv_kernel"][:, 1]))  # three draws
 
 
 # --- no notion of space without positions -------------------------------------

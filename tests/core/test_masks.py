@@ -92,7 +92,9 @@ def _entry_points(fake_init):
 )
 def test_a_float_mask_is_refused_and_the_error_says_what_to_pass(fake_init, entry):
     run = _entry_points(fake_init)[entry]
-    with pytest.raises(ValueError, match=r"mask must be a boolean array .*(mask=\(additive == 0\)|bias=)"):
+    with pytest.raises(
+        ValueError, match=r"mask must be a boolean array .*1/0 mask .*mask=\(m != 0\); for an additive mask .*bias=m"
+    ):
         run(FLOAT_MASK)
     run(A.causal_mask(T))  # the boolean form of the same mask is accepted
 
@@ -184,7 +186,9 @@ def test_cross_attention_refusals(fake_init):
     xq = normal(0, (B, T, C))
     p = {"params": fake_init(MultiHeadAttention(H, D), xq)}
     with pytest.raises(ValueError, match="inputs_kv must have the same 16 channels"):
-        MultiHeadAttention(H, D).apply(p, xq, inputs_kv=normal(1, (B, S, C + 1)))
+        MultiHeadAttention(H, D, causal=False).apply(p, xq, inputs_kv=normal(1, (B, S, C + 1)))
+    with pytest.raises(ValueError, match=r"causal=True \(the default here\) masks keys by their position"):
+        MultiHeadAttention(H, D).apply(p, xq, inputs_kv=xq)
     for positions in ("rope", "alibi"):
         with pytest.raises(ValueError, match=f"{positions} relates queries and keys.*cross-attention"):
             MultiHeadAttention(H, D, pos_encoding=positions).apply(p, xq, inputs_kv=xq)

@@ -109,7 +109,7 @@ def _ctor_args(twin, x):
 
 
 def test_nnx_constructor_options_match_the_linen_fields():
-    mha = ajx.MultiHeadAttention(C, 3, 4, pos_encoding="rope", qk_norm=True, use_bias=False, rngs=nnx.Rngs(0))
+    mha = ajx.FusedMultiHeadAttention(C, 3, 4, pos_encoding="rope", qk_norm=True, use_bias=False, rngs=nnx.Rngs(0))
     linen_module, params = ajx.to_linen(mha)
     assert (linen_module.num_heads, linen_module.head_size, linen_module.pos_encoding) == (3, 4, "rope")
     assert linen_module.qk_norm and not linen_module.use_bias
@@ -156,7 +156,7 @@ def test_masks_and_cross_attention_in_nnx(fake_init):
 
 def test_nnx_options_are_checked_at_construction():
     with pytest.raises(ValueError, match=r"MultiHeadAttention\.pos_encoding: unknown 'rotary'"):
-        ajx.MultiHeadAttention(C, 2, 8, pos_encoding="rotary", rngs=nnx.Rngs(0))
+        ajx.FusedMultiHeadAttention(C, 2, 8, pos_encoding="rotary", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"Head\.attention_impl: unknown 'flash'"):
         ajx.Head(C, 8, attention_impl="flash", rngs=nnx.Rngs(0))
 

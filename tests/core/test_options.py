@@ -175,8 +175,8 @@ def test_linen_keywords_equal_the_options_object(make):
 
 def test_nnx_keywords_equal_the_options_object_and_convert_to_linen():
     x = x_input()
-    kw = ajx.MultiHeadAttention(C, H, D, **LEGACY, rngs=nnx.Rngs(0))
-    op = ajx.MultiHeadAttention(C, H, D, options=AttentionOptions(**LEGACY), rngs=nnx.Rngs(0))
+    kw = ajx.FusedMultiHeadAttention(C, H, D, **LEGACY, rngs=nnx.Rngs(0))
+    op = ajx.FusedMultiHeadAttention(C, H, D, options=AttentionOptions(**LEGACY), rngs=nnx.Rngs(0))
     assert kw.options == op.options and (kw.scale, kw.pos_encoding) == ("mup", "rope")
     tree_equal(nnx.to_pure_dict(nnx.state(kw, nnx.Param)), nnx.to_pure_dict(nnx.state(op, nnx.Param)))
     tree_equal(kw(x), op(x))

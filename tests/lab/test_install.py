@@ -38,7 +38,7 @@ def test_the_core_requires_jax_flax_and_numpy_only(installed):
     core = sorted(r.split(">")[0].split("=")[0] for r in requires if "extra ==" not in r)
     assert core == ["flax", "jax", "numpy"]
     extras = {r.split("extra ==")[1].strip().strip('"') for r in requires if "extra ==" in r}
-    assert extras == {"experiments", "torch", "dev", "ray"}
+    assert extras == {"experiments", "torch", "dev", "ray", "hf"}
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "experiments/", "configs/"))]
     # typed (PEP 561: type checkers read the package's hints), and the NNX twins ship beside the core
     assert {"attention_jax/py.typed", "attention_jax/nnx.py"} <= set(names)
