@@ -577,7 +577,7 @@ def project_out(out: Array, w_out: Array, bias: Array | None = None, dtype: jnp.
 
 
 def cache_append(cached_k: Array, cached_v: Array, index: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
-    """Write T new keys/values (N, T, D) into slots [index, index + T) of the caches (N, S, D).
+    """Write T new keys/values (..., T, D) into slots [index, index + T) of the caches (..., S, D).
 
     Returns the updated caches and index + T. The caller keeps index + T <= S
     (``lax.dynamic_update_slice`` would clamp, silently overwriting the last slots).
@@ -588,12 +588,16 @@ def cache_append(cached_k: Array, cached_v: Array, index: Array, k: Array, v: Ar
 
 
 def cache_shape(k: Array, window: int | None = None) -> tuple[int, int, int]:
-    """The (N, S, D) shape of a cache for keys k (..., S, D): every leading axis (batch, heads) in N.
+    """The (N, S, D) shape of a cache for keys k (..., S, D): every leading axis (batch, kv heads) in N.
 
-    One flat leading axis, not (B, H): on CPU, XLA updated a (1, H, S, D) cache in
-    place only after copying it several times per step (the attention's matmul
-    reads it reshaped); a (B·H, S, D) cache is read as it is stored. A layer with
-    a ``window`` W keeps at most W slots (a ring buffer, ``ring_attend``).
+    One flat leading axis, not batch first (B, K, S, D): measured side by side
+    (``benchmarks.decode --layouts``, the same model and code, only the cache's shape
+    differs), a batch-first cache decodes as fast at batch 8 but at 0.43x the tokens/s
+    at batch 1, where XLA on CPU copies the whole (1, K, S, D) cache at every step
+    (a size-1 batch axis; batches of 2 and 4 do not). ``attention_heads`` takes either
+    layout, and Flax's (batch..., S, K, D) cache is what the Flax-compatible classes
+    keep (``flax_api``), for Flax's beam search. A layer with a ``window`` W keeps at
+    most W slots (a ring buffer, ``ring_attend``).
     """
     S = k.shape[-2] if window is None else min(k.shape[-2], window)
     return math.prod(k.shape[:-2]), S, k.shape[-1]
@@ -611,7 +615,7 @@ def ring_positions(index: Array, slots: int) -> Array:
 def ring_attend(
     q, k, v, cache, *, window: int, alibi: Array | None = None, as_keys: Callable = lambda a: a, **attend_kwargs
 ) -> tuple[Array, tuple[Array, Array, Array]]:
-    """Decode through a sliding window's ring cache: q, k, v (N, T, D) new rows, cache (N, W, D) x 2 + index.
+    """Decode through a sliding window's ring cache: q, k, v (..., T, D) new rows, cache (..., W, D) x 2 + index.
 
     The T new queries (positions index..index+T-1) attend over the W cached
     slots and the T new keys together, each seeing the keys at positions
@@ -619,8 +623,9 @@ def ring_attend(
     and values overwrite their slots. The cache's memory is W rows whatever
     the context's length, and a chunk longer than W still sees every key it
     needs (a ring of W alone would have overwritten them). ``alibi`` slopes
-    (N,) bias each key by its true position. ``as_keys`` turns the (N, W + T, D)
-    keys and values into what q reads (grouped queries (N, G, T, D): (N, 1, W + T, D)).
+    (the rows' leading axes) bias each key by its true position. ``as_keys`` turns the
+    (..., W + T, D) keys and values into what q reads (grouped queries (..., G, T, D):
+    (..., 1, W + T, D)).
     """
     cached_k, cached_v, index = cache
     T, W = q.shape[-2], cached_k.shape[-2]
@@ -633,8 +638,8 @@ def ring_attend(
     out = attend(q, as_keys(keys), as_keys(values), mask=mask, bias=bias, **attend_kwargs)
     m = min(T, W)  # the newest m keys are the ones a later query can still see
     slots = jnp.mod(index + T - m + jnp.arange(m), W)
-    new_k = cached_k.at[:, slots].set(k[:, T - m :].astype(cached_k.dtype))
-    new_v = cached_v.at[:, slots].set(v[:, T - m :].astype(cached_v.dtype))
+    new_k = cached_k.at[..., slots, :].set(k[..., T - m :, :].astype(cached_k.dtype))
+    new_v = cached_v.at[..., slots, :].set(v[..., T - m :, :].astype(cached_v.dtype))
     return out, (new_k, new_v, index + T)
 
 
@@ -713,9 +718,11 @@ def attention_heads(
 
     q (..., T, D), k, v (..., S, D) -> (out (..., T, D), new cache). Applies
     rotary encoding when ``rope``, then attends with ``impl``; with ``cache =
-    (cached_k, cached_v, index)`` (decode mode: caches (N, S_cache, D) with N
-    the product of q's leading axes, see ``cache_shape``; k, v hold the T new
-    positions) it first writes k and v into the cache and attends over it.
+    (cached_k, cached_v, index)`` (decode mode: caches (..., S_cache, D), batch
+    first, whose leading axes hold as many rows N as k's (``cache_shape``: (B, K,
+    S_cache, D) for a layer; a flat (N, S_cache, D) works too, and a cache comes
+    back in the shape it came in); k, v hold the T new positions) it first writes
+    k and v into the cache and attends over it.
 
     In decode mode the new tokens' positions are index..index+T-1 (rope
     rotates by them before caching), the mask is ``decode_mask`` combined with
@@ -805,7 +812,9 @@ def _attention_heads(
         )  # fmt: skip
         return out, None
     *lead, T, _ = q.shape
-    N, S, _ = cache[0].shape
+    rows_shape = cache[0].shape[:-2]  # the cache's leading axes: batch first (B, K), or flat (N,)
+    S = cache[0].shape[-2]
+    N = math.prod(rows_shape)
     G = _groups(q, k, v)  # grouped: the cache rows are batch x kv heads, each read by G query heads
     kv_lead = (*lead[:-1], 1) if G > 1 else lead
     if math.prod(kv_lead) != N:
@@ -813,14 +822,16 @@ def _attention_heads(
             f"decode: the cache holds {N} rows (batch x kv heads), the queries {q.shape} need "
             f"{math.prod(kv_lead)}; initialize the cache for this batch size"
         )
-    row_shape = (N, G) if G > 1 else (N,)
-    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(*row_shape, *tail)  # -> (N, [G,] *tail)
-    kv_rows = lambda a: jnp.broadcast_to(a, (*kv_lead, *a.shape[-2:])).reshape(N, *a.shape[-2:])  # (N, T, D)
-    as_keys = (lambda a: a[:, None]) if G > 1 else (lambda a: a)  # (N, S, D) as the grouped queries read them
+    # Everything is laid out on the cache's own leading axes (reshapes that are no-ops for a layer's cache):
+    # a batch-first (B, K, S, D) cache read through a flat view was copied at every step by XLA on CPU.
+    row_shape = (*rows_shape, G) if G > 1 else rows_shape
+    rows = lambda a, *tail: jnp.broadcast_to(a, (*lead, *tail)).reshape(*row_shape, *tail)  # (*rows, [G,] *tail)
+    kv_rows = lambda a: jnp.broadcast_to(a, (*kv_lead, *a.shape[-2:])).reshape(*rows_shape, *a.shape[-2:])
+    as_keys = (lambda a: a[..., None, :, :]) if G > 1 else (lambda a: a)  # (*rows, S, D) as grouped queries read
     impl = "dense" if impl in ("blockwise", "cudnn", "splash") else impl  # a few rows need no fused kernel
-    q, k, v = rows(q, T, q.shape[-1]), kv_rows(k), kv_rows(v)  # (N, [G,] T, D), (N, T, D)
+    q, k, v = rows(q, T, q.shape[-1]), kv_rows(k), kv_rows(v)  # (*rows, [G,] T, D), (*rows, T, D)
     if sinks is not None:
-        sinks = rows(sinks)  # (N,)
+        sinks = rows(sinks)  # (*rows, [G])
     if not _is_static(scale) and jnp.ndim(scale):
         scale = rows(scale, 1, 1)
     hook = None

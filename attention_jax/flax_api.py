@@ -279,7 +279,7 @@ def attend_in_flax_layout(where: str, options: AttentionOptions, query: Array, k
     """The attention of the Flax-style layers (Linen and NNX) in Flax's layout: queries (..., T, H, D), keys and
     values (..., S, K, D) -> ((..., T, H, D), the new cache rows or None).
 
-    ``cache``: None, or the (N, S, D) rows of ``cache_rows``; ``hook`` sees the dense path's weights
+    ``cache``: None, or the (batch..., K, S, D) cache of ``cache_rows``; ``hook`` sees the dense path's weights
     (..., H, T, S) (sowing, dropout); ``params``: the options' learned sinks and log-n scales.
     """
     H = query.shape[-2]
@@ -306,15 +306,13 @@ def attend_in_flax_layout(where: str, options: AttentionOptions, query: Array, k
 
 
 def cache_rows(cached_key: Array, cached_value: Array, index: Array) -> tuple[Array, Array, Array]:
-    """Flax's cache (batch..., S, K, D) as attention_heads' rows (batch x K, S, D), and the index."""
-    rows = lambda c: jnp.swapaxes(c, -2, -3).reshape(-1, *c.shape[-3:-2], c.shape[-1])
-    return rows(cached_key), rows(cached_value), index
+    """Flax's cache (batch..., S, K, D) as attention_heads reads it, (batch..., K, S, D), and the index."""
+    return jnp.swapaxes(cached_key, -2, -3), jnp.swapaxes(cached_value, -2, -3), index
 
 
 def cache_from_rows(rows: Array, like: Array) -> Array:
-    """Rows (batch x K, S, D) back in Flax's layout, the shape of ``like`` (batch..., S, K, D)."""
-    *lead, S, K, D = like.shape
-    return jnp.swapaxes(rows.reshape(*lead, K, S, D), -2, -3)
+    """A (batch..., K, S, D) cache back in Flax's layout (batch..., S, K, D), the shape of ``like``."""
+    return jnp.swapaxes(rows, -2, -3).reshape(like.shape)
 
 
 class SelfAttention(MultiHeadDotProductAttention):

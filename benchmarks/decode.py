@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode                      # the 4-layer, n_embd 128, block 256 model; batch 1 and 8
     python -m benchmarks.decode --batch 1 8 32 --new_tokens 256 --repeats 5
+    python -m benchmarks.decode --layouts            # the cache flat (B·H, S, D), as kept, against batch first
 
 Both paths run the same model, parameters, prompt (one token) and keys, in
 the same process; each is compiled first (an untimed call), then the two are
@@ -12,6 +13,11 @@ checked equal to the full-window tokens before anything is printed (greedy,
 and the text never outgrows the block, so both paths must agree exactly).
 The FLOPs are the forward matmul FLOPs of the tokens each path feeds the
 model (the full window feeds the whole window at every step).
+
+``--layouts`` times the cached decode loop twice instead, with the cache in
+the flat (B·H, S, D) layout the modules keep and batch first (B, H, S, D)
+(``attention_heads`` takes both, through the same code): same model, tokens
+checked equal, rounds interleaved; the ratio is batch first's tokens/s over flat's.
 """
 
 from __future__ import annotations
@@ -64,6 +70,68 @@ def time_both(model, params, prompt, new_tokens: int, repeats: int):
     return times, out
 
 
+def greedy_loop(model, new_tokens: int):
+    """A jitted greedy decode loop over a given cache: (params, cache, first tokens (B, 1)) -> tokens (B, new)."""
+
+    def run(params, cache, tok):
+        def step(carry, _):
+            cache, tok = carry
+            logits, state = model.apply({"params": params, "cache": cache}, tok, decode=True, mutable=["cache"])
+            tok = jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+            return (state["cache"], tok), tok[:, 0]
+
+        _, toks = jax.lax.scan(step, (cache, tok), None, length=new_tokens)
+        return toks.T
+
+    return jax.jit(run)
+
+
+def batch_first_cache(cache, batch: int):
+    """The cache with every cached_key / cached_value (B·H, S, D) as (B, H, S, D)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a.reshape(batch, -1, *a.shape[-2:]) if "cached_" in jax.tree_util.keystr(path) else a, cache
+    )
+
+
+def time_layouts(model, params, batch: int, new_tokens: int, repeats: int):
+    """Seconds per round of the cached greedy loop with each cache layout, interleaved, and their tokens."""
+    loop = greedy_loop(model, new_tokens)
+    cache = model.init_cache(batch, model.model_config.block_size)
+    caches = {"flat": cache, "batch first": batch_first_cache(cache, batch)}
+    tok = jnp.zeros((batch, 1), jnp.int32)
+    out = {name: loop(params, c, tok).block_until_ready() for name, c in caches.items()}
+    times = {name: [] for name in caches}
+    for _ in range(repeats):
+        for name, c in caches.items():
+            t0 = time.perf_counter()
+            loop(params, c, tok).block_until_ready()
+            times[name].append(time.perf_counter() - t0)
+    return times, out
+
+
+def layouts(model, params, args) -> list[dict]:
+    print(f"{'batch':>5} | {'flat tok/s':>10} | {'batch first tok/s':>17} | {'ratio':>6} | (medians: ratio)")
+    rows = []
+    for batch in args.batch:
+        times, out = time_layouts(model, params, batch, args.new_tokens, args.repeats)
+        if not bool(jnp.array_equal(out["batch first"], out["flat"])):
+            raise SystemExit(f"error: the two cache layouts decode different tokens at batch {batch}")
+        n = batch * args.new_tokens
+        best = {name: min(ts) for name, ts in times.items()}
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        row = {
+            "batch": batch,
+            "flat_tokens_per_s": n / best["flat"],
+            "batch_first_tokens_per_s": n / best["batch first"],
+            "ratio": best["flat"] / best["batch first"],
+            "median_ratio": median["flat"] / median["batch first"],
+        }
+        rows.append(row)
+        print(f"{batch:>5} | {row['flat_tokens_per_s']:>10,.0f} | {row['batch_first_tokens_per_s']:>17,.0f} | "
+              f"{row['ratio']:>5.2f}x | {row['median_ratio']:.2f}x", flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n_layer", type=int, default=4)
@@ -74,6 +142,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layouts", action="store_true", help="the cache batch first against flat, cached loop")
     args = parser.parse_args(argv)
 
     cfg = ModelConfig(
@@ -91,6 +160,8 @@ def main(argv=None) -> list[dict]:
         f"{args.new_tokens} new tokens from a 1-token prompt, greedy; {args.repeats} interleaved rounds; "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; load average at start {load:.2f}"
     )
+    if args.layouts:
+        return layouts(model, params, args)
     print(
         f"{'batch':>5} | {'full window tok/s':>17} | {'cached tok/s':>12} | {'speed-up':>8} | "
         f"{'(medians: full, cached, speed-up)':>36} | GFLOP full / cached"

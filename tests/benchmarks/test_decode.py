@@ -23,6 +23,18 @@ def test_decode_benchmark_times_both_paths_and_checks_they_agree(capsys):
     assert "full window tok/s" in out and "cached tok/s" in out and "load average" in out
 
 
+@pytest.mark.slow
+def test_decode_benchmark_times_both_cache_layouts_and_checks_their_tokens(capsys):
+    rows = decode.main(
+        ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "16", "--new_tokens", "8"]
+        + ["--batch", "1", "2", "--repeats", "1", "--layouts"]
+    )
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["batch_first_tokens_per_s"] / r["flat_tokens_per_s"])
+    assert "batch first tok/s" in capsys.readouterr().out
+
+
 def test_decode_flops_count_what_each_path_feeds():
     cfg = ModelConfig(vocab_size=65, block_size=256, n_embd=128, n_head=4, n_layer=4)
     full = decode.forward_flops(cfg, 1, 1, 256, cached=False)

@@ -313,3 +313,33 @@ def test_generate_refuses_a_non_causal_model():
     params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
     with pytest.raises(ValueError, match="causal"):
         generate(model, params, tokens(1, 2), 2, jax.random.key(0))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_heads_decodes_alike_with_a_flat_or_a_batch_first_cache(window):
+    """The cache layout is the caller's: (B·H, S, D) as the layers keep it, or (B, H, S, D) (for beam search and
+    benchmarks.decode --layouts); the outputs and the updated caches are the same, each in its own shape."""
+    from attention_jax import attention as A
+
+    rng = np.random.default_rng(0)
+    B_, H_, S_, D_ = 2, 3, 6, 4
+    q, k, v = (jnp.asarray(rng.normal(size=(B_, H_, S_, D_)), jnp.float32) for _ in range(3))
+    slots = S_ if window is None else window
+    caches = {
+        "flat": (jnp.zeros((B_ * H_, slots, D_)), jnp.zeros((B_ * H_, slots, D_)), jnp.array(0)),
+        "batch first": (jnp.zeros((B_, H_, slots, D_)), jnp.zeros((B_, H_, slots, D_)), jnp.array(0)),
+    }
+    outs = {}
+    for name, cache in caches.items():
+        steps = []
+        for t in range(S_):
+            new = lambda a: a[:, :, t : t + 1]
+            out, cache = A.attention_heads(new(q), new(k), new(v), scale=0.5, causal=True, impl="dense", rope=True,
+                                           cache=cache, window=window)  # fmt: skip
+            steps.append(out)
+        assert cache[0].shape == caches[name][0].shape  # back in the shape it came in
+        outs[name] = (np.asarray(jnp.concatenate(steps, axis=2)), np.asarray(cache[0]).reshape(B_ * H_, slots, D_))
+    full, _ = A.attention_heads(q, k, v, scale=0.5, causal=True, impl="dense", rope=True, window=window)
+    np.testing.assert_allclose(outs["flat"][0], np.asarray(full), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(outs["batch first"][0], outs["flat"][0])
+    np.testing.assert_array_equal(outs["batch first"][1], outs["flat"][1])
