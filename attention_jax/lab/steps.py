@@ -91,8 +91,13 @@ def learning_rate_schedule(optimizer: Optimizer) -> Callable[[Array], Array]:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices (kernels, embeddings) only, not on biases or norms."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices (kernels, embeddings) only, not on biases, norms or per-head scalars.
+
+    By name, not by rank: a q/k/v bias (3, H, D) or a stack of layers' LayerNorm scales (L, C) has two
+    axes or more and is still no matrix. For every model before those existed the two rules agree.
+    """
+    decays = lambda path: str(getattr(path[-1], "key", path[-1])).endswith(("kernel", "embedding"))
+    return jax.tree_util.tree_map_with_path(lambda path, p: decays(path), params)
 
 
 def make_optimizer(optimizer: Optimizer, hp: dict[str, Any] | None = None) -> optax.GradientTransformation:

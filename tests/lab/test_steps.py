@@ -50,6 +50,22 @@ def test_weight_decay_only_on_matrices(tiny_config):
     assert float(jnp.abs(updates["ln"]["scale"]).max()) == 0
 
 
+def test_weight_decay_follows_names_in_a_real_model_biases_of_any_rank_excluded():
+    """A GPT-2-like model: its q/k/v bias (3, H, D) is no matrix; every kernel and embedding is decayed, and for a
+    model without q/k/v biases the mask is what the rank rule gave."""
+    from attention_jax.model import ModelConfig, TransformerLM
+
+    cfg = ModelConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_layer=1, qkv_bias=True, sinks=True)
+    params = jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    mask = steps.decay_mask(params["params"])
+    attn = mask["block_0"]["attn"]
+    assert attn["qkv_kernel"] and attn["proj_kernel"] and not attn["qkv_bias"] and not attn["sinks"]
+    assert mask["token_embedding"]["embedding"] and mask["positions"]["embedding"] and mask["lm_head"]["kernel"]
+    plain = jax.eval_shape(lambda: TransformerLM(cfg.replace(qkv_bias=False, sinks=False)).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]  # fmt: skip
+    assert steps.decay_mask(plain) == jax.tree_util.tree_map(lambda p: p.ndim >= 2, plain)
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
     key = jax.random.key(3)
     a = steps.step_keys(key, 7)
