@@ -22,6 +22,9 @@ from attention_jax.positions import segment_positions
 
 Array = jax.Array
 DTYPES = ("float32", "bfloat16", "float16")
+# ModelConfig.remat's choices: the jax.checkpoint_policies that take no arguments
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")  # fmt: skip
 
 
 def dtype_name(where: str, value: DTypeLike) -> str:
@@ -84,6 +87,13 @@ class ModelConfig:
     # Layer i's (from 0) attention scale divided by i + 1: transformers' GPT-2 option
     # scale_attn_by_inverse_layer_idx (from Stanford CRFM's Mistral runs); False: attn_scale in every layer.
     attn_scale_by_layer: bool = False
+    # Run the n_layer blocks as one nn.scan over a stack of layers: parameters (and the decode cache) get a
+    # leading "layers" axis under "blocks" (stack_layers / unstack_layers convert), one block is compiled
+    # instead of n_layer. Needs every layer alike (one window, no attn_scale_by_layer).
+    scan_layers: bool = False
+    # Rematerialize each block in the backward pass (jax.checkpoint), keeping what this policy of
+    # jax.checkpoint_policies saves (REMAT_POLICIES); None: keep every activation.
+    remat: str | None = None
     # The token that ends a document in a packed stream: a call without segment_ids derives them from
     # the tokens (the token after each end starts a new document: segment_ids_from_ends). None: one stream.
     end_token_id: int | None = None
@@ -156,10 +166,22 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.end_token_id={self.end_token_id} is not a token of vocab_size={self.vocab_size}"
                 )
-        for name in ("bias", "tie_embeddings", "qkv_bias", "attn_scale_by_layer"):
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat: unknown {self.remat!r}, valid choices are None, {REMAT_POLICIES}")
+        for name in ("bias", "tie_embeddings", "qkv_bias", "attn_scale_by_layer", "scan_layers"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
+        if self.scan_layers and (isinstance(self.window, tuple) and len(set(self.window)) > 1):
+            raise ValueError(
+                f"ModelConfig.scan_layers: one scanned block serves every layer, but window={self.window!r} differs "
+                "by layer; give one window, or scan_layers=False"
+            )
+        if self.scan_layers and self.attn_scale_by_layer:
+            raise ValueError(
+                "ModelConfig.scan_layers: one scanned block serves every layer, but attn_scale_by_layer scales each "
+                "layer differently; use one or the other"
+            )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
         set_("dtype", dtype_name("ModelConfig.dtype", self.dtype))
@@ -240,6 +262,61 @@ class Block(nn.Module):
         return x + FeedForward(**mlp, name="mlp")(h, deterministic=deterministic)
 
 
+class LayerStep(Block):
+    """A ``Block`` as ``nn.scan`` and ``nn.remat`` take it: (x, mask, bias, segment_ids) -> (x, None), the flags
+    (``deterministic``, ``decode``) fields instead of call arguments. Its parameters are a Block's."""
+
+    deterministic: bool = True
+    decode: bool = False
+
+    def __call__(self, x, mask=None, bias=None, segment_ids=None):  # type: ignore[override]
+        y = super().__call__(x, mask=mask, bias=bias, deterministic=self.deterministic, decode=self.decode,
+                             segment_ids=segment_ids)  # fmt: skip
+        return y, None
+
+
+def blocks(cfg: ModelConfig, x, *, mask, bias, deterministic: bool, decode: bool, segment_ids):
+    """The n_layer blocks of ``cfg`` on x (..., T, C): unrolled (``block_i``), or one ``nn.scan`` (``blocks``,
+    each parameter and cache entry stacked on a leading layers axis); each rematerialized with ``cfg.remat``."""
+    step = LayerStep
+    if cfg.remat is not None:
+        step = nn.remat(step, policy=getattr(jax.checkpoint_policies, cfg.remat), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(
+            step, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )  # fmt: skip
+        x, _ = stack(cfg, deterministic=deterministic, decode=decode, name="blocks")(x, mask, bias, segment_ids)
+        return x
+    for i in range(cfg.n_layer):
+        x, _ = step(cfg, layer=i, deterministic=deterministic, decode=decode, name=f"block_{i}")(
+            x, mask, bias, segment_ids
+        )
+    return x
+
+
+def stack_layers(params: Any, n_layer: int) -> Any:
+    """An unrolled model's parameters (or cache) ``block_0`` .. ``block_{L-1}`` as a scanned model's ``blocks``,
+    every leaf stacked on a leading layers axis; the rest unchanged."""
+    params = dict(params)
+    layers = [params.pop(f"block_{i}") for i in range(n_layer)]
+    if n_layer:
+        params["blocks"] = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *layers)
+    return params
+
+
+def unstack_layers(params: Any) -> Any:
+    """The inverse of ``stack_layers``: a scanned model's ``blocks`` as ``block_0`` .. ``block_{L-1}``."""
+    params = dict(params)
+    stacked = params.pop("blocks", None)
+    if stacked is not None:
+        n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        for i in range(n_layer):
+            params[f"block_{i}"] = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stacked)
+    return params
+
+
 def block_options(model_config: ModelConfig, layer: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """The keyword arguments of Block ``layer``'s attention and MLP, for the Linen and the NNX Block alike."""
     cfg = model_config
@@ -310,10 +387,14 @@ class TransformerLM(nn.Module):
             x, decode=decode, positions=positions
         )  # (..., T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic).astype(dtype)
-        for i in range(cfg.n_layer):
-            x = Block(cfg, layer=i, name=f"block_{i}")(
-                x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
-            )
+        if cfg.scan_layers or cfg.remat is not None:
+            x = blocks(cfg, x, mask=mask, bias=bias, deterministic=deterministic, decode=decode,
+                       segment_ids=segment_ids)  # fmt: skip
+        else:
+            for i in range(cfg.n_layer):
+                x = Block(cfg, layer=i, name=f"block_{i}")(
+                    x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
+                )
         x = nn.LayerNorm(
             epsilon=cfg.norm_epsilon, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final"
         )(x)

@@ -613,6 +613,11 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, model_config: ModelConfig, *, rngs: nnx.Rngs):
         cfg = self.model_config = model_config
+        if cfg.scan_layers or cfg.remat is not None:
+            raise ValueError(
+                "ModelConfig.scan_layers and remat are for the Linen TransformerLM; the NNX twin unrolls its blocks "
+                "(use model.unstack_layers to bring a scanned model's parameters over)"
+            )
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.token_embedding = nnx.Embed(
             cfg.vocab_size, cfg.n_embd, embedding_init=default_init, param_dtype=pdt, rngs=rngs

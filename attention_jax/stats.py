@@ -161,7 +161,7 @@ def _gaussian_core(key: Array, s: Array, *, shape: tuple[int, int, int, int], qk
 def sown_attention_weights(model, params: Any, tokens: Array) -> list[Array]:
     """The attention weights of every layer, [(B, H, T, T)] in layer order (dense path)."""
     _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
-    inter = state["intermediates"]
+    inter = model_lib.unstack_layers(state["intermediates"])  # a scanned model's, per layer
     blocks = sorted((k for k in inter if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
     return [inter[b]["attn"]["attention_weights"][0] for b in blocks]
 
@@ -213,6 +213,7 @@ def model_qk_stats(model, params: Any, tokens: Array, targets: Array) -> dict[st
         row = weight_stats(w, mask)
         row["logit_var"] = float(logit_variance(jnp.log(jnp.maximum(w, tiny)), mask))
         per_layer.append(row)
+    grads = model_lib.unstack_layers(grads)
     blocks = sorted((k for k in grads if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
     gq = [float(jnp.linalg.norm(_projection(grads[b]["attn"], 0))) for b in blocks]
     gk = [float(jnp.linalg.norm(_projection(grads[b]["attn"], 1))) for b in blocks]
@@ -261,7 +262,7 @@ def stability_diagnostics(model, params: Any, tokens: Array) -> dict[str, Array]
     logits, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
     log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # (B, T)
     out = {"log_z": jnp.mean(log_z), "log_z_max": jnp.max(log_z)}
-    inter = state.get("intermediates", {})
+    inter = model_lib.unstack_layers(state.get("intermediates", {}))
     blocks = sorted((k for k in inter if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
     if not blocks:
         return out

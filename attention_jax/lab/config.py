@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.activation = "gelu_tanh"  # the MLP's: "gelu_tanh" (GPT-2), "gelu" (exact), "relu", "silu"
     c.model.norm_epsilon = 1e-5  # the LayerNorms' epsilon
     c.model.attn_scale_by_layer = False  # layer i's attention scale / (i + 1) (GPT-2's inverse-layer-idx option)
+    c.model.scan_layers = False  # the blocks as one nn.scan: one block compiled, parameters stacked on a layers axis
+    c.model.remat = config_dict.placeholder(str)  # a jax.checkpoint_policies name: rematerialize each block
     c.model.attention_impl = "dense"  # "dense", "xla", "cudnn" (GPU), "blockwise" (long T) or "splash" (TPU)
     c.model.softcap = config_dict.placeholder(float)  # None; c: logits -> c·tanh(logits/c) ("dense", "blockwise")
     # Sliding-window attention: None (all of the past), W (each query sees the last W keys), or

@@ -48,7 +48,7 @@ RESUMABLE_CHANGES |= {f"ray.{key}" for key in ("num_cpus", "num_gpus", "tpu_chip
 # (Keys whose value was None then, such as model.softcap or model.window, need no entry: a missing key reads None.)
 ADDED_KEYS = {"z_loss": 0.0, "model.qk_norm_gain": True, "model.sinks": False, "model.logn_learned": False,
               "model.qkv_bias": False, "model.activation": "gelu_tanh", "model.norm_epsilon": 1e-5,
-              "model.attn_scale_by_layer": False}  # fmt: skip
+              "model.attn_scale_by_layer": False, "model.scan_layers": False}  # fmt: skip
 
 
 class RunDir:
