@@ -206,8 +206,7 @@ class MultiHeadDotProductAttention(nn.Module):
                 dropout_rng = self.make_rng("dropout")
         else:
             deterministic = True
-        mask = flax_mask(mask)
-        if flax_computes:
+        if flax_computes:  # Flax's own computation gets the caller's mask as it was given
             x = self._flax_attention(query, key, value, mask, dropout_rng, deterministic, sow_weights, bias,
                                      segment_ids)  # fmt: skip
         else:
@@ -277,12 +276,13 @@ def attend_in_flax_layout(where: str, options: AttentionOptions, query: Array, k
                           bias, segment_ids, hook, cache, params, empty_rows: str, self_attention: bool,
                           deterministic: bool) -> tuple[Array, Any]:  # fmt: skip
     """The attention of the Flax-style layers (Linen and NNX) in Flax's layout: queries (..., T, H, D), keys and
-    values (..., S, K, D) -> ((..., T, H, D), the new cache rows or None).
+    values (..., S, K, D) -> ((..., T, H, D), the new cache rows or None). ``mask`` is read as Flax reads it.
 
     ``cache``: None, or the (batch..., K, S, D) cache of ``cache_rows``; ``hook`` sees the dense path's weights
     (..., H, T, S) (sowing, dropout); ``params``: the options' learned sinks and log-n scales.
     """
     H = query.shape[-2]
+    mask = flax_mask(mask)
     if not self_attention and (options.pos_encoding in ("rope", "alibi") or segment_ids is not None):
         raise ValueError(
             f"{where}: {options.pos_encoding if segment_ids is None else 'segment_ids'} relates positions in "

@@ -463,8 +463,7 @@ class MultiHeadAttention(nnx.Module):
                 dropout_rng = rngs()
         else:
             deterministic = True
-        mask = flax_api.flax_mask(mask)
-        if self._flax_computes:
+        if self._flax_computes:  # Flax's own computation gets the caller's mask as it was given
             if decode or bias is not None or segment_ids is not None or self.num_kv_heads != self.num_heads:
                 raise ValueError(
                     f"{where}: a custom attention_fn or precision runs Flax's own attention, which takes no decode, "

@@ -330,3 +330,17 @@ def test_flax_parameters_convert_to_our_native_layer_and_back(kw):
             jax.random.key(0), q)["params"])  # fmt: skip
     with pytest.raises(ValueError, match=r"^to_flax_mha: Flax's use_bias covers q, k, v and the output together"):
         convert.to_flax_mha(layers.MultiHeadAttention(4, 4).init(jax.random.key(0), q)["params"])
+
+
+def test_a_custom_attention_fn_gets_the_callers_mask_as_given():
+    """A mask of numbers reaches a user's attention_fn unchanged, as in Flax (read as booleans only on our path)."""
+    q = x(0, (B, T, C))
+    soft = jax.random.uniform(jax.random.key(1), (B, 1, T, T), minval=0.1, maxval=1.0)
+
+    def weighted(query, key, value, mask=None, **kw):
+        return nn.dot_product_attention(query, key, value, bias=jnp.log(mask), **kw)
+
+    theirs, ours = pair(num_heads=4, attention_fn=weighted)
+    p = theirs.init(jax.random.key(0), q, mask=soft)
+    np.testing.assert_allclose(np.asarray(ours.apply(p, q, mask=soft)), np.asarray(theirs.apply(p, q, mask=soft)),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
