@@ -387,14 +387,7 @@ class TransformerLM(nn.Module):
             x, decode=decode, positions=positions
         )  # (..., T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic).astype(dtype)
-        if cfg.scan_layers or cfg.remat is not None:
-            x = blocks(cfg, x, mask=mask, bias=bias, deterministic=deterministic, decode=decode,
-                       segment_ids=segment_ids)  # fmt: skip
-        else:
-            for i in range(cfg.n_layer):
-                x = Block(cfg, layer=i, name=f"block_{i}")(
-                    x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids
-                )
+        x = blocks(cfg, x, mask=mask, bias=bias, deterministic=deterministic, decode=decode, segment_ids=segment_ids)
         x = nn.LayerNorm(
             epsilon=cfg.norm_epsilon, use_bias=cfg.bias, dtype=dtype, param_dtype=cfg.param_dtype, name="ln_final"
         )(x)
@@ -417,7 +410,7 @@ class TransformerLM(nn.Module):
         """An empty ``"cache"`` collection for ``batch_size`` sequences of up to ``max_length`` tokens.
 
         max_length defaults to, and may not exceed, block_size. Holds, per
-        attention layer, ``cached_key`` and ``cached_value`` (B·H, max_length,
+        attention layer, ``cached_key`` and ``cached_value`` (B·K, max_length,
         D) in the compute dtype and ``cache_index``, plus the positions'
         ``cache_index`` for learned and sinusoidal encodings. Built from shapes
         alone: no parameter is initialized.

@@ -63,7 +63,6 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
-
     cfg = ModelConfig(vocab_size=65, block_size=args.block_size, n_embd=args.n_embd, n_head=args.n_head,
                       n_layer=args.n_layer)  # fmt: skip
     unrolled = TransformerLM(cfg)

@@ -48,26 +48,32 @@ def forward_flops(cfg: ModelConfig, batch: int, prompt: int, new_tokens: int, ca
     return batch * total
 
 
-def time_both(model, params, prompt, new_tokens: int, repeats: int):
-    """Seconds of ``repeats`` calls of each path, interleaved round by round, after one compiling call each.
+def time_interleaved(run: dict, repeats: int):
+    """Seconds of ``repeats`` calls of each of ``run``'s functions, interleaved round by round, after one compiling
+    call each, and their first outputs.
 
-    Round-robin puts both paths under the same background load (the machine is
-    shared); the tokens of both paths come back for the equality check.
+    Round-robin puts every side under the same background load (the machine is
+    shared); the outputs come back for the equality check.
     """
+    out = {name: fn().block_until_ready() for name, fn in run.items()}
+    times = {name: [] for name in run}
+    for _ in range(repeats):
+        for name, fn in run.items():
+            t0 = time.perf_counter()
+            fn().block_until_ready()
+            times[name].append(time.perf_counter() - t0)
+    return times, out
+
+
+def time_both(model, params, prompt, new_tokens: int, repeats: int):
+    """``time_interleaved`` of ``generate`` with the full window and with the KV cache."""
     run = {
         path: functools.partial(
             generate, model, params, prompt, new_tokens, jax.random.key(0), 0.0, use_cache=(path == "cached")
         )
         for path in ("full", "cached")
     }
-    out = {path: fn().block_until_ready() for path, fn in run.items()}
-    times = {path: [] for path in run}
-    for _ in range(repeats):
-        for path, fn in run.items():
-            t0 = time.perf_counter()
-            fn().block_until_ready()
-            times[path].append(time.perf_counter() - t0)
-    return times, out
+    return time_interleaved(run, repeats)
 
 
 def greedy_loop(model, new_tokens: int):
@@ -94,19 +100,12 @@ def batch_first_cache(cache, batch: int):
 
 
 def time_layouts(model, params, batch: int, new_tokens: int, repeats: int):
-    """Seconds per round of the cached greedy loop with each cache layout, interleaved, and their tokens."""
+    """``time_interleaved`` of the cached greedy loop with each cache layout."""
     loop = greedy_loop(model, new_tokens)
     cache = model.init_cache(batch, model.model_config.block_size)
     caches = {"flat": cache, "batch first": batch_first_cache(cache, batch)}
     tok = jnp.zeros((batch, 1), jnp.int32)
-    out = {name: loop(params, c, tok).block_until_ready() for name, c in caches.items()}
-    times = {name: [] for name in caches}
-    for _ in range(repeats):
-        for name, c in caches.items():
-            t0 = time.perf_counter()
-            loop(params, c, tok).block_until_ready()
-            times[name].append(time.perf_counter() - t0)
-    return times, out
+    return time_interleaved({name: functools.partial(loop, params, c, tok) for name, c in caches.items()}, repeats)
 
 
 def layouts(model, params, args) -> list[dict]:
